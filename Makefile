@@ -1,0 +1,31 @@
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PROMPT ?= What is the capital of France?
+
+.PHONY: setup model run serve test bench clean
+
+setup: $(VENV)/.installed model
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[server,bench,test]'
+	touch $@
+
+model: $(VENV)/.installed
+	$(PY) -m engine.default_model
+
+run: setup
+	$(PY) -m engine --prompt "$(PROMPT)"
+
+serve: run
+
+test: setup
+	$(PY) -m pytest tests
+
+bench: setup
+	$(PY) -m bench throughput
+
+clean:
+	rm -rf $(VENV) models .cache

@@ -1,0 +1,6 @@
+from engine.config import EngineConfig
+from engine.llm import LLM, Completion
+from engine.llm_engine import LLMEngine, RequestOutput
+from engine.sampling_params import SamplingParams
+
+__all__ = ["LLM", "LLMEngine", "EngineConfig", "SamplingParams", "Completion", "RequestOutput"]

@@ -1,0 +1,33 @@
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODELS_DIR = Path(os.environ.get("DSPARK_MODELS_DIR", REPO_ROOT / "models"))
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+@dataclass
+class EngineConfig:
+    """One flat set of options shared by the offline API, the server CLI and the benchmarks."""
+    model: str = ""                      # model directory; "" = the embedded default
+    dtype: str = "bfloat16"              # bfloat16 | float32
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 1024
+    max_model_len: int = 0               # 0 = the model's own context length
+    kv_cache_gb: float = 1.0
+    kv_block_size: int = 16
+    num_threads: int = 0                 # 0 = leave torch's default
+    seed: int = 0
+    hf_config: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        if not self.model:
+            self.model = str(DEFAULT_MODELS_DIR / DEFAULT_MODEL_NAME)
+        if self.dtype not in ("bfloat16", "float32"):
+            raise ValueError(f"dtype must be 'bfloat16' or 'float32', got {self.dtype!r}")
+        for name in ("max_num_seqs", "max_num_batched_tokens", "kv_block_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.kv_cache_gb <= 0:
+            raise ValueError(f"kv_cache_gb must be > 0, got {self.kv_cache_gb}")

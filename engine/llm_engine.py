@@ -1,0 +1,134 @@
+"""The engine loop: requests in, one scheduled forward per step, streamed deltas out."""
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer
+
+from engine.block_manager import BlockManager
+from engine.config import EngineConfig
+from engine.detokenizer import IncrementalDetokenizer
+from engine.model_runner import ModelRunner
+from engine.sampler import make_generator
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler
+from engine.sequence import Sequence
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    delta_text: str
+    delta_token_ids: list[int]
+    finished: bool
+    finish_reason: str | None
+    num_prompt_tokens: int
+    num_completion_tokens: int
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig | None = None, **options):
+        known = {f.name for f in fields(EngineConfig)}
+        unknown = set(options) - known
+        if unknown:
+            raise TypeError(f"unknown engine option(s) {sorted(unknown)}; known: {sorted(known - {'hf_config'})}")
+        self.config = config or EngineConfig(**options)
+        if self.config.num_threads:
+            torch.set_num_threads(self.config.num_threads)
+        self.model_runner = ModelRunner(self.config)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.config.model)
+        self.eos_token_ids = self.read_eos_ids(Path(self.config.model))
+        model_len = self.model_runner.model.config.get("max_position_embeddings", 4096)
+        self.max_model_len = min(self.config.max_model_len or model_len, model_len)
+        self.block_manager = BlockManager(self.model_runner.num_blocks, self.config.kv_block_size)
+        self.scheduler = Scheduler(self.config, self.block_manager)
+        self.sequences: dict[str, Sequence] = {}
+
+    def read_eos_ids(self, model_dir: Path) -> set[int]:
+        ids = {self.tokenizer.eos_token_id} - {None}
+        gen = model_dir / "generation_config.json"
+        if gen.is_file():
+            eos = json.loads(gen.read_text()).get("eos_token_id")
+            ids |= set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        return ids
+
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt)
+        if not all(isinstance(t, int) for t in prompt):
+            raise TypeError("a prompt must be a str or a list of int token ids")
+        return list(prompt)
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        params = params or SamplingParams()
+        token_ids = self.tokenize(prompt)
+        self.check_prompt(token_ids, params)
+        seq = Sequence(token_ids, params, request_id, make_generator(params.seed))
+        if seq.request_id in self.sequences:
+            raise ValueError(f"request id {seq.request_id!r} is already in use")
+        seq.detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, params)
+        self.sequences[seq.request_id] = seq
+        self.scheduler.add(seq)
+        return seq.request_id
+
+    def check_prompt(self, token_ids: list[int], params: SamplingParams):
+        vocab = self.model_runner.model.config["vocab_size"]
+        if not token_ids:
+            raise ValueError("the prompt is empty")
+        if min(token_ids) < 0 or max(token_ids) >= vocab:
+            raise ValueError(f"prompt token ids must be in [0, {vocab}), got {min(token_ids)}..{max(token_ids)}")
+        if len(token_ids) >= self.max_model_len:
+            raise ValueError(f"the prompt has {len(token_ids)} tokens but the model's context length is "
+                             f"{self.max_model_len}: no room to generate")
+        need = self.block_manager.blocks_for(min(len(token_ids) + params.max_tokens, self.max_model_len))
+        if need > self.block_manager.num_blocks:
+            raise ValueError(f"the request needs {need} KV blocks but the cache has only "
+                             f"{self.block_manager.num_blocks} (raise kv_cache_gb or lower max_tokens)")
+
+    def abort(self, request_id: str) -> bool:
+        self.sequences.pop(request_id, None)
+        return self.scheduler.abort(request_id) is not None
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list[RequestOutput]:
+        seqs = self.scheduler.schedule()
+        if not seqs:
+            return []
+        sampled = self.model_runner.run(seqs)
+        outputs = []
+        for seq in seqs:
+            seq.num_computed_tokens += seq.num_scheduled_tokens
+            seq.num_scheduled_tokens = 0
+            if seq.seq_id in sampled:
+                outputs.append(self.append_tokens(seq, [sampled[seq.seq_id]]))
+        return outputs
+
+    def append_tokens(self, seq: Sequence, tokens: list[int]) -> RequestOutput:
+        """Commit newly sampled tokens one by one, stopping exactly where a stop condition hits."""
+        text, added = "", []
+        for token in tokens:
+            seq.token_ids.append(token)
+            added.append(token)
+            text += seq.detokenizer.add_tokens([token])
+            reason = self.finish_reason(seq, token)
+            if reason:
+                text += "" if seq.detokenizer.finished_by_stop else seq.detokenizer.flush()
+                self.scheduler.finish(seq, reason)
+                self.sequences.pop(seq.request_id, None)
+                break
+        return RequestOutput(seq.request_id, text, added, seq.is_finished, seq.finish_reason,
+                             seq.num_prompt_tokens, seq.num_completion_tokens)
+
+    def finish_reason(self, seq: Sequence, token: int) -> str | None:
+        p = seq.params
+        if seq.detokenizer.finished_by_stop or token in p.stop_token_ids:
+            return "stop"
+        if token in self.eos_token_ids and not p.ignore_eos:
+            return "stop"
+        if seq.num_completion_tokens >= p.max_tokens or len(seq) >= self.max_model_len:
+            return "length"
+        return None

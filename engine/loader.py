@@ -1,0 +1,74 @@
+"""Read an HF-style model directory (config.json + safetensors, single file or sharded) into our model."""
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from engine.models.decoder import ARCHITECTURES, DecoderModel
+
+FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def read_config(model_dir: str | Path) -> dict:
+    path = Path(model_dir) / "config.json"
+    if not Path(model_dir).is_dir():
+        raise FileNotFoundError(f"model directory {model_dir} does not exist "
+                                "(for the default model run `python -m engine.default_model`)")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: a model directory needs config.json and safetensors weights")
+    config = json.loads(path.read_text())
+    arch = (config.get("architectures") or ["<none>"])[0]
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {arch!r} in {path}; supported: {', '.join(ARCHITECTURES)}")
+    if config.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"unsupported hidden_act {config['hidden_act']!r} in {path} (only silu)")
+    return config
+
+
+def weight_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [model_dir / n for n in names]
+    single = model_dir / "model.safetensors"
+    if single.is_file():
+        return [single]
+    raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {model_dir}")
+
+
+def read_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for file in weight_files(model_dir):
+        if not file.is_file():
+            raise FileNotFoundError(f"weight shard {file} listed in the index is missing")
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                tensors[name.removeprefix("model.")] = f.get_tensor(name)
+    return tensors
+
+
+def fuse(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    for name in [n for n in tensors if ".q_proj." in n or ".gate_proj." in n]:
+        for fused, parts in FUSED.items():
+            if f".{parts[0]}." in name:
+                names = [name.replace(parts[0], p) for p in parts]
+                tensors[name.replace(parts[0], fused)] = torch.cat([tensors.pop(n) for n in names])
+    return tensors
+
+
+def load_model(model_dir: str | Path, dtype: torch.dtype) -> DecoderModel:
+    model_dir = Path(model_dir)
+    config = read_config(model_dir)
+    with torch.device("meta"):
+        model = DecoderModel(config)
+    state = fuse(read_tensors(model_dir))
+    state = {n: t for n, t in state.items() if not (model.tie_word_embeddings and n == "lm_head.weight")}
+    expected = set(model.state_dict())
+    missing, unexpected = expected - set(state), set(state) - expected
+    if missing or unexpected:
+        raise ValueError(f"weights in {model_dir} do not match the {config['architectures'][0]} config: "
+                         f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+    model.load_state_dict({n: t.to(dtype) for n, t in state.items()}, assign=True)
+    model.rotary = model.make_rotary()
+    return model.eval().requires_grad_(False)

@@ -1,0 +1,126 @@
+"""Turns a scheduled batch into one flat varlen forward of the target model, and samples."""
+import torch
+
+from engine.block_manager import BlockManager
+from engine.config import EngineConfig
+from engine.context import AttentionGroup, reset_context, set_context
+from engine.loader import load_model
+from engine.sampler import SamplingTensors, sample
+from engine.sequence import Sequence
+from kernels.attention import attention_mask
+
+SHORT_QUERY = 16  # sequences with at most this many new tokens share one padded attention call
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.dtype = DTYPES[config.dtype]
+        self.model = load_model(config.model, self.dtype)
+        self.block_size = config.kv_block_size
+        self.num_blocks = self.allocate_kv_cache(config.kv_cache_gb)
+
+    def kv_bytes_per_block(self) -> int:
+        attn = self.model.layers[0].self_attn
+        per_token = 2 * len(self.model.layers) * attn.num_kv_heads * attn.head_dim * self.dtype.itemsize
+        return per_token * self.block_size
+
+    def allocate_kv_cache(self, kv_cache_gb: float) -> int:
+        num_blocks = int(kv_cache_gb * 2**30) // self.kv_bytes_per_block()
+        if num_blocks < 1:
+            raise ValueError(f"kv_cache_gb={kv_cache_gb} is too small for even one KV block")
+        attn = self.model.layers[0].self_attn
+        shape = (2, len(self.model.layers), num_blocks * self.block_size, attn.num_kv_heads, attn.head_dim)
+        self.kv_cache = torch.zeros(shape, dtype=self.dtype)
+        for i, layer in enumerate(self.model.layers):
+            layer.self_attn.k_cache, layer.self_attn.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
+        return num_blocks
+
+    def slots(self, seq: Sequence, start: int, end: int) -> list[int]:
+        bs = self.block_size
+        return [seq.block_table[p // bs] * bs + p % bs for p in range(start, end)]
+
+    def prepare(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flat input ids / positions for the scheduled tokens of seqs (in order) and the forward context."""
+        input_ids, positions, slot_mapping = [], [], []
+        for seq in seqs:
+            start, end = seq.num_computed_tokens, seq.num_computed_tokens + seq.num_scheduled_tokens
+            input_ids += seq.token_ids[start:end]
+            positions += range(start, end)
+            slot_mapping += self.slots(seq, start, end)
+        set_context(torch.tensor(slot_mapping), self.attention_groups(seqs))
+        return torch.tensor(input_ids), torch.tensor(positions)
+
+    @staticmethod
+    def is_short(seq: Sequence) -> bool:
+        return seq.num_scheduled_tokens <= SHORT_QUERY and seq.num_computed_tokens > 0
+
+    def attention_groups(self, seqs: list[Sequence]) -> list[AttentionGroup]:
+        """seqs come short-first: the short ones share one padded call, each long one gets its own."""
+        short = [s for s in seqs if self.is_short(s)]
+        groups, row = ([self.paged_group(short, 0)] if short else []), sum(s.num_scheduled_tokens for s in short)
+        for seq in seqs[len(short):]:
+            n = seq.num_scheduled_tokens
+            causal = seq.num_computed_tokens == 0
+            groups.append(AttentionGroup(None, None, None, True, row, n, 1, n, None) if causal
+                          else self.paged_group([seq], row))
+            row += n
+        return groups
+
+    def paged_group(self, members: list[Sequence], row_start: int) -> AttentionGroup:
+        """Members occupy consecutive rows of the flat batch starting at row_start."""
+        q_lens = [s.num_scheduled_tokens for s in members]
+        kv_lens = [s.num_computed_tokens + s.num_scheduled_tokens for s in members]
+        qmax, lmax = max(q_lens), max(kv_lens)
+        uniform_q = all(q == qmax for q in q_lens)
+        starts = [row_start + sum(q_lens[:b]) for b in range(len(members))]
+        q_rows = None if uniform_q else torch.tensor([[r + min(i, q - 1) for i in range(qmax)]
+                                                      for r, q in zip(starts, q_lens)])
+        out_rows = None if uniform_q else torch.tensor([b * qmax + i for b, q in enumerate(q_lens) for i in range(q)])
+        kv_slots = torch.tensor([self.slots(s, 0, n) + [0] * (lmax - n) for s, n in zip(members, kv_lens)])
+        mask = None if len(set(kv_lens)) == 1 and qmax == 1 else attention_mask(q_lens, kv_lens)
+        return AttentionGroup(q_rows, kv_slots, mask, False, row_start, sum(q_lens), len(members), qmax, out_rows)
+
+    @torch.inference_mode()
+    def execute(self, seqs: list[Sequence], num_logits: list[int]) -> list[torch.Tensor]:
+        """One forward over the scheduled tokens of seqs; for each seq the fp32 logits of its last
+        num_logits[i] scheduled tokens ([num_logits[i], V], in input order)."""
+        order = sorted(range(len(seqs)), key=lambda i: not self.is_short(seqs[i]))
+        ordered = [seqs[i] for i in order]
+        input_ids, positions = self.prepare(ordered)
+        hidden, _ = self.model(input_ids, positions)
+        reset_context()
+        ends = self.cumulative_ends(ordered)
+        rows = [r for i, end in zip(order, ends) for r in range(end - num_logits[i], end)]
+        logits = self.model.compute_logits(hidden[rows]) if rows else hidden.new_empty(0, 0)
+        per_seq = dict(zip(order, logits.split([num_logits[i] for i in order])))
+        return [per_seq[i] for i in range(len(seqs))]
+
+    def run(self, seqs: list[Sequence]) -> dict[int, int]:
+        """Forward + sampling: a new token for each seq whose scheduled tokens reach its end."""
+        at_end = [s.num_uncomputed_tokens == s.num_scheduled_tokens for s in seqs]
+        logits = self.execute(seqs, [int(e) for e in at_end])
+        sampling = [s for s, e in zip(seqs, at_end) if e]
+        if not sampling:
+            return {}
+        tokens = self.sample(torch.cat([l for l, e in zip(logits, at_end) if e]), sampling)
+        return {s.seq_id: t for s, t in zip(sampling, tokens)}
+
+    @staticmethod
+    def cumulative_ends(seqs: list[Sequence]) -> list[int]:
+        ends, total = [], 0
+        for s in seqs:
+            total += s.num_scheduled_tokens
+            ends.append(total)
+        return ends
+
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+        if not seqs:
+            return []
+        params = [s.params for s in seqs]
+        if all(p.greedy for p in params):
+            return logits.argmax(-1).tolist()
+        probs = SamplingTensors.from_params(params).probs(logits)
+        return sample(probs, [s.generator for s in seqs]).tolist()

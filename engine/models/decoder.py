@@ -1,0 +1,97 @@
+"""The Llama / Qwen2 / Qwen3 decoder family over one flattened varlen batch."""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.models.layers import RMSNorm, RotaryEmbedding, apply_rotary, attend, rope_inv_freq
+
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
+
+
+class Attention(nn.Module):
+    def __init__(self, c: dict, family: str):
+        super().__init__()
+        self.num_heads, self.num_kv_heads = c["num_attention_heads"], c["num_key_value_heads"]
+        self.head_dim = c.get("head_dim") or c["hidden_size"] // self.num_heads
+        self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        bias = family == "qwen2" or c.get("attention_bias", False)
+        self.qkv_proj = nn.Linear(c["hidden_size"], self.q_size + 2 * self.kv_size, bias=bias)
+        self.o_proj = nn.Linear(self.q_size, c["hidden_size"], bias=c.get("attention_bias", False) and family != "qwen2")
+        self.qk_norm = family == "qwen3"
+        if self.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, c["rms_norm_eps"])
+            self.k_norm = RMSNorm(self.head_dim, c["rms_norm_eps"])
+        self.scale = self.head_dim ** -0.5
+        self.k_cache = self.v_cache = torch.empty(0)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        qkv = self.qkv_proj(x).view(-1, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+        qk, v = qkv.split([self.num_heads + self.num_kv_heads, self.num_kv_heads], dim=1)
+        if self.qk_norm:
+            q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+            qk = torch.cat([self.q_norm(q), self.k_norm(k)], dim=1)
+        q, k = apply_rotary(qk, cos, sin).split([self.num_heads, self.num_kv_heads], dim=1)
+        out = attend(q, k, v, self.k_cache, self.v_cache, self.scale)
+        return self.o_proj(out.reshape(-1, self.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, c: dict):
+        super().__init__()
+        self.intermediate = c["intermediate_size"]
+        self.gate_up_proj = nn.Linear(c["hidden_size"], 2 * self.intermediate, bias=False)
+        self.down_proj = nn.Linear(self.intermediate, c["hidden_size"], bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, c: dict, family: str):
+        super().__init__()
+        self.input_layernorm = RMSNorm(c["hidden_size"], c["rms_norm_eps"])
+        self.self_attn = Attention(c, family)
+        self.post_attention_layernorm = RMSNorm(c["hidden_size"], c["rms_norm_eps"])
+        self.mlp = MLP(c)
+
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class DecoderModel(nn.Module):
+    """Causal LM; forward returns final normed hidden states and the raw outputs of `capture_layers`."""
+
+    def __init__(self, c: dict):
+        super().__init__()
+        family = ARCHITECTURES[c["architectures"][0]]
+        self.config = c
+        self.embed_tokens = nn.Embedding(c["vocab_size"], c["hidden_size"])
+        self.layers = nn.ModuleList(DecoderLayer(c, family) for _ in range(c["num_hidden_layers"]))
+        self.norm = RMSNorm(c["hidden_size"], c["rms_norm_eps"])
+        self.rotary = self.make_rotary()
+        self.tie_word_embeddings = c.get("tie_word_embeddings", False)
+        if not self.tie_word_embeddings:
+            self.lm_head = nn.Linear(c["hidden_size"], c["vocab_size"], bias=False)
+
+    def make_rotary(self) -> RotaryEmbedding:
+        head_dim = self.layers[0].self_attn.head_dim
+        positions = self.config.get("max_position_embeddings", 4096)
+        with torch.device("cpu"):
+            return RotaryEmbedding(head_dim, positions, rope_inv_freq(self.config, head_dim))
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                capture_layers: tuple[int, ...] = ()) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        h = self.embed_tokens(input_ids)
+        cos, sin = self.rotary.cos_sin_at(positions, h.dtype)
+        captured = []
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin)
+            if i in capture_layers:
+                captured.append(h)
+        return self.norm(h), captured
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.embed_tokens.weight if self.tie_word_embeddings else self.lm_head.weight
+        return F.linear(hidden, weight).float()

@@ -1,0 +1,72 @@
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.context import get_context
+from kernels.attention import causal_attention, paged_attention, store_kvcache
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype) * self.weight
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, head_dim: int, max_positions: int, inv_freq: torch.Tensor):
+        super().__init__()
+        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
+        self.register_buffer("cos_sin", torch.cat([freqs.cos(), freqs.sin()], dim=-1), persistent=False)
+
+    def cos_sin_at(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = self.cos_sin[positions].to(dtype).unsqueeze(1).chunk(2, dim=-1)
+        return torch.cat([cos, cos], -1), torch.cat([sin, sin], -1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+def rope_inv_freq(config: dict, head_dim: int) -> torch.Tensor:
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    if kind == "default":
+        return inv_freq
+    if kind == "llama3":
+        return llama3_scaled(inv_freq, rope)
+    raise NotImplementedError(f"rope type {kind!r} is not supported (supported: default, llama3)")
+
+
+def llama3_scaled(inv_freq: torch.Tensor, rope: dict) -> torch.Tensor:
+    factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+    old_len = rope["original_max_position_embeddings"]
+    wavelen = 2 * torch.pi / inv_freq
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    mid = (wavelen <= old_len / low) & (wavelen >= old_len / high)
+    return torch.where(mid, smoothed, scaled)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+           scale: float) -> torch.Tensor:
+    """q [T, H, D], k/v [T, Hkv, D] of the flat batch -> [T, H, D], through the paged cache."""
+    ctx = get_context()
+    store_kvcache(k, v, k_cache, v_cache, ctx.slot_mapping)
+    outs = []
+    for g in ctx.groups:
+        rows = slice(g.row_start, g.row_start + g.num_rows)
+        if g.causal:
+            outs.append(causal_attention(q[rows], k[rows], v[rows], scale))
+            continue
+        gq = q[rows].view(g.batch, g.q_len, *q.shape[1:]) if g.q_rows is None else q[g.q_rows]
+        out = paged_attention(gq, k_cache, v_cache, g.kv_slots, g.mask, scale).reshape(-1, *q.shape[1:])
+        outs.append(out if g.out_rows is None else out[g.out_rows])
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
