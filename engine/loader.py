@@ -63,12 +63,15 @@ def load_model(model_dir: str | Path, dtype: torch.dtype) -> DecoderModel:
     with torch.device("meta"):
         model = DecoderModel(config)
     state = fuse(read_tensors(model_dir))
-    state = {n: t for n, t in state.items() if not (model.tie_word_embeddings and n == "lm_head.weight")}
+    if model.tie_word_embeddings:
+        state["lm_head.weight"] = state["embed_tokens.weight"]
     expected = set(model.state_dict())
     missing, unexpected = expected - set(state), set(state) - expected
     if missing or unexpected:
         raise ValueError(f"weights in {model_dir} do not match the {config['architectures'][0]} config: "
                          f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
     model.load_state_dict({n: t.to(dtype) for n, t in state.items()}, assign=True)
+    if model.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
     model.rotary = model.make_rotary()
     return model.eval().requires_grad_(False)

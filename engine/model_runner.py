@@ -5,6 +5,7 @@ from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.context import AttentionGroup, reset_context, set_context
 from engine.loader import load_model
+from engine.models.layers import pack_linears_for_cpu
 from engine.sampler import SamplingTensors, sample
 from engine.sequence import Sequence
 from kernels.attention import attention_mask
@@ -19,6 +20,7 @@ class ModelRunner:
         self.config = config
         self.dtype = DTYPES[config.dtype]
         self.model = load_model(config.model, self.dtype)
+        pack_linears_for_cpu(self.model)
         self.block_size = config.kv_block_size
         self.num_blocks = self.allocate_kv_cache(config.kv_cache_gb)
 

@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.models.layers import RMSNorm, RotaryEmbedding, apply_rotary, attend, rope_inv_freq
+from engine.models.layers import Linear, RMSNorm, RotaryEmbedding, apply_rotary, attend, rope_inv_freq
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
 
@@ -15,8 +15,8 @@ class Attention(nn.Module):
         self.head_dim = c.get("head_dim") or c["hidden_size"] // self.num_heads
         self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         bias = family == "qwen2" or c.get("attention_bias", False)
-        self.qkv_proj = nn.Linear(c["hidden_size"], self.q_size + 2 * self.kv_size, bias=bias)
-        self.o_proj = nn.Linear(self.q_size, c["hidden_size"], bias=c.get("attention_bias", False) and family != "qwen2")
+        self.qkv_proj = Linear(c["hidden_size"], self.q_size + 2 * self.kv_size, bias=bias)
+        self.o_proj = Linear(self.q_size, c["hidden_size"], bias=c.get("attention_bias", False) and family != "qwen2")
         self.qk_norm = family == "qwen3"
         if self.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, c["rms_norm_eps"])
@@ -39,8 +39,8 @@ class MLP(nn.Module):
     def __init__(self, c: dict):
         super().__init__()
         self.intermediate = c["intermediate_size"]
-        self.gate_up_proj = nn.Linear(c["hidden_size"], 2 * self.intermediate, bias=False)
-        self.down_proj = nn.Linear(self.intermediate, c["hidden_size"], bias=False)
+        self.gate_up_proj = Linear(c["hidden_size"], 2 * self.intermediate, bias=False)
+        self.down_proj = Linear(self.intermediate, c["hidden_size"], bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
@@ -72,8 +72,7 @@ class DecoderModel(nn.Module):
         self.norm = RMSNorm(c["hidden_size"], c["rms_norm_eps"])
         self.rotary = self.make_rotary()
         self.tie_word_embeddings = c.get("tie_word_embeddings", False)
-        if not self.tie_word_embeddings:
-            self.lm_head = nn.Linear(c["hidden_size"], c["vocab_size"], bias=False)
+        self.lm_head = Linear(c["hidden_size"], c["vocab_size"], bias=False)
 
     def make_rotary(self) -> RotaryEmbedding:
         head_dim = self.layers[0].self_attn.head_dim
@@ -93,5 +92,4 @@ class DecoderModel(nn.Module):
         return self.norm(h), captured
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.embed_tokens.weight if self.tie_word_embeddings else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        return self.lm_head(hidden).float()

@@ -6,6 +6,32 @@ from engine.context import get_context
 from kernels.attention import causal_attention, paged_attention, store_kvcache
 
 
+BF16_GEMV_MAX_ROWS = 2  # torch's bf16 GEMV beats fp32 GEMM only for a row or two on CPUs without native bf16
+
+
+class Linear(nn.Linear):
+    """nn.Linear that, on CPU, keeps an extra oneDNN-packed fp32 copy of its weight for multi-row inputs: bf16 GEMM
+    has no fast kernel on AVX2-only CPUs, so batched rows run in fp32 (exact on bf16 weights) and are cast back."""
+    packed_weight = packed_bias = None
+
+    def pack_for_cpu(self):
+        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach().float(), 1)
+        self.packed_bias = None if self.bias is None else self.bias.detach().float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed_weight is None or (x.dtype == torch.bfloat16 and x.shape[0] <= BF16_GEMV_MAX_ROWS):
+            return F.linear(x, self.weight, self.bias)
+        out = torch.ops.mkldnn._linear_pointwise(x.float(), self.packed_weight, self.packed_bias, "none", [], "")
+        return out.to(x.dtype)
+
+
+def pack_linears_for_cpu(model: nn.Module):
+    if torch.backends.mkldnn.is_available():
+        for module in model.modules():
+            if isinstance(module, Linear):
+                module.pack_for_cpu()
+
+
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float):
         super().__init__()

@@ -1,0 +1,32 @@
+"""python -m bench <command>: benchmarks of the engine (see docs/benchmarks.md)."""
+import argparse
+from pathlib import Path
+
+from bench import peers
+
+
+def main():
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    tp = sub.add_parser("throughput", help="decode tokens/s: ours vs transformers vs llama.cpp")
+    tp.add_argument("--model", default="")
+    tp.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    tp.add_argument("--threads", type=int, default=2)
+    tp.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
+    tp.add_argument("--max-tokens", type=int, default=128)
+    tp.add_argument("--hf-max-tokens", type=int, default=32, help="transformers is slow at batch 32: fewer steps")
+    tp.add_argument("--max-prompt-tokens", type=int, default=256)
+    tp.add_argument("--dataset", default="mtbench")
+    tp.add_argument("--seed", type=int, default=0)
+    tp.add_argument("--peers", default="hf,llama.cpp", help="comma list of hf, llama.cpp ('' for none)")
+    tp.add_argument("--gguf", default=str(peers.DEFAULT_PEERS_DIR / peers.DEFAULT_GGUF_NAME))
+    tp.add_argument("--out", type=Path, default=Path("bench_out"))
+    args = parser.parse_args()
+    if args.command == "throughput":
+        from bench import throughput
+        args.peers = args.peers.split(",")
+        throughput.report(throughput.run(args), args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""Offline API behaviour: seeds, stop conditions, streaming, abort."""
+import pytest
+
+from engine import LLM, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_llama_dir):
+    return LLM(model=str(tiny_llama_dir), dtype="float32", kv_cache_gb=0.01, kv_block_size=4)
+
+
+PROMPT = [5, 6, 7, 8, 9]
+
+
+def test_seeded_sampling_is_reproducible_whatever_the_batch(llm):
+    params = SamplingParams(temperature=1.0, top_p=0.9, seed=1234, max_tokens=16, ignore_eos=True)
+    alone = llm.generate([PROMPT], params, use_tqdm=False)[0].token_ids
+    others = [SamplingParams(temperature=1.0, max_tokens=16, ignore_eos=True)] * 3
+    batched = llm.generate([[9, 9], PROMPT, [3] * 20, [4]], [others[0], params, *others[1:]], use_tqdm=False)
+    assert batched[1].token_ids == alone
+    other_seed = SamplingParams(temperature=1.0, top_p=0.9, seed=99, max_tokens=16, ignore_eos=True)
+    assert llm.generate([PROMPT], other_seed, use_tqdm=False)[0].token_ids != alone
+
+
+def test_top_k_one_equals_greedy(llm):
+    greedy = llm.generate([PROMPT], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False)
+    top1 = llm.generate([PROMPT], SamplingParams(temperature=1.5, top_k=1, max_tokens=12, ignore_eos=True),
+                        use_tqdm=False)
+    assert top1[0].token_ids == greedy[0].token_ids
+
+
+def test_stop_string_truncates_exactly(llm):
+    free = llm.generate([PROMPT], SamplingParams(temperature=0, max_tokens=40, ignore_eos=True), use_tqdm=False)[0]
+    stop = free.text[len(free.text) // 2:][:3]
+    assert len(stop) == 3 and stop in free.text
+    out = llm.generate([PROMPT], SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, stop=[stop]),
+                       use_tqdm=False)[0]
+    assert out.text == free.text[:free.text.index(stop)] and out.finish_reason == "stop"
+    assert out.token_ids == free.token_ids[:len(out.token_ids)] and len(out.token_ids) < len(free.token_ids)
+
+
+def test_stop_token_and_max_tokens(llm):
+    free = llm.generate([PROMPT], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True), use_tqdm=False)[0]
+    assert free.finish_reason == "length" and len(free.token_ids) == 20
+    stop_id = free.token_ids[5]
+    out = llm.generate([PROMPT], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True,
+                                                stop_token_ids=[stop_id]), use_tqdm=False)[0]
+    assert out.token_ids == free.token_ids[:free.token_ids.index(stop_id) + 1] and out.finish_reason == "stop"
+
+
+def test_stream_yields_the_same_as_generate_and_abort_frees_blocks(llm):
+    params = SamplingParams(temperature=0, max_tokens=15, ignore_eos=True)
+    full = llm.generate([PROMPT], params, use_tqdm=False)[0]
+    deltas = list(llm.stream(PROMPT, params))
+    assert "".join(d.delta_text for d in deltas) == full.text
+    assert [t for d in deltas for t in d.delta_token_ids] == full.token_ids and deltas[-1].finished
+    stream = llm.stream(PROMPT, params)
+    next(stream)
+    assert llm.block_manager.num_free_blocks < llm.block_manager.num_blocks
+    stream.close()  # the client went away: the request is aborted and its KV freed at once
+    assert llm.block_manager.num_free_blocks == llm.block_manager.num_blocks and not llm.has_unfinished()
+
+
+def test_abort_waiting_and_running(llm):
+    a = llm.add_request(PROMPT, SamplingParams(max_tokens=50, ignore_eos=True))
+    b = llm.add_request(PROMPT, SamplingParams(max_tokens=50, ignore_eos=True))
+    llm.step()
+    assert llm.abort(a) and llm.abort(b) and not llm.abort("no-such-request")
+    assert llm.block_manager.num_free_blocks == llm.block_manager.num_blocks and not llm.has_unfinished()
