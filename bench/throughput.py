@@ -62,23 +62,30 @@ def ours_decode(llm: LLM, prompts: list[list[int]], max_tokens: int) -> dict:
             "host_and_sampling_ms": (step - statistics.median(forwards)) * 1e3, "steps": len(steps)}
 
 
+class StepClock:
+    """A logits processor that only records when generate() asks for each next token."""
+
+    def __init__(self):
+        self.stamps = []
+
+    def __call__(self, input_ids, scores):
+        self.stamps.append(time.perf_counter())
+        return scores
+
+
 def hf_decode(model_dir: str, prompts: list[list[int]], max_tokens: int, dtype: torch.dtype) -> dict:
-    """transformers generate: decode time = time(N new tokens) - time(1 new token), left-padded batch."""
-    from transformers import AutoModelForCausalLM
+    """transformers generate on a left-padded batch: median gap between consecutive decode steps."""
+    from transformers import AutoModelForCausalLM, LogitsProcessorList
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
     width = max(map(len, prompts))
     ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-
-    def timed(n: int) -> float:
-        start = time.perf_counter()
-        with torch.no_grad():
-            model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                           pad_token_id=0)
-        return time.perf_counter() - start
-    timed(2)
-    decode = timed(max_tokens) - timed(1)
-    return {"tok_s": len(prompts) * (max_tokens - 1) / decode, "ms_per_step": decode / (max_tokens - 1) * 1e3}
+    clock = StepClock()
+    with torch.no_grad():
+        model.generate(ids, attention_mask=mask, max_new_tokens=max_tokens, min_new_tokens=max_tokens,
+                       do_sample=False, pad_token_id=0, logits_processor=LogitsProcessorList([clock]))
+    step = statistics.median(b - a for a, b in zip(clock.stamps[1:], clock.stamps[2:]))
+    return {"tok_s": len(prompts) / step, "ms_per_step": step * 1e3}
 
 
 def llama_cpp_decode(gguf: Path, batch: int, max_tokens: int, prompt_len: int, threads: int) -> dict | None:

@@ -8,7 +8,7 @@ class AttentionGroup:
     """Sequences whose attention runs in one SDPA call (padded to the longest query / key length)."""
     q_rows: torch.Tensor | None      # [B, Qmax] rows of the flat batch (None: rows are contiguous, uniform length)
     kv_slots: torch.Tensor | None    # [B, Lmax] cache slots of each key (None: keys are this step's own tokens)
-    mask: torch.Tensor | None        # [B, 1, Qmax, Lmax] bool, True = may attend (None: no masking needed)
+    mask: torch.Tensor | None        # [B, Qmax, Lmax] bool, True = may attend (None: no masking needed)
     causal: bool                     # plain causal self-attention over the step's own tokens
     row_start: int
     num_rows: int

@@ -3,6 +3,7 @@ import torch
 
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
+from engine.cpu import keep_freed_memory
 from engine.context import AttentionGroup, reset_context, set_context
 from engine.loader import load_model
 from engine.models.layers import pack_linears_for_cpu
@@ -13,11 +14,13 @@ from kernels.attention import attention_mask
 SHORT_QUERY = 16  # sequences with at most this many new tokens share one padded attention call
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+KV_DTYPE = torch.float32  # on CPU attention math runs in fp32 (no fast bf16 batched matmul), so store it that way
 
 
 class ModelRunner:
     def __init__(self, config: EngineConfig):
         self.config = config
+        keep_freed_memory()
         self.dtype = DTYPES[config.dtype]
         self.model = load_model(config.model, self.dtype)
         pack_linears_for_cpu(self.model)
@@ -26,7 +29,7 @@ class ModelRunner:
 
     def kv_bytes_per_block(self) -> int:
         attn = self.model.layers[0].self_attn
-        per_token = 2 * len(self.model.layers) * attn.num_kv_heads * attn.head_dim * self.dtype.itemsize
+        per_token = 2 * len(self.model.layers) * attn.num_kv_heads * attn.head_dim * KV_DTYPE.itemsize
         return per_token * self.block_size
 
     def allocate_kv_cache(self, kv_cache_gb: float) -> int:
@@ -34,8 +37,8 @@ class ModelRunner:
         if num_blocks < 1:
             raise ValueError(f"kv_cache_gb={kv_cache_gb} is too small for even one KV block")
         attn = self.model.layers[0].self_attn
-        shape = (2, len(self.model.layers), num_blocks * self.block_size, attn.num_kv_heads, attn.head_dim)
-        self.kv_cache = torch.zeros(shape, dtype=self.dtype)
+        shape = (2, len(self.model.layers), attn.num_kv_heads, num_blocks * self.block_size, attn.head_dim)
+        self.kv_cache = torch.zeros(shape, dtype=KV_DTYPE)
         for i, layer in enumerate(self.model.layers):
             layer.self_attn.k_cache, layer.self_attn.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
         return num_blocks

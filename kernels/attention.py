@@ -5,12 +5,12 @@ import torch.nn.functional as F
 
 def store_kvcache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   slot_mapping: torch.Tensor):
-    """k, v: [T, Hkv, D]; caches: [num_slots, Hkv, D]; rows with slot -1 are padding and skipped."""
+    """k, v: [T, Hkv, D]; caches: [Hkv, num_slots, D]; rows with slot -1 are padding and skipped."""
     if slot_mapping.numel() and bool((slot_mapping < 0).any()):
         keep = slot_mapping >= 0
         k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]
-    k_cache.index_copy_(0, slot_mapping, k)
-    v_cache.index_copy_(0, slot_mapping, v)
+    k_cache.index_copy_(1, slot_mapping, k.transpose(0, 1).to(k_cache.dtype))
+    v_cache.index_copy_(1, slot_mapping, v.transpose(0, 1).to(v_cache.dtype))
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -22,15 +22,26 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_slots: torch.Tensor,
                     mask: torch.Tensor | None, scale: float) -> torch.Tensor:
-    """q [B, Q, H, D] against keys gathered from the cache by kv_slots [B, L]; mask [B, 1, Q, L] -> [B, Q, H, D]."""
-    k = k_cache[kv_slots].transpose(1, 2)
-    v = v_cache[kv_slots].transpose(1, 2)
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, scale=scale, enable_gqa=True)
-    return out.transpose(1, 2)
+    """q [B, Q, H, D] against keys gathered from the cache by kv_slots [B, L]; mask [B, Q, L] -> [B, Q, H, D].
+    Query heads are grouped under their KV head so each (KV head, sequence) is one small matmul, in the cache's
+    dtype (fp32 on CPU, where batched bf16 matmuls are slow)."""
+    B, Q, H, D = q.shape
+    Hkv, L = k_cache.shape[0], kv_slots.shape[1]
+    G = H // Hkv
+    slots = kv_slots.reshape(-1)
+    k = k_cache.index_select(1, slots).view(Hkv, B, L, D)
+    v = v_cache.index_select(1, slots).view(Hkv, B, L, D)
+    qg = q.to(k.dtype).view(B, Q, Hkv, G, D).permute(2, 0, 3, 1, 4).reshape(Hkv, B, G * Q, D)
+    scores = torch.matmul(qg, k.transpose(-1, -2)).mul_(scale)
+    if mask is not None:
+        scores = scores.view(Hkv, B, G, Q, L).masked_fill_(~mask.view(1, B, 1, Q, L), float("-inf"))
+    probs = scores.view(Hkv, B, G * Q, L).softmax(-1)
+    out = torch.matmul(probs, v).view(Hkv, B, G, Q, D).permute(1, 3, 0, 2, 4)
+    return out.reshape(B, Q, H, D).to(q.dtype)
 
 
 def attention_mask(q_lens: list[int], kv_lens: list[int], non_causal_tail: list[int] | None = None) -> torch.Tensor:
-    """[B, 1, Qmax, Lmax] bool. Query i of sequence b (its q_len newest tokens) sees keys j <= kv_len - q_len + i;
+    """[B, Qmax, Lmax] bool. Query i of sequence b (its q_len newest tokens) sees keys j <= kv_len - q_len + i;
     the last non_causal_tail[b] queries also see each other (a draft block attends bidirectionally)."""
     qmax, lmax = max(q_lens), max(kv_lens)
     q_len = torch.tensor(q_lens).view(-1, 1, 1)
@@ -43,4 +54,4 @@ def attention_mask(q_lens: list[int], kv_lens: list[int], non_causal_tail: list[
         limit = torch.where(i >= q_len - tail, kv_len - 1, limit)
     mask = (j <= limit) & (j < kv_len)
     mask |= (i >= q_len) & (j == 0)  # padding queries see one key so softmax stays finite
-    return mask.unsqueeze(1)
+    return mask
