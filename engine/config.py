@@ -7,6 +7,11 @@ DEFAULT_MODELS_DIR = Path(os.environ.get("DSPARK_MODELS_DIR", REPO_ROOT / "model
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
 
+def auto_kv_cache_gb() -> float:
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return min(8.0, max(0.5, physical / 10))
+
+
 @dataclass
 class EngineConfig:
     """One flat set of options shared by the offline API, the server CLI and the benchmarks."""
@@ -15,7 +20,7 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 1024
     max_model_len: int = 0               # 0 = the model's own context length
-    kv_cache_gb: float = 1.0
+    kv_cache_gb: float = 0.0             # 0 = auto: a tenth of physical memory, between 0.5 and 8 GiB
     kv_block_size: int = 16
     num_threads: int = 0                 # 0 = leave torch's default
     seed: int = 0
@@ -29,5 +34,7 @@ class EngineConfig:
         for name in ("max_num_seqs", "max_num_batched_tokens", "kv_block_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.kv_cache_gb <= 0:
-            raise ValueError(f"kv_cache_gb must be > 0, got {self.kv_cache_gb}")
+        if self.kv_cache_gb < 0:
+            raise ValueError(f"kv_cache_gb must be >= 0 (0 = auto), got {self.kv_cache_gb}")
+        if self.kv_cache_gb == 0:
+            self.kv_cache_gb = auto_kv_cache_gb()

@@ -76,4 +76,5 @@ def test_bad_engine_options():
     with pytest.raises(ValueError, match="dtype"):
         EngineConfig(dtype="int3")
     with pytest.raises(ValueError, match="kv_cache_gb"):
-        EngineConfig(kv_cache_gb=0)
+        EngineConfig(kv_cache_gb=-1)
+    assert 0.5 <= EngineConfig().kv_cache_gb <= 8
