@@ -1,7 +1,6 @@
 """Turns a scheduled batch into one flat varlen forward of the target model, and samples."""
 import torch
 
-from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.cpu import keep_freed_memory
 from engine.context import AttentionGroup, reset_context, set_context
