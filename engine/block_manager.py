@@ -3,6 +3,11 @@ from collections import deque
 from engine.sequence import Sequence
 
 
+def slots(block_table: list[int], block_size: int, start: int, end: int) -> list[int]:
+    """Cache slots of token positions start..end-1 of a sequence with this block table."""
+    return [block_table[p // block_size] * block_size + p % block_size for p in range(start, end)]
+
+
 class BlockManager:
     """Paged KV bookkeeping: fixed-size blocks, one block table per sequence, rollback by truncation."""
 
@@ -40,8 +45,6 @@ class BlockManager:
     def free(self, seq: Sequence):
         self.truncate(seq, 0)
 
-    def slot(self, seq: Sequence, position: int) -> int:
-        return seq.block_table[position // self.block_size] * self.block_size + position % self.block_size
 
     def rollback(self, seq: Sequence, num_tokens: int):
         """Forget the KV of seq's last num_tokens computed tokens (rejected speculative positions)."""

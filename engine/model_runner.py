@@ -1,6 +1,7 @@
 """Turns a scheduled batch into one flat varlen forward of the target model, and samples."""
 import torch
 
+from engine.block_manager import slots
 from engine.config import EngineConfig
 from engine.cpu import keep_freed_memory
 from engine.context import AttentionGroup, reset_context, set_context
@@ -42,10 +43,6 @@ class ModelRunner:
             layer.self_attn.k_cache, layer.self_attn.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
         return num_blocks
 
-    def slots(self, seq: Sequence, start: int, end: int) -> list[int]:
-        bs = self.block_size
-        return [seq.block_table[p // bs] * bs + p % bs for p in range(start, end)]
-
     def prepare(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
         """Flat input ids / positions for the scheduled tokens of seqs (in order) and the forward context."""
         input_ids, positions, slot_mapping = [], [], []
@@ -53,7 +50,7 @@ class ModelRunner:
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + seq.num_scheduled_tokens
             input_ids += seq.token_ids[start:end]
             positions += range(start, end)
-            slot_mapping += self.slots(seq, start, end)
+            slot_mapping += slots(seq.block_table, self.block_size, start, end)
         set_context(torch.tensor(slot_mapping), self.attention_groups(seqs))
         return torch.tensor(input_ids), torch.tensor(positions)
 
@@ -83,7 +80,7 @@ class ModelRunner:
         q_rows = None if uniform_q else torch.tensor([[r + min(i, q - 1) for i in range(qmax)]
                                                       for r, q in zip(starts, q_lens)])
         out_rows = None if uniform_q else torch.tensor([b * qmax + i for b, q in enumerate(q_lens) for i in range(q)])
-        kv_slots = torch.tensor([self.slots(s, 0, n) + [0] * (lmax - n) for s, n in zip(members, kv_lens)])
+        kv_slots = torch.tensor([slots(s.block_table, self.block_size, 0, n) + [0] * (lmax - n) for s, n in zip(members, kv_lens)])
         mask = None if len(set(kv_lens)) == 1 and qmax == 1 else attention_mask(q_lens, kv_lens)
         return AttentionGroup(q_rows, kv_slots, mask, False, row_start, sum(q_lens), len(members), qmax, out_rows)
 

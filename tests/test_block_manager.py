@@ -2,7 +2,7 @@
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.block_manager import BlockManager
+from engine.block_manager import BlockManager, slots
 from engine.config import EngineConfig
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
@@ -40,8 +40,8 @@ def test_block_manager_random_ops(operations):
         assert len(seq.block_table) == bm.blocks_for(seq.num_computed_tokens)
         check_invariants(bm, seqs)
         for s in seqs:
-            for pos in range(s.num_computed_tokens):
-                assert bm.slot(s, pos) // BLOCK_SIZE == s.block_table[pos // BLOCK_SIZE]
+            for pos, slot in enumerate(slots(s.block_table, BLOCK_SIZE, 0, s.num_computed_tokens)):
+                assert slot // BLOCK_SIZE == s.block_table[pos // BLOCK_SIZE] and slot % BLOCK_SIZE == pos % BLOCK_SIZE
     for s in seqs:
         bm.free(s)
     assert bm.num_free_blocks == NUM_BLOCKS
