@@ -38,6 +38,11 @@ class ForwardTimer:
         return out
 
 
+def all_decoding(llm: LLM, batch: int) -> bool:
+    running = llm.scheduler.running
+    return not llm.scheduler.waiting and len(running) == batch and all(s.num_uncomputed_tokens == 1 for s in running)
+
+
 def ours_decode(llm: LLM, prompts: list[list[int]], max_tokens: int) -> dict:
     """Median decode step time while every request of the batch is decoding."""
     timer = ForwardTimer(llm.model_runner.model)
@@ -47,15 +52,14 @@ def ours_decode(llm: LLM, prompts: list[list[int]], max_tokens: int) -> dict:
     steps, forwards = [], []
     with tqdm(total=max_tokens, desc=f"ours batch {len(prompts)}", leave=False) as bar:
         while llm.has_unfinished():
-            decoding = not llm.scheduler.waiting and all(
-                s.num_uncomputed_tokens == 1 for s in llm.scheduler.running) and len(llm.scheduler.running) == len(prompts)
+            decoding = all_decoding(llm, len(prompts))
             start = time.perf_counter()
             llm.step()
             if decoding:
                 steps.append(time.perf_counter() - start)
                 forwards.append(timer.times[-1])
                 bar.update(1)
-    llm.model_runner.model.forward = timer.inner
+    del llm.model_runner.model.forward
     step = statistics.median(steps)
     return {"tok_s": len(prompts) / step, "ms_per_step": step * 1e3,
             "model_forward_ms": statistics.median(forwards) * 1e3,
@@ -134,7 +138,8 @@ def report(results: dict, out_dir: Path):
         for name in ("ours", "transformers", "llama.cpp"):
             r = row.get(name)
             if r:
-                print(f"{row['batch']:>5} {name:>13} {r['tok_s']:>8.1f} {r['ms_per_step']:>8.1f} {r['tok_s'] / ours:>8.2f}")
+                print(f"{row['batch']:>5} {name:>13} {r['tok_s']:>8.1f} {r['ms_per_step']:>8.1f} "
+                      f"{r['tok_s'] / ours:>8.2f}")
         o = row["ours"]
         print(f"{'':>5} {'ours split':>13} model {o['model_forward_ms']:.1f} ms + logits/sampling/host "
               f"{o['host_and_sampling_ms']:.1f} ms per step")

@@ -45,7 +45,6 @@ class BlockManager:
     def free(self, seq: Sequence):
         self.truncate(seq, 0)
 
-
     def rollback(self, seq: Sequence, num_tokens: int):
         """Forget the KV of seq's last num_tokens computed tokens (rejected speculative positions)."""
         seq.num_computed_tokens -= num_tokens

@@ -5,7 +5,7 @@ import torch
 
 @dataclass
 class AttentionGroup:
-    """Sequences whose attention runs in one SDPA call (padded to the longest query / key length)."""
+    """Sequences whose attention runs in one call (padded to the longest query / key length)."""
     q_rows: torch.Tensor | None      # [B, Qmax] rows of the flat batch (None: rows are contiguous, uniform length)
     kv_slots: torch.Tensor | None    # [B, Lmax] cache slots of each key (None: keys are this step's own tokens)
     mask: torch.Tensor | None        # [B, Qmax, Lmax] bool, True = may attend (None: no masking needed)

@@ -63,6 +63,7 @@ def load_model(model_dir: str | Path, dtype: torch.dtype) -> DecoderModel:
     with torch.device("meta"):
         model = DecoderModel(config)
     state = fuse(read_tensors(model_dir))
+    state = {n: t.to(dtype) for n, t in state.items()}
     if model.tie_word_embeddings:
         state["lm_head.weight"] = state["embed_tokens.weight"]
     expected = set(model.state_dict())
@@ -70,7 +71,7 @@ def load_model(model_dir: str | Path, dtype: torch.dtype) -> DecoderModel:
     if missing or unexpected:
         raise ValueError(f"weights in {model_dir} do not match the {config['architectures'][0]} config: "
                          f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
-    model.load_state_dict({n: t.to(dtype) for n, t in state.items()}, assign=True)
+    model.load_state_dict(state, assign=True)
     if model.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     model.rotary = model.make_rotary()

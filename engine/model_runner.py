@@ -80,7 +80,8 @@ class ModelRunner:
         q_rows = None if uniform_q else torch.tensor([[r + min(i, q - 1) for i in range(qmax)]
                                                       for r, q in zip(starts, q_lens)])
         out_rows = None if uniform_q else torch.tensor([b * qmax + i for b, q in enumerate(q_lens) for i in range(q)])
-        kv_slots = torch.tensor([slots(s.block_table, self.block_size, 0, n) + [0] * (lmax - n) for s, n in zip(members, kv_lens)])
+        kv_slots = torch.tensor([slots(s.block_table, self.block_size, 0, n) + [0] * (lmax - n)
+                                 for s, n in zip(members, kv_lens)])
         mask = None if len(set(kv_lens)) == 1 and qmax == 1 else attention_mask(q_lens, kv_lens)
         return AttentionGroup(q_rows, kv_slots, mask, False, row_start, sum(q_lens), len(members), qmax, out_rows)
 

@@ -57,7 +57,8 @@ def test_decode_through_paged_cache(tiny_model_dir, reference):
 
 def test_batch_with_chunked_prefill_and_preemption(tiny_model_dir, reference):
     block_size = 4
-    runner_bytes = 2 * 3 * 2 * 32 * 4 * block_size if "qwen3" in str(tiny_model_dir) else 2 * 3 * 2 * 16 * 4 * block_size
+    head_dim = 32 if "qwen3" in str(tiny_model_dir) else 16
+    runner_bytes = 2 * 3 * 2 * head_dim * 4 * block_size  # K+V x 3 layers x 2 KV heads x head_dim x fp32
     llm, recorded = recording_llm(tiny_model_dir, kv_block_size=block_size, max_num_batched_tokens=24,
                                   kv_cache_gb=40 * runner_bytes / 2**30)
     assert llm.block_manager.num_blocks == 40
