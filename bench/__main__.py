@@ -21,11 +21,28 @@ def main():
     tp.add_argument("--peers", default="hf,llama.cpp", help="comma list of hf, llama.cpp ('' for none)")
     tp.add_argument("--gguf", default=str(peers.DEFAULT_PEERS_DIR / peers.DEFAULT_GGUF_NAME))
     tp.add_argument("--out", type=Path, default=Path("bench_out"))
+    sp = sub.add_parser("spec", help="speculative decoding: tokens/s vs plain and the step cost split")
+    sp.add_argument("--model", default="")
+    sp.add_argument("--draft", required=True, help="DSpark draft directory (python -m train init-draft makes one)")
+    sp.add_argument("--dflash-draft", default="", help="optionally also a DFlash draft")
+    sp.add_argument("--gamma", type=int, default=7)
+    sp.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    sp.add_argument("--threads", type=int, default=2)
+    sp.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
+    sp.add_argument("--max-tokens", type=int, default=48)
+    sp.add_argument("--max-prompt-tokens", type=int, default=256)
+    sp.add_argument("--temperature", type=float, default=1.0)
+    sp.add_argument("--dataset", default="mtbench")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--out", type=Path, default=Path("bench_out"))
     args = parser.parse_args()
     if args.command == "throughput":
         from bench import throughput
         args.peers = args.peers.split(",")
         throughput.report(throughput.run(args), args.out)
+    elif args.command == "spec":
+        from bench import spec
+        spec.report(spec.run(args), args.out)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,17 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODELS_DIR = Path(os.environ.get("DSPARK_MODELS_DIR", REPO_ROOT / "models"))
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+SPEC_METHODS = ("none", "dflash", "dspark")
+
+
+def parse_verify_policy(text: str) -> tuple[str, int]:
+    """'full' -> ('full', 0); 'fixed:k' -> ('fixed', k)."""
+    kind, _, arg = text.partition(":")
+    if kind == "full" and not arg:
+        return "full", 0
+    if kind == "fixed" and arg.isdigit():
+        return "fixed", int(arg)
+    raise ValueError(f"verify_policy must be 'full' or 'fixed:k' (k >= 0), got {text!r}")
 
 
 def auto_kv_cache_gb() -> float:
@@ -24,6 +35,10 @@ class EngineConfig:
     kv_block_size: int = 16
     num_threads: int = 0                 # 0 = leave torch's default
     seed: int = 0
+    spec_method: str = "none"            # none | dflash | dspark
+    draft: str = ""                      # draft directory (DeepSpec format)
+    num_draft_tokens: int = 0            # gamma: tokens drafted per step; 0 = the draft's block_size
+    verify_policy: str = "full"          # full | fixed:k
     hf_config: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -36,5 +51,12 @@ class EngineConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.kv_cache_gb < 0:
             raise ValueError(f"kv_cache_gb must be >= 0 (0 = auto), got {self.kv_cache_gb}")
+        if self.spec_method not in SPEC_METHODS:
+            raise ValueError(f"spec_method must be one of {SPEC_METHODS}, got {self.spec_method!r}")
+        if self.spec_method != "none" and not self.draft:
+            raise ValueError(f"spec_method={self.spec_method!r} needs a draft directory (draft=...)")
+        if self.num_draft_tokens < 0:
+            raise ValueError(f"num_draft_tokens must be >= 0 (0 = the draft's block size), got {self.num_draft_tokens}")
+        parse_verify_policy(self.verify_policy)
         if self.kv_cache_gb == 0:
             self.kv_cache_gb = auto_kv_cache_gb()

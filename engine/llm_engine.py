@@ -10,10 +10,12 @@ from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.model_runner import ModelRunner
+from engine.planner import Planner
 from engine.sampler import make_generator
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
+from engine.spec_stats import SpecStats
 
 
 @dataclass
@@ -43,6 +45,8 @@ class LLMEngine:
         self.max_model_len = min(self.config.max_model_len or model_len, model_len)
         self.block_manager = BlockManager(self.model_runner.num_blocks, self.config.kv_block_size)
         self.scheduler = Scheduler(self.config, self.block_manager)
+        self.planner = Planner(self.config.verify_policy, self.max_model_len)
+        self.spec_stats = SpecStats()
         self.sequences: dict[str, Sequence] = {}
 
     def read_eos_ids(self, model_dir: Path) -> set[int]:
@@ -95,17 +99,37 @@ class LLMEngine:
         return self.scheduler.has_unfinished()
 
     def step(self) -> list[RequestOutput]:
+        if self.model_runner.speculator:
+            self.draft_and_plan()
         seqs = self.scheduler.schedule()
         if not seqs:
             return []
-        sampled = self.model_runner.run(seqs)
+        results = self.model_runner.run(seqs)
         outputs = []
         for seq in seqs:
             seq.num_computed_tokens += seq.num_scheduled_tokens
             seq.num_scheduled_tokens = 0
-            if seq.seq_id in sampled:
-                outputs.append(self.append_tokens(seq, [sampled[seq.seq_id]]))
+            if seq.seq_id not in results:
+                continue
+            tokens, accepted = results[seq.seq_id]
+            self.block_manager.rollback(seq, len(seq.spec_token_ids) - accepted)
+            if seq.proposal is not None:
+                self.record_round(seq, accepted)
+            seq.clear_draft()
+            outputs.append(self.append_tokens(seq, tokens))
         return outputs
+
+    def draft_and_plan(self):
+        """Draft a block for every decoding request that lacks one, then choose what each verifies this step."""
+        decoding = [s for s in self.scheduler.running if s.is_decoding]
+        self.model_runner.propose([s for s in decoding if s.proposal is None])
+        for seq in decoding:
+            seq.spec_token_ids = seq.proposal.tokens[:self.planner.verify_length(seq)]
+
+    def record_round(self, seq: Sequence, accepted: int):
+        args = (len(seq.proposal.tokens), len(seq.spec_token_ids), accepted)
+        seq.spec_stats.record(*args)
+        self.spec_stats.record(*args)
 
     def append_tokens(self, seq: Sequence, tokens: list[int]) -> RequestOutput:
         """Commit newly sampled tokens one by one, stopping exactly where a stop condition hits."""

@@ -3,12 +3,14 @@ import torch
 
 from engine.block_manager import slots
 from engine.config import EngineConfig
-from engine.cpu import keep_freed_memory
 from engine.context import AttentionGroup, reset_context, set_context
+from engine.cpu import keep_freed_memory
 from engine.loader import load_model
 from engine.models.layers import pack_linears_for_cpu
 from engine.sampler import SamplingTensors, sample
 from engine.sequence import Sequence
+from engine.speculator import Speculator
+from engine.timing import TIMINGS
 from kernels.attention import attention_mask
 
 SHORT_QUERY = 16  # sequences with at most this many new tokens share one padded attention call
@@ -25,11 +27,15 @@ class ModelRunner:
         self.model = load_model(config.model, self.dtype)
         pack_linears_for_cpu(self.model)
         self.block_size = config.kv_block_size
+        self.speculator = (Speculator(config, self.model, self.dtype, self.block_size)
+                           if config.spec_method != "none" else None)
         self.num_blocks = self.allocate_kv_cache(config.kv_cache_gb)
 
     def kv_bytes_per_block(self) -> int:
         attn = self.model.layers[0].self_attn
         per_token = 2 * len(self.model.layers) * attn.num_kv_heads * attn.head_dim * KV_DTYPE.itemsize
+        if self.speculator:
+            per_token += self.speculator.kv_bytes_per_token(KV_DTYPE)
         return per_token * self.block_size
 
     def allocate_kv_cache(self, kv_cache_gb: float) -> int:
@@ -41,6 +47,8 @@ class ModelRunner:
         self.kv_cache = torch.zeros(shape, dtype=KV_DTYPE)
         for i, layer in enumerate(self.model.layers):
             layer.self_attn.k_cache, layer.self_attn.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
+        if self.speculator:
+            self.speculator.allocate_kv_cache(num_blocks * self.block_size, KV_DTYPE)
         return num_blocks
 
     def prepare(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,7 +56,7 @@ class ModelRunner:
         input_ids, positions, slot_mapping = [], [], []
         for seq in seqs:
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + seq.num_scheduled_tokens
-            input_ids += seq.token_ids[start:end]
+            input_ids += seq.scheduled_token_ids()
             positions += range(start, end)
             slot_mapping += slots(seq.block_table, self.block_size, start, end)
         set_context(torch.tensor(slot_mapping), self.attention_groups(seqs))
@@ -85,30 +93,61 @@ class ModelRunner:
         mask = None if len(set(kv_lens)) == 1 and qmax == 1 else attention_mask(q_lens, kv_lens)
         return AttentionGroup(q_rows, kv_slots, mask, False, row_start, sum(q_lens), len(members), qmax, out_rows)
 
-    @torch.inference_mode()
     def execute(self, seqs: list[Sequence], num_logits: list[int]) -> list[torch.Tensor]:
         """One forward over the scheduled tokens of seqs; for each seq the fp32 logits of its last
         num_logits[i] scheduled tokens ([num_logits[i], V], in input order)."""
+        return self.forward(seqs, num_logits)[0]
+
+    @torch.inference_mode()
+    def forward(self, seqs: list[Sequence], num_logits: list[int], capture_layers: tuple[int, ...] = ()):
+        """execute(), plus each seq's captured target features [num_scheduled, len(capture_layers) * h]."""
         order = sorted(range(len(seqs)), key=lambda i: not self.is_short(seqs[i]))
         ordered = [seqs[i] for i in order]
         input_ids, positions = self.prepare(ordered)
-        hidden, _ = self.model(input_ids, positions)
+        hidden, captured = self.model(input_ids, positions, capture_layers)
         reset_context()
         ends = self.cumulative_ends(ordered)
         rows = [r for i, end in zip(order, ends) for r in range(end - num_logits[i], end)]
         logits = self.model.compute_logits(hidden[rows]) if rows else hidden.new_empty(0, 0)
         per_seq = dict(zip(order, logits.split([num_logits[i] for i in order])))
-        return [per_seq[i] for i in range(len(seqs))]
+        features = None
+        if captured:
+            split = torch.cat(captured, dim=-1).split([s.num_scheduled_tokens for s in ordered])
+            features = [dict(zip(order, split))[i] for i in range(len(seqs))]
+        return [per_seq[i] for i in range(len(seqs))], features
 
-    def run(self, seqs: list[Sequence]) -> dict[int, int]:
-        """Forward + sampling: a new token for each seq whose scheduled tokens reach its end."""
-        at_end = [s.num_uncomputed_tokens == s.num_scheduled_tokens for s in seqs]
-        logits = self.execute(seqs, [int(e) for e in at_end])
+    def run(self, seqs: list[Sequence]) -> dict[int, tuple[list[int], int]]:
+        """Forward + sampling (or verification): for each seq whose scheduled tokens reach its end, the new tokens
+        and how many of its verified drafts were accepted."""
+        at_end = [s.num_pending_tokens == s.num_scheduled_tokens for s in seqs]
+        if self.speculator:
+            return self.run_speculative(seqs, at_end)
+        with TIMINGS.section("target"):
+            logits = self.execute(seqs, [int(e) for e in at_end])
         sampling = [s for s, e in zip(seqs, at_end) if e]
         if not sampling:
             return {}
-        tokens = self.sample(torch.cat([l for l, e in zip(logits, at_end) if e]), sampling)
-        return {s.seq_id: t for s, t in zip(sampling, tokens)}
+        with TIMINGS.section("sampling"):
+            tokens = self.sample(torch.cat([l for l, e in zip(logits, at_end) if e]), sampling)
+        return {s.seq_id: ([t], 0) for s, t in zip(sampling, tokens)}
+
+    def run_speculative(self, seqs: list[Sequence], at_end: list[bool]) -> dict[int, tuple[list[int], int]]:
+        spec = self.speculator
+        num_logits = [1 + len(s.spec_token_ids) if e else 0 for s, e in zip(seqs, at_end)]
+        with TIMINGS.section("target"):
+            logits, features = self.forward(seqs, num_logits, spec.capture_layers)
+        ends = [i for i, e in enumerate(at_end) if e]
+        with TIMINGS.section("verify"):
+            verified = spec.verify([seqs[i] for i in ends], [logits[i] for i in ends]) if ends else []
+        results = {seqs[i].seq_id: (seqs[i].spec_token_ids[:a] + [t], a) for i, (a, t) in zip(ends, verified)}
+        committed = [s.num_scheduled_tokens - len(s.spec_token_ids) + results.get(s.seq_id, ([], 0))[1]
+                     for s in seqs]
+        with TIMINGS.section("draft_context"):
+            spec.extend_context(seqs, features, committed)
+        return results
+
+    def propose(self, seqs: list[Sequence]):
+        self.speculator.propose(seqs)
 
     @staticmethod
     def cumulative_ends(seqs: list[Sequence]) -> list[int]:

@@ -34,9 +34,10 @@ class Scheduler:
         for seq in list(self.running):
             if seq.status is not SequenceStatus.RUNNING or budget == 0:
                 continue
-            num_tokens = min(seq.num_uncomputed_tokens, budget)
+            num_tokens = min(seq.num_pending_tokens, budget)
             if not self.make_room(seq, num_tokens):
                 continue
+            del seq.spec_token_ids[max(0, num_tokens - seq.num_uncomputed_tokens):]
             self.block_manager.allocate(seq, seq.num_computed_tokens + num_tokens)
             seq.num_scheduled_tokens = num_tokens
             budget -= num_tokens
@@ -71,6 +72,7 @@ class Scheduler:
         self.running.remove(seq)
         self.block_manager.free(seq)
         seq.status, seq.num_computed_tokens, seq.num_scheduled_tokens = SequenceStatus.WAITING, 0, 0
+        seq.clear_draft()
         seq.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(seq)

@@ -4,6 +4,7 @@ from itertools import count
 import torch
 
 from engine.sampling_params import SamplingParams
+from engine.spec_stats import SpecStats
 
 
 class SequenceStatus(Enum):
@@ -31,6 +32,9 @@ class Sequence:
         self.num_preemptions = 0
         self.finish_reason: str | None = None
         self.detokenizer = None
+        self.proposal = None                  # the drafted block for the current anchor (speculative decoding)
+        self.spec_token_ids: list[int] = []   # the prefix of it the target verifies this step
+        self.spec_stats = SpecStats()
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -38,6 +42,23 @@ class Sequence:
     @property
     def num_uncomputed_tokens(self) -> int:
         return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def num_pending_tokens(self) -> int:
+        """Tokens the target still has to process: uncomputed ones plus the drafts chosen for verification."""
+        return self.num_uncomputed_tokens + len(self.spec_token_ids)
+
+    @property
+    def is_decoding(self) -> bool:
+        """Running with everything but the last token (the anchor) in the KV cache."""
+        return self.status is SequenceStatus.RUNNING and self.num_computed_tokens == len(self.token_ids) - 1
+
+    def scheduled_token_ids(self) -> list[int]:
+        start = self.num_computed_tokens
+        return (self.token_ids + self.spec_token_ids)[start:start + self.num_scheduled_tokens]
+
+    def clear_draft(self):
+        self.proposal, self.spec_token_ids = None, []
 
     @property
     def completion_token_ids(self) -> list[int]:

@@ -22,19 +22,46 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_slots: torch.Tensor,
                     mask: torch.Tensor | None, scale: float) -> torch.Tensor:
-    """q [B, Q, H, D] against keys gathered from the cache by kv_slots [B, L]; mask [B, Q, L] -> [B, Q, H, D].
-    Query heads are grouped under their KV head so each (KV head, sequence) is one small matmul, in the cache's
+    """q [B, Q, H, D] against keys gathered from the cache by kv_slots [B, L]; mask [B, Q, L] -> [B, Q, H, D]."""
+    k, v = gather_kv(k_cache, v_cache, kv_slots)
+    return grouped_attention(q, k, v, None if mask is None else mask.unsqueeze(2), scale)
+
+
+def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    kv_slots: torch.Tensor, ctx_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """A draft block: q/k/v [B, G, H(kv), D] attend, without a causal mask, to their sequence's first ctx_lens[b]
+    cached context keys (gathered by kv_slots [B, L]) and to the whole block itself -> [B, G, H, D].
+    The block's own K/V never touch the cache."""
+    B, G = q.shape[:2]
+    ctx_k, ctx_v = gather_kv(k_cache, v_cache, kv_slots)
+    k = torch.cat([ctx_k, k.to(ctx_k.dtype).permute(2, 0, 1, 3)], dim=2)
+    v = torch.cat([ctx_v, v.to(ctx_v.dtype).permute(2, 0, 1, 3)], dim=2)
+    L = kv_slots.shape[1]
+    visible = torch.cat([torch.arange(L)[None] < ctx_lens[:, None], torch.ones(B, G, dtype=torch.bool)], dim=1)
+    return grouped_attention(q, k, v, visible.view(B, 1, 1, L + G), scale)
+
+
+def gather_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, kv_slots: torch.Tensor):
+    """Keys and values of kv_slots [B, L] from caches [Hkv, slots, D] -> two [Hkv, B, L, D]."""
+    B, L = kv_slots.shape
+    slots = kv_slots.reshape(-1)
+    shape = (k_cache.shape[0], B, L, k_cache.shape[-1])
+    return k_cache.index_select(1, slots).view(shape), v_cache.index_select(1, slots).view(shape)
+
+
+def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                      scale: float) -> torch.Tensor:
+    """q [B, Q, H, D], k/v [Hkv, B, L, D], mask broadcastable to [B, Q, 1, L] (True = visible) -> [B, Q, H, D].
+    Query heads are grouped under their KV head so each (KV head, sequence) is one small matmul, in the keys'
     dtype (fp32 on CPU, where batched bf16 matmuls are slow)."""
     B, Q, H, D = q.shape
-    Hkv, L = k_cache.shape[0], kv_slots.shape[1]
+    Hkv, L = k.shape[0], k.shape[2]
     G = H // Hkv
-    slots = kv_slots.reshape(-1)
-    k = k_cache.index_select(1, slots).view(Hkv, B, L, D)
-    v = v_cache.index_select(1, slots).view(Hkv, B, L, D)
     qg = q.to(k.dtype).view(B, Q, Hkv, G, D).permute(2, 0, 3, 1, 4).reshape(Hkv, B, G * Q, D)
     scores = torch.matmul(qg, k.transpose(-1, -2)).mul_(scale)
     if mask is not None:
-        scores = scores.view(Hkv, B, G, Q, L).masked_fill_(~mask.view(1, B, 1, Q, L), float("-inf"))
+        keep = mask.expand(B, Q, 1, L).permute(2, 0, 1, 3).unsqueeze(2)  # [1, B, 1, Q, L]
+        scores = scores.view(Hkv, B, G, Q, L).masked_fill_(~keep, float("-inf"))
     probs = scores.view(Hkv, B, G * Q, L).softmax(-1)
     out = torch.matmul(probs, v).view(Hkv, B, G, Q, D).permute(1, 3, 0, 2, 4)
     return out.reshape(B, Q, H, D).to(q.dtype)

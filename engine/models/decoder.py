@@ -61,7 +61,8 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
-    """Causal LM; forward returns final normed hidden states and the raw outputs of `capture_layers`."""
+    """Causal LM; forward returns final normed hidden states and the raw outputs of `capture_layers`, in that
+    order (layer -1 = the embeddings)."""
 
     def __init__(self, c: dict):
         super().__init__()
@@ -84,12 +85,12 @@ class DecoderModel(nn.Module):
                 capture_layers: tuple[int, ...] = ()) -> tuple[torch.Tensor, list[torch.Tensor]]:
         h = self.embed_tokens(input_ids)
         cos, sin = self.rotary.cos_sin_at(positions, h.dtype)
-        captured = []
+        captured = {-1: h} if -1 in capture_layers else {}
         for i, layer in enumerate(self.layers):
             h = layer(h, cos, sin)
             if i in capture_layers:
-                captured.append(h)
-        return self.norm(h), captured
+                captured[i] = h
+        return self.norm(h), [captured[i] for i in capture_layers]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

@@ -5,7 +5,6 @@ from torch import nn
 from engine.context import get_context
 from kernels.attention import causal_attention, paged_attention, store_kvcache
 
-
 BF16_GEMV_MAX_ROWS = 2  # torch's bf16 GEMV beats fp32 GEMM only for a row or two on CPUs without native bf16
 
 
@@ -19,10 +18,12 @@ class Linear(nn.Linear):
         self.packed_bias = None if self.bias is None else self.bias.detach().float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed_weight is None or (x.dtype == torch.bfloat16 and x.shape[0] <= BF16_GEMV_MAX_ROWS):
+        rows = x.numel() // x.shape[-1]
+        if self.packed_weight is None or (x.dtype == torch.bfloat16 and rows <= BF16_GEMV_MAX_ROWS):
             return F.linear(x, self.weight, self.bias)
-        out = torch.ops.mkldnn._linear_pointwise(x.float(), self.packed_weight, self.packed_bias, "none", [], "")
-        return out.to(x.dtype)
+        flat = x.reshape(rows, x.shape[-1]).float()
+        out = torch.ops.mkldnn._linear_pointwise(flat, self.packed_weight, self.packed_bias, "none", [], "")
+        return out.view(*x.shape[:-1], -1).to(x.dtype)
 
 
 def pack_linears_for_cpu(model: nn.Module):

@@ -1,0 +1,192 @@
+"""The DSpark / DFlash draft (DeepSpec `Qwen3DSparkModel`): a parallel backbone over the block
+[anchor, mask x (G-1)] whose every layer also attends to projected target features (context K/V), then a sequential
+head that samples the block left to right, and a confidence head."""
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from engine.drafts.heads import SEQUENTIAL_HEADS, ConfidenceHead
+from engine.models.decoder import MLP
+from engine.models.layers import Linear, RMSNorm, RotaryEmbedding, apply_rotary, rope_inv_freq
+from engine.sampler import SamplingTensors
+from engine.timing import TIMINGS
+from kernels.attention import block_attention, store_kvcache
+from kernels.sampling import sample_inverse_cdf
+
+
+@dataclass
+class DraftConfig:
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    block_size: int
+    target_layer_ids: list[int]
+    mask_token_id: int
+    markov_rank: int
+    markov_head_type: str
+    confidence_head: bool
+    confidence_with_markov: bool
+    hf: dict  # the whole config.json (MLP sizes, norms, rope)
+
+
+@dataclass
+class Proposal:
+    """One request's drafted block: tokens, the fp32 distributions they were sampled from, confidences."""
+    tokens: list[int]
+    probs: torch.Tensor              # [G, V]
+    confidence: torch.Tensor | None  # [G] conditional acceptance estimates
+
+
+class DraftAttention(nn.Module):
+    def __init__(self, c: DraftConfig):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
+        eps = c.hf["rms_norm_eps"]
+        self.q_proj = Linear(c.hidden_size, c.num_heads * c.head_dim, bias=False)
+        self.kv_proj = Linear(c.hidden_size, 2 * c.num_kv_heads * c.head_dim, bias=False)
+        self.o_proj = Linear(c.num_heads * c.head_dim, c.hidden_size, bias=False)
+        self.q_norm, self.k_norm = RMSNorm(c.head_dim, eps), RMSNorm(c.head_dim, eps)
+        self.scale = c.head_dim ** -0.5
+        self.k_cache = self.v_cache = torch.empty(0)
+
+    def key_values(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        k, v = self.kv_proj(x).view(*x.shape[:-1], 2 * self.num_kv_heads, self.head_dim).chunk(2, dim=-2)
+        return apply_rotary(self.k_norm(k), cos, sin), v
+
+    def store_context(self, ctx: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slot_mapping: torch.Tensor):
+        k, v = self.key_values(ctx, cos, sin)
+        store_kvcache(k, v, self.k_cache, self.v_cache, slot_mapping)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_slots: torch.Tensor,
+                ctx_lens: torch.Tensor) -> torch.Tensor:
+        """x [B, G, h] (already input-normed), cos/sin [B, G, 1, D] -> [B, G, h]."""
+        B, G = x.shape[:2]
+        q = apply_rotary(self.q_norm(self.q_proj(x).view(B, G, self.num_heads, self.head_dim)), cos, sin)
+        k, v = self.key_values(x, cos, sin)
+        out = block_attention(q, k, v, self.k_cache, self.v_cache, kv_slots, ctx_lens, self.scale)
+        return self.o_proj(out.reshape(B, G, -1))
+
+
+class DraftLayer(nn.Module):
+    def __init__(self, c: DraftConfig):
+        super().__init__()
+        eps = c.hf["rms_norm_eps"]
+        self.input_layernorm = RMSNorm(c.hidden_size, eps)
+        self.self_attn = DraftAttention(c)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, eps)
+        self.mlp = MLP(c.hf)
+
+    def forward(self, x, cos, sin, kv_slots, ctx_lens):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_slots, ctx_lens)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DSparkDraft(nn.Module):
+    """Shares the target's embedding and LM head (attach_target); holds no copy of them."""
+
+    def __init__(self, c: DraftConfig, use_sequential_head: bool = True):
+        super().__init__()
+        self.config = c
+        h = c.hidden_size
+        self.fc = Linear(len(c.target_layer_ids) * h, h, bias=False)
+        self.hidden_norm = RMSNorm(h, c.hf["rms_norm_eps"])
+        self.layers = nn.ModuleList(DraftLayer(c) for _ in range(c.num_layers))
+        self.norm = RMSNorm(h, c.hf["rms_norm_eps"])
+        vocab = c.hf["vocab_size"]
+        self.markov_head = SEQUENTIAL_HEADS[c.markov_head_type](vocab, c.markov_rank, h) if c.markov_rank else None
+        if c.confidence_head:
+            self.confidence_head = ConfidenceHead(h + (c.markov_rank if c.confidence_with_markov else 0))
+        else:
+            self.confidence_head = None
+        self.use_sequential_head = use_sequential_head and self.markov_head is not None
+        self.rotary = self.make_rotary(c)
+        self.target = ()
+
+    @staticmethod
+    def make_rotary(c: DraftConfig) -> RotaryEmbedding:
+        positions = c.hf.get("max_position_embeddings", 4096) + c.block_size
+        with torch.device("cpu"):
+            return RotaryEmbedding(c.head_dim, positions, rope_inv_freq(c.hf, c.head_dim))
+
+    def attach_target(self, embed_tokens: nn.Embedding, lm_head: nn.Module):
+        self.target = (embed_tokens, lm_head)  # a tuple, so they are not registered as this module's parameters
+
+    def context(self, features: torch.Tensor) -> torch.Tensor:
+        return self.hidden_norm(self.fc(features))
+
+    @torch.inference_mode()
+    def extend_context(self, features: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor):
+        """Write draft context K/V for committed target rows: features [N, n_layers * h] (target_layer_ids order),
+        their positions and cache slots. Context rows get no input_layernorm."""
+        if not features.shape[0]:
+            return
+        ctx = self.context(features.to(self.fc.weight.dtype))
+        cos, sin = self.rotary.cos_sin_at(positions, ctx.dtype)
+        for layer in self.layers:
+            layer.self_attn.store_context(ctx, cos, sin, slot_mapping)
+
+    def backbone(self, anchors: torch.Tensor, starts: torch.Tensor, kv_slots: torch.Tensor,
+                 ctx_lens: torch.Tensor) -> torch.Tensor:
+        """Final-normed hidden states [B, block_size, h] of the blocks [anchor, mask...] at starts[b] + 0.."""
+        embed = self.target[0]
+        G = self.config.block_size
+        ids = torch.full((anchors.shape[0], G), self.config.mask_token_id)
+        ids[:, 0] = anchors
+        x = embed(ids)
+        positions = starts[:, None] + torch.arange(G)
+        cos, sin = self.rotary.cos_sin_at(positions.reshape(-1), x.dtype)
+        cos, sin = cos.view(*positions.shape, 1, -1), sin.view(*positions.shape, 1, -1)
+        for layer in self.layers:
+            x = layer(x, cos, sin, kv_slots, ctx_lens)
+        return self.norm(x)
+
+    @torch.inference_mode()
+    def propose(self, anchors: torch.Tensor, starts: torch.Tensor, kv_slots: torch.Tensor, ctx_lens: torch.Tensor,
+                num_tokens: int, sampling: SamplingTensors, uniforms: torch.Tensor) -> list[Proposal]:
+        """Draft num_tokens (<= block_size) tokens per request; uniforms [B, num_tokens] drive the sampling."""
+        with TIMINGS.section("draft_backbone"):
+            hidden = self.backbone(anchors, starts, kv_slots, ctx_lens)[:, :num_tokens]
+        with TIMINGS.section("draft_lm_head"):
+            base_logits = self.target[1](hidden).float()
+        if self.use_sequential_head:
+            tokens, probs = self.sample_sequentially(hidden, base_logits, anchors, sampling, uniforms)
+        else:
+            with TIMINGS.section("draft_sampling"):
+                tokens, probs = self.sample_independently(base_logits, sampling, uniforms)
+        with TIMINGS.section("confidence_head"):
+            conf = self.confidence(hidden, anchors, tokens)
+        return [Proposal(t, probs[b], None if conf is None else conf[b]) for b, t in enumerate(tokens.tolist())]
+
+    def sample_sequentially(self, hidden, base_logits, anchors, sampling, uniforms):
+        B, G, _ = base_logits.shape
+        prev, state = anchors, self.markov_head.init_state(B, hidden)
+        tokens, probs = [], []
+        for k in range(G):
+            with TIMINGS.section("sequential_head"):
+                bias, state = self.markov_head.step(prev, hidden[:, k], state)
+                logits = base_logits[:, k] + bias.float()
+            with TIMINGS.section("draft_sampling"):
+                q = sampling.probs(logits)
+                prev = sample_inverse_cdf(q, uniforms[:, k])
+            tokens.append(prev)
+            probs.append(q)
+        return torch.stack(tokens, 1), torch.stack(probs, 1)
+
+    def sample_independently(self, base_logits, sampling, uniforms):
+        B, G, V = base_logits.shape
+        repeated = SamplingTensors(*(t.repeat_interleave(G) for t in
+                                     (sampling.temperature, sampling.top_k, sampling.top_p, sampling.min_p)))
+        q = repeated.probs(base_logits.reshape(B * G, V))
+        return sample_inverse_cdf(q, uniforms.reshape(-1)).view(B, G), q.view(B, G, V)
+
+    def confidence(self, hidden: torch.Tensor, anchors: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor | None:
+        if self.confidence_head is None or not self.use_sequential_head:
+            return None
+        features = hidden
+        if self.config.confidence_with_markov:
+            prev = torch.cat([anchors[:, None], tokens[:, :-1]], dim=1)
+            features = torch.cat([hidden, self.markov_head.markov_w1(prev).to(hidden.dtype)], dim=-1)
+        return self.confidence_head(features)

@@ -1,0 +1,126 @@
+"""Read a DeepSpec-format draft directory (config.json + model.safetensors or a sharded index) and check that it fits
+the target it will draft for."""
+import json
+from pathlib import Path
+
+import torch
+
+from engine.drafts.dspark import DraftConfig, DSparkDraft
+from engine.drafts.heads import SEQUENTIAL_HEADS
+from engine.loader import read_tensors
+from engine.models.decoder import DecoderModel
+
+ARCHITECTURES = ("Qwen3DSparkModel",)
+CALIBRATION_FILE = "confidence_calibration.json"  # {"temperatures": [T_1, ..., T_block_size]} from STS
+REQUIRED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size",
+            "rms_norm_eps", "vocab_size", "block_size", "target_layer_ids", "mask_token_id")
+FUSED = {"kv_proj": ("k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+SHARED = ("embed_tokens.weight", "lm_head.weight")
+
+
+def read_draft_config(draft_dir: Path, target: dict) -> DraftConfig:
+    path = draft_dir / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"draft directory {draft_dir} has no config.json")
+    c = json.loads(path.read_text())
+    arch = (c.get("architectures") or ["<none>"])[0]
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"draft {draft_dir}: architecture {arch!r} is not a DSpark/DFlash draft "
+                         f"(expected one of {ARCHITECTURES})")
+    missing = [k for k in REQUIRED if k not in c]
+    if missing:
+        raise ValueError(f"draft {draft_dir}: config.json lacks {missing}")
+    check_fits_target(c, target, draft_dir)
+    rank = int(c.get("markov_rank", 0))
+    head = str(c.get("markov_head_type", "vanilla")).lower()
+    if rank < 0 or (rank and head not in SEQUENTIAL_HEADS):
+        raise ValueError(f"draft {draft_dir}: markov_rank {rank} / markov_head_type {head!r} unsupported "
+                         f"(rank >= 0, type one of {list(SEQUENTIAL_HEADS)})")
+    if c.get("attention_bias"):
+        raise ValueError(f"draft {draft_dir}: attention_bias=true is not part of the DSpark draft format")
+    return DraftConfig(
+        hidden_size=c["hidden_size"], num_layers=c["num_hidden_layers"], num_heads=c["num_attention_heads"],
+        num_kv_heads=c["num_key_value_heads"], head_dim=c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"],
+        block_size=int(c["block_size"]), target_layer_ids=list(c["target_layer_ids"]),
+        mask_token_id=int(c["mask_token_id"]), markov_rank=rank, markov_head_type=head,
+        confidence_head=bool(c.get("enable_confidence_head", False)),
+        confidence_with_markov=bool(c.get("confidence_head_with_markov", False)) and rank > 0, hf=c)
+
+
+def check_fits_target(c: dict, target: dict, draft_dir: Path):
+    problems = []
+    for key in ("hidden_size", "vocab_size"):
+        if c[key] != target[key]:
+            problems.append(f"{key} {c[key]} != the target's {target[key]}")
+    n = target["num_hidden_layers"]
+    if c.get("num_target_layers", n) != n:
+        problems.append(f"num_target_layers {c['num_target_layers']} != the target's {n} layers")
+    for layer in c["target_layer_ids"]:
+        if layer == n - 1:
+            problems.append(f"target layer {layer} is the target's last layer (not allowed as a draft feature)")
+        elif not -1 <= layer < n - 1:
+            problems.append(f"target layer id {layer} is out of range for a {n}-layer target")
+    if not 0 <= c["mask_token_id"] < target["vocab_size"]:
+        problems.append(f"mask_token_id {c['mask_token_id']} is outside the vocabulary")
+    if c["block_size"] < 1:
+        problems.append(f"block_size {c['block_size']} must be >= 1")
+    if problems:
+        raise ValueError(f"draft {draft_dir} does not match the target: " + "; ".join(problems))
+
+
+def draft_state(tensors: dict[str, torch.Tensor], target: DecoderModel, draft_dir: Path) -> dict[str, torch.Tensor]:
+    """DeepSpec names -> ours: fuse k/v and gate/up; verify and drop the copies of the target's embedding / LM head."""
+    for name, ours in zip(SHARED, (target.embed_tokens.weight, target.lm_head.weight)):
+        if name in tensors and not same_weights(tensors.pop(name), ours):
+            raise ValueError(f"draft {draft_dir}: its {name} differs from the target's: it was trained for another "
+                             "target model")
+    for name in [n for n in tensors if n.startswith("layers.") and (".k_proj." in n or ".mlp.gate_proj." in n)]:
+        for fused, parts in FUSED.items():
+            if f".{parts[0]}." in name:
+                tensors[name.replace(parts[0], fused)] = torch.cat([tensors.pop(name.replace(parts[0], p))
+                                                                    for p in parts])
+    return tensors
+
+
+def same_weights(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and (torch.equal(a.to(b.dtype), b) or torch.equal(b.to(a.dtype), a))
+
+
+def read_calibration(draft_dir: Path, block_size: int) -> torch.Tensor | None:
+    path = draft_dir / CALIBRATION_FILE
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    temps = data.get("temperatures") if isinstance(data, dict) else None
+    ok = (isinstance(temps, list) and len(temps) == block_size
+          and all(isinstance(t, (int, float)) and 0 < t < float("inf") for t in temps))
+    if not ok:
+        raise ValueError(f"{path}: 'temperatures' must be {block_size} positive finite numbers, got {temps!r}")
+    return torch.tensor(temps, dtype=torch.float32)
+
+
+def load_draft(draft_dir: str | Path, target: DecoderModel, dtype: torch.dtype, method: str) -> DSparkDraft:
+    draft_dir = Path(draft_dir)
+    if not draft_dir.is_dir():
+        raise FileNotFoundError(f"draft directory {draft_dir} does not exist")
+    config = read_draft_config(draft_dir, target.config)
+    if method == "dspark" and not config.markov_rank:
+        raise ValueError(f"draft {draft_dir} has no sequential head (markov_rank 0): it is a DFlash draft, "
+                         "use spec_method='dflash'")
+    with torch.device("meta"):
+        draft = DSparkDraft(config, use_sequential_head=method == "dspark")
+    state = {n: t.to(dtype) for n, t in draft_state(read_tensors(draft_dir), target, draft_dir).items()}
+    expected = draft.state_dict()
+    missing, unexpected = set(expected) - set(state), set(state) - set(expected)
+    wrong = [f"{n} {tuple(state[n].shape)} != {tuple(expected[n].shape)}" for n in set(state) & set(expected)
+             if state[n].shape != expected[n].shape]
+    if missing or unexpected or wrong:
+        raise ValueError(f"draft weights in {draft_dir} do not match its config: missing {sorted(missing)[:4]}, "
+                         f"unexpected {sorted(unexpected)[:4]}, wrong shapes {wrong[:4]}")
+    draft.load_state_dict(state, assign=True)
+    draft.rotary = DSparkDraft.make_rotary(config)
+    temps = read_calibration(draft_dir, config.block_size)
+    if draft.confidence_head is not None:
+        draft.confidence_head.temperatures = temps if temps is not None else torch.ones(0)
+    draft.attach_target(target.embed_tokens, target.lm_head)
+    return draft.eval().requires_grad_(False)

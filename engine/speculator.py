@@ -1,0 +1,78 @@
+"""Speculative decoding around a DSpark / DFlash draft: propose blocks, verify them losslessly against the target's
+logits, and keep the draft's context K/V in step with what the target committed."""
+import torch
+
+from engine.block_manager import slots
+from engine.config import EngineConfig
+from engine.drafts.loader import load_draft
+from engine.models.decoder import DecoderModel
+from engine.models.layers import pack_linears_for_cpu
+from engine.sampler import SamplingTensors
+from engine.sequence import Sequence
+from kernels.sampling import rejection_sample
+
+
+class Speculator:
+    def __init__(self, config: EngineConfig, target: DecoderModel, dtype: torch.dtype, block_size: int):
+        self.draft = load_draft(config.draft, target, dtype, config.spec_method)
+        pack_linears_for_cpu(self.draft)
+        block = self.draft.config.block_size
+        if config.num_draft_tokens > block:
+            raise ValueError(f"num_draft_tokens={config.num_draft_tokens} exceeds the draft's block_size {block}")
+        self.num_draft_tokens = config.num_draft_tokens or block
+        self.capture_layers = tuple(self.draft.config.target_layer_ids)
+        self.block_size = block_size
+        self.vocab_size = target.config["vocab_size"]
+
+    def kv_bytes_per_token(self, kv_dtype: torch.dtype) -> int:
+        c = self.draft.config
+        return 2 * c.num_layers * c.num_kv_heads * c.head_dim * kv_dtype.itemsize
+
+    def allocate_kv_cache(self, num_slots: int, kv_dtype: torch.dtype):
+        """Draft context K/V lives in the same slots as the target's, so one block table serves both."""
+        c = self.draft.config
+        self.kv_cache = torch.zeros(2, c.num_layers, c.num_kv_heads, num_slots, c.head_dim, dtype=kv_dtype)
+        for i, layer in enumerate(self.draft.layers):
+            layer.self_attn.k_cache, layer.self_attn.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
+
+    def propose(self, seqs: list[Sequence]):
+        """Draft a block for each decoding seq from its anchor (last token) at position num_computed_tokens."""
+        if not seqs:
+            return
+        starts = [s.num_computed_tokens for s in seqs]
+        longest = max(starts)
+        kv_slots = torch.tensor([slots(s.block_table, self.block_size, 0, n) + [0] * (longest - n)
+                                 for s, n in zip(seqs, starts)])
+        uniforms = torch.stack([torch.rand(self.num_draft_tokens, generator=s.generator) for s in seqs])
+        proposals = self.draft.propose(torch.tensor([s.token_ids[-1] for s in seqs]), torch.tensor(starts), kv_slots,
+                                       torch.tensor(starts), self.num_draft_tokens,
+                                       SamplingTensors.from_params([s.params for s in seqs]), uniforms)
+        for seq, proposal in zip(seqs, proposals):
+            seq.proposal = proposal
+
+    def verify(self, seqs: list[Sequence], logits: list[torch.Tensor]) -> list[tuple[int, int]]:
+        """logits[i]: the target's [1 + l_i, V] rows for [anchor, d_1..d_l] of seqs[i] (l_i = its spec tokens).
+        Returns (accepted drafts, next token) per seq."""
+        num_drafts = [len(s.spec_token_ids) for s in seqs]
+        target_probs = SamplingTensors.from_params([s.params for s in seqs], [n + 1 for n in num_drafts]).probs(
+            torch.cat(logits))
+        drafted = [s for s, n in zip(seqs, num_drafts) if n]
+        draft_probs = (torch.cat([s.proposal.probs[:len(s.spec_token_ids)] for s in drafted]) if drafted
+                       else target_probs.new_zeros(0, self.vocab_size))
+        draft_tokens = torch.tensor([t for s in drafted for t in s.spec_token_ids], dtype=torch.long)
+        uniforms = [torch.rand(n + 1, generator=s.generator) for s, n in zip(seqs, num_drafts)]
+        accepted, next_tokens = rejection_sample(
+            target_probs, draft_probs, draft_tokens, torch.tensor(num_drafts),
+            torch.cat([u[:-1] for u in uniforms]), torch.stack([u[-1] for u in uniforms]))
+        return list(zip(accepted.tolist(), next_tokens.tolist()))
+
+    def extend_context(self, seqs: list[Sequence], features: list[torch.Tensor], num_committed: list[int]):
+        """Draft context K/V for the first num_committed[i] scheduled rows of seqs[i] (whose features are given)."""
+        rows = [(s, f[:n]) for s, f, n in zip(seqs, features, num_committed) if n]
+        if not rows:
+            return
+        positions = [p for s, f in rows for p in range(s.num_computed_tokens, s.num_computed_tokens + len(f))]
+        slot_mapping = [x for s, f in rows
+                        for x in slots(s.block_table, self.block_size, s.num_computed_tokens,
+                                       s.num_computed_tokens + len(f))]
+        self.draft.extend_context(torch.cat([f for _, f in rows]), torch.tensor(positions), torch.tensor(slot_mapping))
