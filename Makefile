@@ -3,9 +3,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PROMPT ?= What is the capital of France?
 
-.PHONY: setup model run serve test bench clean
+.PHONY: setup model kernels run serve test bench clean
 
-setup: $(VENV)/.installed model
+setup: $(VENV)/.installed model kernels
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +15,9 @@ $(VENV)/.installed: pyproject.toml
 
 model: $(VENV)/.installed
 	$(PY) -m engine.default_model
+
+kernels: $(VENV)/.installed
+	$(PY) -c "from kernels import cpu_linear as k; print('CPU bf16 kernel:', 'ready' if k.available() else k.load_error())"
 
 run: setup
 	$(PY) -m engine --prompt "$(PROMPT)"

@@ -167,7 +167,7 @@ class DSparkDraft(nn.Module):
         for k in range(G):
             with TIMINGS.section("sequential_head"):
                 bias, state = self.markov_head.step(prev, hidden[:, k], state)
-                logits = base_logits[:, k] + bias.float()
+                logits = bias.add_(base_logits[:, k])
             with TIMINGS.section("draft_sampling"):
                 q = sampling.probs(logits)
                 prev = sample_inverse_cdf(q, uniforms[:, k])

@@ -19,8 +19,11 @@ class VanillaMarkov(nn.Module):
         return None
 
     def step(self, prev: torch.Tensor, hidden: torch.Tensor, state):
-        """prev [B] token ids, hidden [B, h] -> (bias [B, V], new state)."""
-        return self.markov_w2(self.markov_w1(prev)), state
+        """prev [B] token ids, hidden [B, h] -> (fp32 bias [B, V], new state)."""
+        return self.project(self.markov_w1(prev)), state
+
+    def project(self, latent: torch.Tensor) -> torch.Tensor:
+        return self.markov_w2(latent.float())  # fp32 in, fp32 out: no rounding of the bias to bf16
 
 
 class GatedMarkov(VanillaMarkov):
@@ -33,7 +36,7 @@ class GatedMarkov(VanillaMarkov):
     def step(self, prev: torch.Tensor, hidden: torch.Tensor, state):
         emb = self.markov_w1(prev)
         gate = torch.sigmoid(self.gate_proj(torch.cat([hidden, emb], dim=-1)))
-        return self.markov_w2(gate * emb), state
+        return self.project(gate * emb), state
 
 
 class RNNHead(VanillaMarkov):
@@ -52,7 +55,7 @@ class RNNHead(VanillaMarkov):
         gate, candidate, output = self.joint_proj(z).chunk(3, dim=-1)
         gate = torch.sigmoid(gate)
         state = gate * state + (1 - gate) * torch.tanh(candidate)
-        return self.markov_w2(torch.tanh(output)), state
+        return self.project(torch.tanh(output)), state
 
 
 SEQUENTIAL_HEADS = {"vanilla": VanillaMarkov, "gated": GatedMarkov, "rnn": RNNHead}

@@ -3,24 +3,31 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.context import get_context
+from kernels import cpu_linear
 from kernels.attention import causal_attention, paged_attention, store_kvcache
 
-BF16_GEMV_MAX_ROWS = 2  # torch's bf16 GEMV beats fp32 GEMM only for a row or two on CPUs without native bf16
+BF16_GEMV_MAX_ROWS = 2   # torch's bf16 GEMV beats fp32 GEMM only for a row or two on CPUs without native bf16
+KERNEL_MAX_ROWS = 31     # our AVX2 bf16 kernel beats oneDNN's packed fp32 GEMM below 32 rows (docs/benchmarks.md)
 
 
 class Linear(nn.Linear):
-    """nn.Linear that, on CPU, keeps an extra oneDNN-packed fp32 copy of its weight for multi-row inputs: bf16 GEMM
-    has no fast kernel on AVX2-only CPUs, so batched rows run in fp32 (exact on bf16 weights) and are cast back."""
+    """nn.Linear with a CPU fast path for bf16 weights: few rows (decode, verify, drafts) go through our AVX2 kernel
+    that reads the bf16 weight once (kernels/cpu_linear); many rows (prefill) through an oneDNN-packed fp32 copy,
+    since bf16 GEMM has no fast kernel on AVX2-only CPUs (exact on bf16 weights, cast back)."""
     packed_weight = packed_bias = None
+    use_kernel = False
 
     def pack_for_cpu(self):
         self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach().float(), 1)
         self.packed_bias = None if self.bias is None else self.bias.detach().float()
+        self.use_kernel = self.weight.dtype == torch.bfloat16 and cpu_linear.available()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
+        if self.use_kernel and rows <= KERNEL_MAX_ROWS:
+            return cpu_linear.bf16_linear(x, self.weight, self.bias)
         if self.packed_weight is None or (x.dtype == torch.bfloat16 and rows <= BF16_GEMV_MAX_ROWS):
-            return F.linear(x, self.weight, self.bias)
+            return F.linear(x.to(self.weight.dtype), self.weight, self.bias).to(x.dtype)
         flat = x.reshape(rows, x.shape[-1]).float()
         out = torch.ops.mkldnn._linear_pointwise(flat, self.packed_weight, self.packed_bias, "none", [], "")
         return out.view(*x.shape[:-1], -1).to(x.dtype)
