@@ -8,14 +8,22 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 SPEC_METHODS = ("none", "dflash", "dspark")
 
 
-def parse_verify_policy(text: str) -> tuple[str, int]:
-    """'full' -> ('full', 0); 'fixed:k' -> ('fixed', k)."""
+def parse_verify_policy(text: str) -> tuple[str, float]:
+    """'full', 'sps', 'sps-lagged' -> (kind, 0); 'fixed:k' -> ('fixed', k); 'threshold:c' -> ('threshold', c)."""
     kind, _, arg = text.partition(":")
-    if kind == "full" and not arg:
-        return "full", 0
+    if kind in ("full", "sps", "sps-lagged") and not arg:
+        return kind, 0
     if kind == "fixed" and arg.isdigit():
         return "fixed", int(arg)
-    raise ValueError(f"verify_policy must be 'full' or 'fixed:k' (k >= 0), got {text!r}")
+    if kind == "threshold":
+        try:
+            value = float(arg)
+        except ValueError:
+            value = -1.0
+        if 0 <= value <= 1:
+            return "threshold", value
+    raise ValueError("verify_policy must be full, fixed:k (k >= 0), threshold:c (0 <= c <= 1), sps or sps-lagged; "
+                     f"got {text!r}")
 
 
 def auto_kv_cache_gb() -> float:
@@ -38,7 +46,8 @@ class EngineConfig:
     spec_method: str = "none"            # none | dflash | dspark
     draft: str = ""                      # draft directory (DeepSpec format)
     num_draft_tokens: int = 0            # gamma: tokens drafted per step; 0 = the draft's block_size
-    verify_policy: str = "full"          # full | fixed:k
+    verify_policy: str = "full"          # full | fixed:k | threshold:c | sps | sps-lagged
+    sps_profile: str = ""                # SPS(B) cost table JSON; "" = profile quickly at start-up (cached); none
     hf_config: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):

@@ -11,6 +11,7 @@ from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.model_runner import ModelRunner
 from engine.planner import Planner
+from engine.sps_profile import load_sps_curve
 from engine.sampler import make_generator
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
@@ -45,9 +46,19 @@ class LLMEngine:
         self.max_model_len = min(self.config.max_model_len or model_len, model_len)
         self.block_manager = BlockManager(self.model_runner.num_blocks, self.config.kv_block_size)
         self.scheduler = Scheduler(self.config, self.block_manager)
-        self.planner = Planner(self.config.verify_policy, self.max_model_len)
+        self.planner = self.make_planner()
         self.spec_stats = SpecStats()
         self.sequences: dict[str, Sequence] = {}
+
+    def make_planner(self) -> Planner:
+        planner = Planner(self.config.verify_policy, self.max_model_len)
+        spec = self.model_runner.speculator
+        if planner.needs_confidence and (spec is None or not spec.draft.has_confidence):
+            raise ValueError(f"verify_policy={self.config.verify_policy!r} needs a DSpark draft with a confidence "
+                             "head (spec_method='dspark')")
+        if planner.kind.startswith("sps"):
+            planner.sps = load_sps_curve(self, self.config.sps_profile)
+        return planner
 
     def read_eos_ids(self, model_dir: Path) -> set[int]:
         ids = {self.tokenizer.eos_token_id} - {None}
@@ -123,8 +134,8 @@ class LLMEngine:
         """Draft a block for every decoding request that lacks one, then choose what each verifies this step."""
         decoding = [s for s in self.scheduler.running if s.is_decoding]
         self.model_runner.propose([s for s in decoding if s.proposal is None])
-        for seq in decoding:
-            seq.spec_token_ids = seq.proposal.tokens[:self.planner.verify_length(seq)]
+        for seq, n in zip(decoding, self.planner.plan(decoding) if decoding else []):
+            seq.spec_token_ids = seq.proposal.tokens[:n]
 
     def record_round(self, seq: Sequence, accepted: int):
         args = (len(seq.proposal.tokens), len(seq.spec_token_ids), accepted)

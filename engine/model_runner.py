@@ -31,6 +31,10 @@ class ModelRunner:
                            if config.spec_method != "none" else None)
         self.num_blocks = self.allocate_kv_cache(config.kv_cache_gb)
 
+    @property
+    def capture_layers(self) -> tuple[int, ...]:
+        return self.speculator.capture_layers if self.speculator else ()
+
     def kv_bytes_per_block(self) -> int:
         attn = self.model.layers[0].self_attn
         per_token = 2 * len(self.model.layers) * attn.num_kv_heads * attn.head_dim * KV_DTYPE.itemsize

@@ -1,17 +1,68 @@
-"""Verify-length policies: how many of a request's drafted tokens the target checks this step."""
+"""Verify-length policies: how many of each request's drafted tokens the target checks this step.
+full / fixed:k ignore confidences; threshold:c cuts at the first confidence below c; sps runs the paper's
+Algorithm 1 on live survivals (lossless by its early stop); sps-lagged picks the global budget K from survivals at
+least one step old and gives it to the live top-K (lossless because K does not depend on the current drafts)."""
 from engine.config import parse_verify_policy
 from engine.sequence import Sequence
+from engine.sps import best_budget, early_stop_lengths, top_k_lengths
+
+NEEDS_CONFIDENCE = ("threshold", "sps", "sps-lagged")
+PRIOR_SURVIVAL = 0.5  # per-position survival assumed for requests with no history yet (sps-lagged)
 
 
 class Planner:
-    def __init__(self, policy: str, max_model_len: int):
-        self.kind, self.k = parse_verify_policy(policy)
+    def __init__(self, policy: str, max_model_len: int, sps=None):
+        self.kind, self.arg = parse_verify_policy(policy)
         self.max_model_len = max_model_len
+        self.sps = sps  # SpsCurve; None: the sps policies verify the full block (the safe default)
+        self.last_budget = 0
+        self.last_theta = 0.0
 
-    def verify_length(self, seq: Sequence) -> int:
-        drafted = len(seq.proposal.tokens)
-        wanted = drafted if self.kind == "full" else min(self.k, drafted)
-        return max(0, min(wanted, self.room(seq)))
+    @property
+    def needs_confidence(self) -> bool:
+        return self.kind in NEEDS_CONFIDENCE
+
+    def plan(self, seqs: list[Sequence]) -> list[int]:
+        rooms = [max(0, min(len(s.proposal.tokens), self.room(s))) for s in seqs]
+        if self.kind == "full" or (self.kind.startswith("sps") and self.sps is None):
+            lengths = rooms
+        elif self.kind == "fixed":
+            lengths = [min(int(self.arg), n) for n in rooms]
+        elif self.kind == "threshold":
+            lengths = [self.first_below(s.proposal.confidence.tolist()[:n], self.arg) for s, n in zip(seqs, rooms)]
+        else:
+            live = [self.survival(s.proposal.confidence.tolist()[:n]) for s, n in zip(seqs, rooms)]
+            lengths = self.plan_sps(seqs, live, rooms)
+            for seq, row in zip(seqs, live):
+                seq.last_survival = row
+        self.record(seqs, lengths)
+        return lengths
+
+    def plan_sps(self, seqs: list[Sequence], live: list[list[float]], rooms: list[int]) -> list[int]:
+        sps = self.sps.for_requests(len(seqs))
+        if self.kind == "sps":
+            return early_stop_lengths(live, sps)
+        stale = [(s.last_survival or [PRIOR_SURVIVAL ** (j + 1) for j in range(n)])[:n] for s, n in zip(seqs, rooms)]
+        return top_k_lengths(live, best_budget(stale, sps))
+
+    def record(self, seqs: list[Sequence], lengths: list[int]):
+        self.last_budget = sum(lengths)
+        if self.sps is not None and seqs and seqs[0].proposal.confidence is not None:
+            expected = sum(1 + sum(self.survival(s.proposal.confidence.tolist()[:n]))
+                           for s, n in zip(seqs, lengths))
+            self.last_theta = expected * self.sps.steps_per_second(len(seqs) + self.last_budget, len(seqs))
+
+    @staticmethod
+    def survival(confidences: list[float]) -> list[float]:
+        out, acc = [], 1.0
+        for c in confidences:
+            acc *= c
+            out.append(acc)
+        return out
+
+    @staticmethod
+    def first_below(confidences: list[float], threshold: float) -> int:
+        return next((k for k, c in enumerate(confidences) if c < threshold), len(confidences))
 
     def room(self, seq: Sequence) -> int:
         """Drafts beyond what max_tokens or the context length could still keep are never worth verifying; the cap

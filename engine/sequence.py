@@ -35,6 +35,7 @@ class Sequence:
         self.proposal = None                  # the drafted block for the current anchor (speculative decoding)
         self.spec_token_ids: list[int] = []   # the prefix of it the target verifies this step
         self.spec_stats = SpecStats()
+        self.last_survival: list[float] | None = None  # survivals of the previous proposal (sps-lagged)
 
     def __len__(self) -> int:
         return len(self.token_ids)

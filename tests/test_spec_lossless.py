@@ -8,6 +8,7 @@ none (x4 plainly sampled). The joint distribution of (x2, x3, x4) is compared wi
 transformers' own model loaded from the same directory and temperature / top-k / top-p written here (not engine
 code): chi-square goodness of fit (sparse cells pooled) and total variation must accept, and the same statistics must
 reject when the verifier is swapped for a biased one (negative controls)."""
+import json
 import math
 from collections import Counter
 
@@ -28,6 +29,7 @@ NUM_CONTROL_SAMPLES = 1000  # the biased verifiers are rejected by far with a th
 MAX_TOKENS = 4      # the first verification round checks 2 drafts (x2, x3) + a bonus (x4): see the docstring
 GAMMA = 3
 MIN_EXPECTED = 5.0  # chi-square cells with fewer expected counts are pooled
+POLICIES = ("threshold:0.5", "sps", "sps-lagged")
 CASES = {"t1": {"temperature": 1.0}, "t08_topk_topp": {"temperature": 0.8, "top_k": 5, "top_p": 0.8}}
 
 
@@ -64,9 +66,17 @@ def llms(tmp_path_factory, target_dir):
     drafts = {"dspark": save_tiny_draft(root / "dspark", target_dir, block_size=4, mask_token_id=5),
               "dflash": save_tiny_draft(root / "dflash", target_dir, rank=0, confidence=False, block_size=4,
                                         mask_token_id=5)}
-    return {m: LLM(model=str(target_dir), dtype="float32", spec_method=m, draft=str(d), num_draft_tokens=GAMMA,
-                   kv_cache_gb=0.15, kv_block_size=8, max_num_seqs=NUM_SAMPLES, max_num_batched_tokens=100_000)
-            for m, d in drafts.items()}
+    # an SPS curve that is flat up to ~1.5 draft tokens per request and then steep: the sps planners must cut
+    # blocks by confidence, which is where a planner could leak the draft tokens into the admission
+    profile = root / "sps.json"
+    profile.write_text(json.dumps({"step_cost_s": {"1": 1.0, str(NUM_SAMPLES * 5 // 2): 1.0,
+                                                   str(NUM_SAMPLES * 5 // 2 + 100): 10.0}}))
+    engines = {m: (m, d, "full") for m, d in drafts.items()}
+    engines |= {f"dspark-{p}": ("dspark", drafts["dspark"], p) for p in POLICIES}
+    return {name: LLM(model=str(target_dir), dtype="float32", spec_method=m, draft=str(d), num_draft_tokens=GAMMA,
+                      verify_policy=policy, sps_profile=str(profile), kv_cache_gb=0.15, kv_block_size=8,
+                      max_num_seqs=NUM_SAMPLES, max_num_batched_tokens=100_000)
+            for name, (m, d, policy) in engines.items()}
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +175,7 @@ def sample_counts(llm: LLM, params: dict, seed_base: int, n: int = NUM_SAMPLES) 
 # ---------------------------------------------------------------------------------------------- the tests
 
 @pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("method", ["dspark", "dflash"])
+@pytest.mark.parametrize("method", ["dspark", "dflash"] + [f"dspark-{p}" for p in POLICIES])
 def test_speculative_sampling_matches_target(llms, oracle_model, method, case):
     params = CASES[case]
     joint = exact_joint(oracle_model, PROMPT, **params)

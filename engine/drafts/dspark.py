@@ -182,8 +182,12 @@ class DSparkDraft(nn.Module):
         q = repeated.probs(base_logits.reshape(B * G, V))
         return sample_inverse_cdf(q, uniforms.reshape(-1)).view(B, G), q.view(B, G, V)
 
+    @property
+    def has_confidence(self) -> bool:
+        return self.confidence_head is not None and self.use_sequential_head
+
     def confidence(self, hidden: torch.Tensor, anchors: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor | None:
-        if self.confidence_head is None or not self.use_sequential_head:
+        if not self.has_confidence:
             return None
         features = hidden
         if self.config.confidence_with_markov:

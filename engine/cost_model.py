@@ -1,0 +1,77 @@
+"""Measure the engine's own step cost as a function of the verify tokens B (and the draft's cost as a function of the
+number of requests): the points of the SPS(B) curve. Used at start-up in a quick mode and by `python -m profiler`."""
+import statistics
+import time
+
+from engine.sampling_params import SamplingParams
+from engine.sequence import Sequence
+from engine.sps import SpsCurve
+
+QUICK_TOKENS = (1, 2, 4, 8, 16, 32, 64)
+QUICK_REQUESTS = (1, 4, 16)
+ROWS_PER_REQUEST = 8  # a verify row of anchor + 7 drafts
+
+
+def fake_requests(engine, count: int, context_len: int) -> list[Sequence]:
+    """Requests whose first context_len tokens are in the KV cache (prefilled, untimed)."""
+    seqs = [Sequence([3 + (i + k) % 50 for k in range(context_len + ROWS_PER_REQUEST)], SamplingParams(max_tokens=1))
+            for i in range(count)]
+    for seq in seqs:
+        engine.block_manager.allocate(seq, len(seq))
+        seq.num_scheduled_tokens = context_len
+        engine.model_runner.forward([seq], [0])
+        seq.num_computed_tokens, seq.num_scheduled_tokens = context_len, 0
+    return seqs
+
+
+def time_forward(engine, seqs: list[Sequence], sizes: list[int], repeats: int) -> float:
+    times = []
+    for _ in range(repeats + 1):
+        for seq, n in zip(seqs, sizes):
+            seq.num_scheduled_tokens = n
+        start = time.perf_counter()
+        engine.model_runner.forward(seqs, sizes, engine.model_runner.capture_layers)
+        times.append(time.perf_counter() - start)
+    for seq in seqs:
+        seq.num_scheduled_tokens = 0
+    return statistics.median(times[1:])
+
+
+def time_draft(engine, seqs: list[Sequence], repeats: int) -> float:
+    speculator = engine.model_runner.speculator
+    times = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        speculator.propose(seqs)
+        times.append(time.perf_counter() - start)
+    for seq in seqs:
+        seq.clear_draft()
+    return statistics.median(times[1:])
+
+
+def measure_curve(engine, token_counts=QUICK_TOKENS, request_counts=QUICK_REQUESTS, context_len: int = 256,
+                  repeats: int = 3, progress=None) -> SpsCurve:
+    """Step cost of a target forward carrying B tokens (as verify rows of up to 8 tokens per request, each with
+    context_len cached tokens) and draft cost for R requests; the KV used is freed afterwards."""
+    most = max(-(-max(token_counts) // ROWS_PER_REQUEST), max(request_counts))
+    bm = engine.block_manager
+    fits = bm.num_free_blocks // most * bm.block_size - ROWS_PER_REQUEST
+    if fits < 1:
+        raise ValueError(f"the KV cache is too small to profile {most} requests; raise kv_cache_gb")
+    seqs = fake_requests(engine, most, min(context_len, fits))
+    try:
+        step = {}
+        for b in token_counts:
+            n = -(-b // ROWS_PER_REQUEST)
+            sizes = [b // n + (i < b % n) for i in range(n)]
+            step[b] = time_forward(engine, seqs[:n], sizes, repeats)
+            progress and progress.update(1)
+        draft = {}
+        if engine.model_runner.speculator:
+            for r in request_counts:
+                draft[r] = time_draft(engine, seqs[:r], repeats)
+                progress and progress.update(1)
+        return SpsCurve(step, draft)
+    finally:
+        for seq in seqs:
+            engine.block_manager.free(seq)

@@ -1,0 +1,38 @@
+"""Where the engine's SPS(B) curve comes from: a profile file, a cached quick profile keyed by what it measured, or
+none (then the sps policies verify the full block)."""
+import hashlib
+import json
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+from engine.cost_model import measure_curve
+from engine.sps import SpsCurve
+
+CACHE_DIR = Path(os.environ.get("DSPARK_CACHE", Path.home() / ".cache" / "dspark")) / "sps"
+
+
+def profile_key(engine) -> dict:
+    """What a profile was measured for: a profile for anything else is not reused."""
+    c = engine.config
+    return {"model": str(Path(c.model).resolve()), "draft": str(Path(c.draft).resolve()) if c.draft else "",
+            "spec_method": c.spec_method, "num_draft_tokens": c.num_draft_tokens, "dtype": c.dtype,
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.machine(),
+            "cpu": platform.processor() or platform.node(), "device": "cpu"}
+
+
+def load_sps_curve(engine, setting: str) -> SpsCurve | None:
+    if setting == "none":
+        return None
+    if setting:
+        return SpsCurve.load(setting)
+    key = profile_key(engine)
+    path = CACHE_DIR / (hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16] + ".json")
+    if path.is_file():
+        return SpsCurve.load(path)
+    curve = measure_curve(engine, repeats=2)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"key": key, "quick": True, **curve.to_json()}, indent=2))
+    return curve

@@ -1,0 +1,168 @@
+"""Verify-length planning: Algorithm 1 and the lagged global budget on hand-made inputs, the paper's Appendix A
+counterexample as a statistical test, SPS profiles, and greedy identity of every policy in the engine."""
+import json
+import random
+
+import pytest
+import torch
+
+from engine import LLM, SamplingParams
+from engine.planner import Planner
+from engine.sps import SpsCurve, admission_order, best_budget, early_stop_lengths, top_k_lengths
+from kernels.sampling import rejection_sample
+from tiny_models import save_tiny_draft, save_tiny_model
+
+
+def table(values: dict[int, float]):
+    return lambda b: values[b]
+
+
+def test_admission_order_respects_prefixes():
+    survivals = [[0.9, 0.5, 0.5], [0.9, 0.8], [0.95, 0.0]]
+    order = admission_order(survivals)
+    assert order == [(2, 0), (0, 0), (1, 0), (1, 1), (0, 1), (0, 2)]  # ties: position, then request; zero dropped
+    for k in range(len(order) + 1):
+        lengths = top_k_lengths(survivals, k)
+        assert sum(lengths) == k and all(0 <= n <= len(row) for n, row in zip(lengths, survivals))
+
+
+def test_early_stop_finds_the_maximum_of_a_unimodal_curve():
+    survivals = [[0.9, 0.72, 0.5], [0.8, 0.4]]
+    sps = table({2: 1.0, 3: 0.95, 4: 0.9, 5: 0.8, 6: 0.5, 7: 0.45})
+    ranked = [survivals[r][j] for r, j in admission_order(survivals)]
+    theta = [(2 + sum(ranked[:k])) * sps(2 + k) for k in range(6)]
+    best = max(range(6), key=theta.__getitem__)
+    assert 0 < best < 5
+    assert early_stop_lengths(survivals, sps) == top_k_lengths(survivals, best)
+
+
+def test_lagged_budget_finds_the_best_point_of_a_jagged_curve():
+    survivals = [[0.9, 0.8, 0.7, 0.6]]
+    sps = table({1: 1.0, 2: 0.5, 3: 0.5, 4: 0.5, 5: 0.5})  # a cliff after B = 1, then flat: Θ is not unimodal
+    assert early_stop_lengths(survivals, sps) == [0]        # the early stop is trapped before the cliff
+    assert best_budget(survivals, sps) == 4                 # (1 + 3.0) * 0.5 = 2.0 > 1.0
+
+
+def test_sps_curve_is_monotone_and_reproduces_its_points(tmp_path):
+    points = {1: 0.010, 8: 0.012, 16: 0.011, 64: 0.040}  # a noisy dip at 16 is smoothed away
+    path = tmp_path / "sps.json"
+    path.write_text(json.dumps({"step_cost_s": points, "draft_cost_s": {1: 0.002, 8: 0.004}}))
+    curve = SpsCurve.load(path)
+    assert curve.steps_per_second(8, 1) == pytest.approx(1 / (0.002 + 0.012))
+    assert curve.steps_per_second(64, 8) == pytest.approx(1 / (0.004 + 0.040))
+    values = [curve.steps_per_second(b, 4) for b in range(1, 200)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+# ------------------------------------------------------------------------------------------ Appendix A
+
+P_TARGET = torch.tensor([0.7, 0.3])
+P_DRAFT = torch.tensor([0.5, 0.5])
+APPENDIX_SPS = table({1: 1.0, 2: 0.5, 3: 0.45})
+N = 20_000
+
+
+def survivals_for(x1: int) -> list[list[float]]:
+    """a_1 = 0.8; the Markov confidence of position 2 depends on the sampled x_1: 0.9 after A, 0 after B."""
+    return [[0.8, 0.8 * (0.9 if x1 == 0 else 0.0)]]
+
+
+def retrospective(live, stale):
+    return top_k_lengths(live, best_budget(live, APPENDIX_SPS))   # global search on live confidences: biased
+
+
+def algorithm_1(live, stale):
+    return early_stop_lengths(live, APPENDIX_SPS)
+
+
+def lagged(live, stale):
+    return top_k_lengths(live, best_budget(stale, APPENDIX_SPS))  # budget from a previous step's draft
+
+
+def first_tokens(planner, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x1 = torch.multinomial(P_DRAFT, N, replacement=True, generator=g)
+    previous = torch.multinomial(P_DRAFT, N, replacement=True, generator=g)
+    admitted = torch.tensor([min(planner(survivals_for(a), survivals_for(b))[0], 1)
+                             for a, b in zip(x1.tolist(), previous.tolist())])
+    drafts = x1[admitted == 1]
+    target = P_TARGET.repeat(int((admitted + 1).sum()), 1)  # [anchor, draft] rows of each request
+    accepted, bonus = rejection_sample(target, P_DRAFT.repeat(len(drafts), 1), drafts, admitted,
+                                       torch.rand(len(drafts), generator=g), torch.rand(N, generator=g))
+    first = bonus.clone()
+    first[admitted == 1] = torch.where(accepted[admitted == 1] == 1, drafts, bonus[admitted == 1])
+    return first
+
+
+def p_value(tokens: torch.Tensor) -> float:
+    counts = torch.bincount(tokens, minlength=2).double()
+    expected = P_TARGET.double() * len(tokens)
+    stat = ((counts - expected) ** 2 / expected).sum()
+    return float(torch.special.gammaincc(torch.tensor(0.5, dtype=torch.float64), stat / 2))
+
+
+@pytest.mark.parametrize("planner", [algorithm_1, lagged])
+def test_appendix_a_causal_planners_are_lossless(planner):
+    tokens = first_tokens(planner, seed=0)
+    assert p_value(tokens) > 1e-3
+    assert abs(tokens.eq(0).double().mean() - 0.7) < 0.015
+
+
+def test_appendix_a_retrospective_search_is_biased():
+    tokens = first_tokens(retrospective, seed=0)
+    assert p_value(tokens) < 1e-6
+    assert abs(tokens.eq(0).double().mean() - 0.85) < 0.015  # the paper's (0.85, 0.15)
+
+
+# ------------------------------------------------------------------------------------------ in the engine
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("planner")
+    target = save_tiny_model(root / "target", "qwen3")
+    return target, save_tiny_draft(root / "draft", target, block_size=5)
+
+
+@pytest.mark.parametrize("policy", ["threshold:0.5", "sps", "sps-lagged"])
+def test_every_policy_greedy_identical_with_preemption(models, tmp_path, policy):
+    target, draft = models
+    rng = random.Random(1)
+    prompts = [[rng.randrange(2, 300) for _ in range(rng.randrange(2, 50))] for _ in range(6)]
+    greedy = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    plain = [o.token_ids for o in LLM(model=str(target), dtype="float32", kv_cache_gb=0.01)
+             .generate(prompts, greedy, use_tqdm=False)]
+    profile = tmp_path / "sps.json"
+    profile.write_text(json.dumps({"step_cost_s": {"1": 1.0, "10": 1.0, "11": 3.0}}))  # room for ~4 drafts
+    block_bytes = 4 * 2 * 2 * 32 * 4 * (3 + 2)
+    llm = LLM(model=str(target), dtype="float32", spec_method="dspark", draft=str(draft), verify_policy=policy,
+              sps_profile=str(profile), kv_block_size=4, kv_cache_gb=40 * block_bytes / 2**30,
+              max_num_batched_tokens=24)
+    assert [o.token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)] == plain
+    assert llm.scheduler.num_preemptions > 0
+    s = llm.spec_stats
+    assert s.num_verified_tokens < s.num_draft_tokens  # the policy did cut blocks
+
+
+def test_quick_profile_is_measured_once_and_cached(models, tmp_path, monkeypatch):
+    import engine.sps_profile as sps_profile
+    monkeypatch.setattr(sps_profile, "CACHE_DIR", tmp_path)
+    target, draft = models
+    llm = LLM(model=str(target), dtype="float32", spec_method="dspark", draft=str(draft), verify_policy="sps",
+              kv_cache_gb=0.05)
+    [cached] = list(tmp_path.glob("*.json"))
+    data = json.loads(cached.read_text())
+    assert data["key"]["draft"] and set(map(int, data["step_cost_s"])) >= {1, 8, 64}
+    assert llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
+    again = LLM(model=str(target), dtype="float32", spec_method="dspark", draft=str(draft), verify_policy="sps",
+                kv_cache_gb=0.05)
+    assert again.planner.sps.to_json() == SpsCurve.load(cached).to_json()
+
+
+def test_policy_errors(models):
+    target, draft = models
+    dflash = save_tiny_draft(draft.parent / "dflash", target, rank=0, confidence=False, block_size=5)
+    with pytest.raises(ValueError, match="confidence"):
+        LLM(model=str(target), spec_method="dflash", draft=str(dflash), verify_policy="sps")
+    with pytest.raises(ValueError, match="verify_policy"):
+        LLM(model=str(target), spec_method="dspark", draft=str(draft), verify_policy="threshold:2")
+    assert Planner("sps", 100).sps is None  # no curve: the sps policies fall back to verifying the full block
