@@ -2,6 +2,7 @@
 counterexample as a statistical test, SPS profiles, and greedy identity of every policy in the engine."""
 import json
 import random
+from itertools import pairwise
 
 import pytest
 import torch
@@ -51,7 +52,7 @@ def test_sps_curve_is_monotone_and_reproduces_its_points(tmp_path):
     assert curve.steps_per_second(8, 1) == pytest.approx(1 / (0.002 + 0.012))
     assert curve.steps_per_second(64, 8) == pytest.approx(1 / (0.004 + 0.040))
     values = [curve.steps_per_second(b, 4) for b in range(1, 200)]
-    assert all(a >= b for a, b in zip(values, values[1:]))
+    assert all(a >= b for a, b in pairwise(values))
 
 
 # ------------------------------------------------------------------------------------------ Appendix A
@@ -144,7 +145,7 @@ def test_every_policy_greedy_identical_with_preemption(models, tmp_path, policy)
 
 
 def test_quick_profile_is_measured_once_and_cached(models, tmp_path, monkeypatch):
-    import engine.sps_profile as sps_profile
+    from engine import sps_profile
     monkeypatch.setattr(sps_profile, "CACHE_DIR", tmp_path)
     target, draft = models
     llm = LLM(model=str(target), dtype="float32", spec_method="dspark", draft=str(draft), verify_policy="sps",
