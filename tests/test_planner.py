@@ -167,3 +167,25 @@ def test_policy_errors(models):
     with pytest.raises(ValueError, match="verify_policy"):
         LLM(model=str(target), spec_method="dspark", draft=str(draft), verify_policy="threshold:2")
     assert Planner("sps", 100).sps is None  # no curve: the sps policies fall back to verifying the full block
+
+
+def test_profiler_writes_a_monotone_table_the_engine_reproduces(models, tmp_path, monkeypatch):
+    import sys
+
+    from profiler.__main__ import main
+    target, draft = models
+    out = tmp_path / "sps.json"
+    monkeypatch.setattr(sys, "argv", ["profiler", "--model", str(target), "--dtype", "float32", "--kv-cache-gb", "0.05",
+                                      "--spec-method", "dspark", "--draft", str(draft), "--tokens", "1", "4", "16",
+                                      "--requests", "1", "2", "--context-lens", "16", "32", "--repeats", "1",
+                                      "--out", str(out)])
+    main()
+    data = json.loads(out.read_text())
+    costs = [data["step_cost_s"][b] for b in sorted(data["step_cost_s"], key=int)]
+    assert len(costs) == 3 and costs == sorted(costs) and set(data["by_context_len"]) == {"16", "32"}
+    assert out.with_suffix(".png").stat().st_size > 0
+    llm = LLM(model=str(target), dtype="float32", spec_method="dspark", draft=str(draft), verify_policy="sps",
+              sps_profile=str(out), kv_cache_gb=0.05)
+    for b, cost in data["step_cost_s"].items():
+        draft_cost = data["draft_cost_s"]["1"]
+        assert llm.planner.sps.steps_per_second(int(b), 1) == pytest.approx(1 / (cost + draft_cost))
