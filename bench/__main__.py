@@ -35,11 +35,30 @@ def main():
     sp.add_argument("--dataset", default="mtbench")
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--out", type=Path, default=Path("bench_out"))
+    sw = sub.add_parser("sweep", help="throughput vs per-user speed for each verify policy and concurrency")
+    sw.add_argument("--model", default="")
+    sw.add_argument("--draft", required=True)
+    sw.add_argument("--sps-profile", default="", help="cost table from python -m profiler ('' = quick profile)")
+    sw.add_argument("--policies", nargs="+", default=["none", "fixed:1", "full", "threshold:0.5", "sps", "sps-lagged"])
+    sw.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
+    sw.add_argument("--rounds", type=int, default=2, help="prompts per concurrency = rounds x concurrency")
+    sw.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    sw.add_argument("--threads", type=int, default=2)
+    sw.add_argument("--max-tokens", type=int, default=64)
+    sw.add_argument("--max-prompt-tokens", type=int, default=256)
+    sw.add_argument("--temperature", type=float, default=0.0)
+    sw.add_argument("--dataset", default="mtbench")
+    sw.add_argument("--num-prompts", type=int, default=128)
+    sw.add_argument("--seed", type=int, default=0)
+    sw.add_argument("--out", type=Path, default=Path("bench_out"))
     args = parser.parse_args()
     if args.command == "throughput":
         from bench import throughput
         args.peers = args.peers.split(",")
         throughput.report(throughput.run(args), args.out)
+    elif args.command == "sweep":
+        from bench import sweep
+        sweep.report(sweep.run(args), args.out)
     elif args.command == "spec":
         from bench import spec
         spec.report(spec.run(args), args.out)
