@@ -22,7 +22,8 @@ kernels: $(VENV)/.installed
 run: setup
 	$(PY) -m engine --prompt "$(PROMPT)"
 
-serve: run
+serve: setup
+	$(PY) -m server
 
 test: setup
 	$(PY) -m pytest tests

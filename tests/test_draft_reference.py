@@ -280,7 +280,7 @@ def test_batched_chunked_prefill_embedding_feature_and_short_gamma(tmp_path, tar
 def test_sts_temperatures_scale_confidence(tmp_path, targets, hf_targets):
     draft = make_draft(tmp_path / "draft", targets["qwen3"], block_size=4, seed=7)
     temps = [0.5, 2.0, 1.5, 3.0]
-    (draft / "confidence_calibration.json").write_text(json.dumps({"temperatures": temps}))
+    (draft / "sts.json").write_text(json.dumps({"temperatures": temps}))
     llm = spec_llm(targets["qwen3"], draft)
     ref = Reference(draft, hf_targets["qwen3"])
     run_and_check(llm, ref, [PROMPT], 1.0, steps=2, temperatures=temps)
@@ -294,8 +294,8 @@ def test_sts_temperatures_scale_confidence(tmp_path, targets, hf_targets):
 @pytest.mark.parametrize("temps", [[1.0, 1.0, 1.0], [1.0, 0.0, 1.0, 1.0], "x"])
 def test_bad_sts_file_refused(tmp_path, targets, temps):
     draft = make_draft(tmp_path / "draft", targets["qwen3"], block_size=4)
-    (draft / "confidence_calibration.json").write_text(json.dumps({"temperatures": temps}))
-    with pytest.raises(ValueError, match="confidence_calibration.json"):
+    (draft / "sts.json").write_text(json.dumps({"temperatures": temps}))
+    with pytest.raises(ValueError, match="sts.json"):
         spec_llm(targets["qwen3"], draft)
 
 

@@ -11,7 +11,7 @@ from engine.loader import read_tensors
 from engine.models.decoder import DecoderModel
 
 ARCHITECTURES = ("Qwen3DSparkModel",)
-CALIBRATION_FILE = "confidence_calibration.json"  # {"temperatures": [T_1, ..., T_block_size]} from STS
+CALIBRATION_FILE = "sts.json"  # {"temperatures": [T_1, ..., T_block_size]} from STS
 REQUIRED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size",
             "rms_norm_eps", "vocab_size", "block_size", "target_layer_ids", "mask_token_id")
 FUSED = {"kv_proj": ("k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
