@@ -131,8 +131,9 @@ class LLMEngine:
         return outputs
 
     def draft_and_plan(self):
-        """Draft a block for every decoding request that lacks one, then choose what each verifies this step."""
-        decoding = [s for s in self.scheduler.running if s.is_decoding]
+        """Draft a block for every decoding request that lacks one and could still use drafts, then choose what each
+        verifies this step."""
+        decoding = [s for s in self.scheduler.running if s.is_decoding and self.planner.room(s) > 0]
         self.model_runner.propose([s for s in decoding if s.proposal is None])
         for seq, n in zip(decoding, self.planner.plan(decoding) if decoding else []):
             seq.spec_token_ids = seq.proposal.tokens[:n]

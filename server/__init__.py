@@ -1,0 +1,1 @@
+"""OpenAI-compatible HTTP server around one LLMEngine: `python -m server` / `dspark-serve`."""

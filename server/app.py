@@ -1,0 +1,244 @@
+"""FastAPI routes: /v1/completions, /v1/chat/completions (streaming and not), /v1/models, /health, /metrics."""
+import asyncio
+import contextlib
+import hmac
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import msgspec
+from fastapi import FastAPI, Request
+from fastapi.responses import Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from engine.llm_engine import RequestOutput
+from server.engine_loop import Admission, EngineFailure, EngineLoop
+from server.errors import APIError, error_body, error_response, from_validation
+from server.prompts import PromptBuilder
+from server.schemas import (
+    ChatChoice,
+    ChatChunkChoice,
+    ChatRequest,
+    CompletionBody,
+    CompletionChoice,
+    CompletionRequest,
+    Delta,
+    Usage,
+    encoder,
+    new_id,
+    now,
+)
+
+
+@dataclass
+class ServerOptions:
+    served_model_name: str
+    api_key: str = ""
+    max_body_bytes: int = 1 << 20
+
+
+def build_app(engine_loop: EngineLoop, prompts: PromptBuilder, options: ServerOptions) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine_loop.start()
+        yield
+        await asyncio.to_thread(engine_loop.stop)
+
+    app = FastAPI(title="dspark-serve", lifespan=lifespan)
+    app.state.engine_loop = engine_loop
+
+    app.add_middleware(Guard, api_key=options.api_key, max_body_bytes=options.max_body_bytes)
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, e: APIError):
+        return error_response(e)
+
+    @app.get("/health")
+    async def health():
+        return Response(status_code=200 if engine_loop.thread.is_alive() else 503)
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(engine_loop.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models():
+        card = {"id": options.served_model_name, "object": "model", "created": now(), "owned_by": "dspark",
+                "root": engine_loop.engine.config.model, "max_model_len": engine_loop.engine.max_model_len}
+        return json_response({"object": "list", "data": [card]})
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await read_body(request, CompletionRequest, options.max_body_bytes)
+        token_ids, params = prompts.completion(body)
+        return await respond(request, body, token_ids, params, CompletionFormat(options.served_model_name))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        body = await read_body(request, ChatRequest, options.max_body_bytes)
+        token_ids, params = prompts.chat(body)
+        return await respond(request, body, token_ids, params, ChatFormat(options.served_model_name))
+
+    async def respond(request: Request, body, token_ids, params, fmt):
+        admission = engine_loop.submit(token_ids, params)
+        if body.stream:
+            return EventStream(stream(admission, fmt, body.include_usage), admission)
+        return await collect(request, admission, fmt)
+
+    async def stream(admission: Admission, fmt, include_usage: bool) -> AsyncIterator[bytes]:
+        finished, first = False, True
+        try:
+            async for out in engine_outputs(admission.outputs):
+                finished = out.finished
+                if out.delta_text or out.finished:
+                    yield sse(fmt.chunk(out.delta_text, out.finish_reason, first))
+                    first = False
+            if include_usage:
+                yield sse(fmt.usage_chunk(usage(out)))
+        except EngineFailure as e:
+            finished = True
+            yield sse(error_body(500, str(e)))
+        finally:
+            admission.release(finished)
+        yield b"data: [DONE]\n\n"
+
+    async def collect(request: Request, admission: Admission, fmt) -> Response:
+        async def gather() -> tuple[str, RequestOutput]:
+            text = ""
+            async for out in engine_outputs(admission.outputs):
+                text += out.delta_text
+            return text, out
+        finished = False
+        gathering, disconnect = asyncio.ensure_future(gather()), asyncio.ensure_future(wait_disconnect(request))
+        try:
+            await asyncio.wait((gathering, disconnect), return_when=asyncio.FIRST_COMPLETED)
+            if not gathering.done():
+                return Response(status_code=499)
+            finished = True
+            try:
+                text, last = gathering.result()
+            except EngineFailure as e:
+                raise APIError(500, str(e)) from e
+            return json_response(fmt.full(text, last.finish_reason, usage(last)))
+        finally:
+            gathering.cancel()
+            disconnect.cancel()
+            admission.release(finished)
+
+    return app
+
+
+class EventStream(StreamingResponse):
+    """SSE response that releases its request even when the body is never iterated (the client left first)."""
+
+    def __init__(self, body: AsyncIterator[bytes], admission: Admission):
+        super().__init__(body, media_type="text/event-stream")
+        self.admission = admission
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.admission.release(finished=False)
+
+
+async def engine_outputs(outputs: asyncio.Queue) -> AsyncIterator[RequestOutput]:
+    while True:
+        item = await outputs.get()
+        if isinstance(item, Exception):
+            raise item
+        yield item
+        if item.finished:
+            return
+
+
+async def wait_disconnect(request: Request):
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+class Guard:
+    """Pure ASGI middleware (no response buffering): API key on every route but /health, declared body size."""
+
+    def __init__(self, app, api_key: str, max_body_bytes: int):
+        self.app, self.api_key, self.max_body_bytes = app, api_key, max_body_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            request = Request(scope)
+            try:
+                check_auth(request, self.api_key)
+                check_declared_size(request, self.max_body_bytes)
+            except APIError as e:
+                return await error_response(e)(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+def check_auth(request: Request, api_key: str):
+    if not api_key or request.url.path == "/health":
+        return
+    given = request.headers.get("authorization", "")
+    if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+        raise APIError(401, "missing or wrong API key (send 'Authorization: Bearer <key>')",
+                       headers={"WWW-Authenticate": "Bearer"})
+
+
+def check_declared_size(request: Request, limit: int):
+    declared = request.headers.get("content-length", "0")
+    if not declared.isdigit() or int(declared) > limit:
+        raise APIError(413, f"the request body is over the {limit}-byte limit or has a bad Content-Length")
+
+
+async def read_body(request: Request, schema: type, limit: int):
+    body = bytearray()
+    async for part in request.stream():
+        body += part
+        if len(body) > limit:
+            raise APIError(413, f"the request body is over the {limit}-byte limit")
+    try:
+        return msgspec.json.decode(bytes(body), type=schema)
+    except (msgspec.ValidationError, msgspec.DecodeError) as e:
+        raise from_validation(e) from e
+
+
+def usage(out: RequestOutput) -> Usage:
+    return Usage(out.num_prompt_tokens, out.num_completion_tokens, out.num_prompt_tokens + out.num_completion_tokens)
+
+
+def json_response(obj) -> Response:
+    return Response(encoder.encode(obj), media_type="application/json")
+
+
+def sse(obj) -> bytes:
+    return b"data: " + encoder.encode(obj) + b"\n\n"
+
+
+class CompletionFormat:
+    def __init__(self, model: str):
+        self.id, self.model, self.created = new_id("cmpl"), model, now()
+
+    def body(self, choices: list, usage: Usage | None = None) -> CompletionBody:
+        return CompletionBody(self.id, "text_completion", self.created, self.model, choices, usage)
+
+    def chunk(self, text: str, finish_reason: str | None, first: bool = False) -> CompletionBody:
+        return self.body([CompletionChoice(0, text, finish_reason)])
+
+    def usage_chunk(self, usage: Usage) -> CompletionBody:
+        return self.body([], usage)
+
+    def full(self, text: str, finish_reason: str, usage: Usage) -> CompletionBody:
+        return self.body([CompletionChoice(0, text, finish_reason)], usage)
+
+
+class ChatFormat(CompletionFormat):
+    def __init__(self, model: str):
+        self.id, self.model, self.created = new_id("chatcmpl"), model, now()
+
+    def body(self, choices: list, usage: Usage | None = None, kind: str = "chat.completion.chunk") -> CompletionBody:
+        return CompletionBody(self.id, kind, self.created, self.model, choices, usage)
+
+    def chunk(self, text: str, finish_reason: str | None, first: bool = False) -> CompletionBody:
+        delta = Delta(role="assistant" if first else None, content=text or ("" if first else None))
+        return self.body([ChatChunkChoice(0, delta, finish_reason)])
+
+    def full(self, text: str, finish_reason: str, usage: Usage) -> CompletionBody:
+        return self.body([ChatChoice(0, Delta("assistant", text), finish_reason)], usage, "chat.completion")

@@ -1,0 +1,175 @@
+"""One thread drives LLMEngine.step(); HTTP handlers talk to it through a command queue and per-request asyncio
+queues, so the engine is only ever touched from that thread."""
+import asyncio
+import logging
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+
+from engine.llm_engine import LLMEngine, RequestOutput
+from engine.sampling_params import SamplingParams
+from server.errors import APIError
+from server.metrics import Metrics
+
+log = logging.getLogger("server")
+
+
+class EngineFailure(Exception):
+    """The engine raised while stepping; every request in flight fails with it."""
+
+
+@dataclass
+class Tracked:
+    queue: asyncio.Queue
+    arrival: float
+    sequence: object = None       # the engine's Sequence, for per-request speculative stats
+    last_output: float = 0.0
+
+
+@dataclass
+class Admission:
+    """A submitted request as its handler sees it; release() runs once however the response ends."""
+    request_id: str
+    outputs: asyncio.Queue
+    engine_loop: "EngineLoop"
+    released: bool = False
+
+    def release(self, finished: bool):
+        if not self.released:
+            self.released = True
+            self.engine_loop.release(self.request_id, finished)
+
+
+class EngineLoop:
+    def __init__(self, engine: LLMEngine, metrics: Metrics, max_waiting: int):
+        self.engine = engine
+        self.metrics = metrics
+        self.capacity = engine.config.max_num_seqs + max_waiting
+        self.num_in_flight = 0                  # event-loop side: admitted and not yet released
+        self.commands: queue.SimpleQueue = queue.SimpleQueue()
+        self.tracked: dict[str, Tracked] = {}   # loop-thread side
+        self.thread = threading.Thread(target=self.run, name="engine-loop", daemon=True)
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def start(self):
+        self.loop = asyncio.get_running_loop()
+        self.thread.start()
+
+    def stop(self):
+        self.commands.put(("stop",))
+        self.thread.join()
+
+    # ---- event-loop side ----
+    def submit(self, token_ids: list[int], params: SamplingParams) -> Admission:
+        if self.num_in_flight >= self.capacity:
+            raise APIError(503, f"the server is at capacity ({self.capacity} requests in flight); retry later",
+                           headers={"Retry-After": "1"})
+        if not self.thread.is_alive():
+            raise APIError(503, "the engine is shutting down", headers={"Retry-After": "1"})
+        request_id, outputs = uuid.uuid4().hex, asyncio.Queue()
+        self.num_in_flight += 1
+        self.commands.put(("add", request_id, token_ids, params, Tracked(outputs, time.monotonic())))
+        return Admission(request_id, outputs, self)
+
+    def release(self, request_id: str, finished: bool):
+        """Called once per submitted request when its handler is done; unfinished ones are aborted (KV freed)."""
+        self.num_in_flight -= 1
+        if not finished:
+            self.commands.put(("abort", request_id))
+
+    # ---- loop-thread side ----
+    def run(self):
+        while True:
+            idle = not self.engine.has_unfinished()
+            if not self.apply_commands(block=idle):
+                break
+            if self.engine.has_unfinished():
+                self.step()
+            self.metrics.sync_engine(self.engine)
+        unfinished = list(self.tracked)
+        for request_id in unfinished:
+            outputs = self.tracked[request_id].queue
+            self.abort(request_id)
+            self.post(outputs, EngineFailure("the server is shutting down"))
+        log.info("engine loop stopped (%d unfinished requests aborted)", len(unfinished))
+
+    def apply_commands(self, block: bool) -> bool:
+        """Apply queued adds and aborts; False when asked to stop."""
+        while True:
+            try:
+                command = self.commands.get(block=block)
+            except queue.Empty:
+                return True
+            block = False
+            if command[0] == "stop":
+                return False
+            if command[0] == "add":
+                self.add(*command[1:])
+            else:
+                self.abort(command[1])
+
+    def add(self, request_id: str, token_ids: list[int], params: SamplingParams, tracked: Tracked):
+        self.tracked[request_id] = tracked
+        try:
+            self.engine.add_request(token_ids, params, request_id)
+        except Exception as e:  # noqa: BLE001 - the request fails, the server goes on
+            self.tracked.pop(request_id)
+            self.post(tracked.queue, EngineFailure(f"{type(e).__name__}: {e}"))
+            return
+        tracked.sequence = self.engine.sequences.get(request_id)
+
+    def abort(self, request_id: str, reason: str = "abort"):
+        if self.tracked.pop(request_id, None) is not None:
+            self.engine.abort(request_id)
+            self.metrics.finished(reason)
+
+    def step(self):
+        try:
+            outputs = self.engine.step()
+        except Exception as e:
+            log.exception("engine step failed; failing the %d requests in flight", len(self.tracked))
+            failure = EngineFailure(f"the engine failed: {type(e).__name__}: {e}")
+            for request_id in list(self.tracked):
+                outputs = self.tracked[request_id].queue
+                self.abort(request_id, "error")
+                self.post(outputs, failure)
+            return
+        self.deliver([(out.request_id, out) for out in outputs], time.monotonic())
+
+    def deliver(self, items: list[tuple[str, RequestOutput]], now: float):
+        batch = []
+        for request_id, out in items:
+            tracked = self.tracked.get(request_id)
+            if tracked is None:
+                continue
+            self.observe(tracked, out, now)
+            if out.finished:
+                del self.tracked[request_id]
+            batch.append((tracked.queue, out))
+        if batch:
+            self.loop.call_soon_threadsafe(put_all, batch)
+
+    def post(self, outputs: asyncio.Queue, item):
+        self.loop.call_soon_threadsafe(put_all, [(outputs, item)])
+
+    def observe(self, tracked: Tracked, out: RequestOutput, now: float):
+        m = self.metrics
+        if not tracked.last_output:
+            m.prompt_tokens.inc(out.num_prompt_tokens)
+            m.ttft.observe(now - tracked.arrival)
+        else:
+            m.itl.observe(now - tracked.last_output)
+        tracked.last_output = now
+        m.generation_tokens.inc(len(out.delta_token_ids))
+        if out.finished:
+            m.e2e.observe(now - tracked.arrival)
+            m.finished(out.finish_reason)
+            if tracked.sequence is not None and self.engine.model_runner.speculator:
+                m.verify_budget.observe(tracked.sequence.spec_stats.num_verified_tokens)
+
+
+def put_all(batch: list[tuple[asyncio.Queue, object]]):
+    for outputs, item in batch:
+        outputs.put_nowait(item)

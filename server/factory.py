@@ -1,0 +1,21 @@
+"""Wire one engine, its loop, metrics and the routes into an ASGI app."""
+from pathlib import Path
+
+from fastapi import FastAPI
+from transformers import AutoTokenizer
+
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from server.app import ServerOptions, build_app
+from server.engine_loop import EngineLoop
+from server.metrics import Metrics
+from server.prompts import PromptBuilder
+
+
+def create_app(config: EngineConfig, served_model_name: str = "", api_key: str = "", max_waiting: int = 256,
+               max_body_bytes: int = 1 << 20) -> FastAPI:
+    engine = LLMEngine(config)
+    name = served_model_name or Path(config.model).name
+    loop = EngineLoop(engine, Metrics(name), max_waiting)
+    prompts = PromptBuilder(engine, AutoTokenizer.from_pretrained(config.model), name)
+    return build_app(loop, prompts, ServerOptions(name, api_key, max_body_bytes))

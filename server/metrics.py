@@ -1,0 +1,101 @@
+"""Prometheus metrics under vLLM's names (so existing benchmark clients read us) plus DSpark's own (dspark:*)."""
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+
+from engine.spec_stats import SpecStats
+
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+                40.0, 80.0, 160.0, 640.0, 2560.0)
+ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
+               80.0)
+LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
+                   480.0, 960.0, 1920.0, 7680.0)
+VERIFY_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+K_BUCKETS = (0, 0.5, 1, 1.5, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32)
+
+disable_created_metrics()  # as vLLM: no *_created samples next to every counter
+
+
+class Metrics:
+    """One registry per server. Updated only by the engine loop thread; read by /metrics."""
+
+    def __init__(self, model_name: str):
+        self.registry = r = CollectorRegistry()
+        self.model_name = model_name
+        name = ["model_name"]
+
+        def one(metric):
+            return metric.labels(model_name)
+        self.running = one(Gauge("vllm:num_requests_running", "Requests in the running batch.", name, registry=r))
+        self.waiting = one(Gauge("vllm:num_requests_waiting", "Requests waiting to be scheduled.", name, registry=r))
+        self.kv_usage = one(Gauge("vllm:kv_cache_usage_perc", "Fraction of KV blocks in use (0-1).", name, registry=r))
+        self.prompt_tokens = one(Counter("vllm:prompt_tokens", "Prefill tokens processed.", name, registry=r))
+        self.generation_tokens = one(Counter("vllm:generation_tokens", "Tokens generated.", name, registry=r))
+        self.preemptions = one(Counter("vllm:num_preemptions", "Preemptions (KV ran out).", name, registry=r))
+        self.success = Counter("vllm:request_success", "Finished requests.", name + ["finished_reason"], registry=r)
+        self.ttft = one(Histogram("vllm:time_to_first_token_seconds", "Time to first token.", name,
+                                  buckets=TTFT_BUCKETS, registry=r))
+        self.itl = one(Histogram("vllm:inter_token_latency_seconds", "Gap between consecutive outputs of a request.",
+                                 name, buckets=ITL_BUCKETS, registry=r))
+        self.e2e = one(Histogram("vllm:e2e_request_latency_seconds", "Request latency, arrival to finish.", name,
+                                 buckets=LATENCY_BUCKETS, registry=r))
+        self.drafts = one(Counter("vllm:spec_decode_num_drafts", "Speculative rounds.", name, registry=r))
+        self.draft_tokens = one(Counter("vllm:spec_decode_num_draft_tokens", "Drafted tokens.", name, registry=r))
+        self.accepted = one(Counter("vllm:spec_decode_num_accepted_tokens", "Accepted draft tokens.", name,
+                                    registry=r))
+        self.accepted_per_pos = Counter("vllm:spec_decode_num_accepted_tokens_per_pos",
+                                        "Rounds that accepted the draft token at this position.",
+                                        name + ["position"], registry=r)
+        self.verified = one(Counter("dspark:spec_decode_num_verified_tokens",
+                                    "Draft tokens sent to the target for verification.", name, registry=r))
+        self.verified_per_pos = Counter("dspark:spec_decode_num_verified_tokens_per_pos",
+                                        "Rounds that verified the draft token at this position.",
+                                        name + ["position"], registry=r)
+        self.verify_budget = one(Histogram("dspark:request_verified_tokens",
+                                           "Draft tokens verified per request (its verify budget spent).", name,
+                                           buckets=VERIFY_BUCKETS, registry=r))
+        self.planner_k = one(Histogram("dspark:planner_verify_length",
+                                       "Mean verify length K the planner chose per round, one sample per step.",
+                                       name, buckets=K_BUCKETS, registry=r))
+        self.planner_budget = one(Gauge("dspark:planner_step_budget",
+                                        "Draft tokens the planner let the target verify in the last step (K).",
+                                        name, registry=r))
+        self.planner_theta = one(Gauge("dspark:planner_expected_tokens_per_second",
+                                       "The sps planners' predicted throughput for the last step.", name,
+                                       registry=r))
+        self.seen = SpecStats()
+        self.seen_preemptions = 0
+
+    def finished(self, reason: str):
+        self.success.labels(self.model_name, reason).inc()
+
+    def sync_engine(self, engine):
+        """Gauges from the scheduler, counter increments from the engine's cumulative counts."""
+        scheduler, blocks = engine.scheduler, engine.block_manager
+        self.running.set(len(scheduler.running))
+        self.waiting.set(len(scheduler.waiting))
+        self.kv_usage.set(1 - blocks.num_free_blocks / blocks.num_blocks)
+        self.preemptions.inc(scheduler.num_preemptions - self.seen_preemptions)
+        self.seen_preemptions = scheduler.num_preemptions
+        if engine.model_runner.speculator:
+            self.planner_budget.set(engine.planner.last_budget)
+            self.planner_theta.set(engine.planner.last_theta)
+            self.sync_spec(engine.spec_stats)
+
+    def sync_spec(self, now: SpecStats):
+        seen = self.seen
+        if now.num_drafts == seen.num_drafts:
+            return
+        self.planner_k.observe((now.num_verified_tokens - seen.num_verified_tokens) / (now.num_drafts - seen.num_drafts))
+        self.drafts.inc(now.num_drafts - seen.num_drafts)
+        self.draft_tokens.inc(now.num_draft_tokens - seen.num_draft_tokens)
+        self.accepted.inc(now.num_accepted_tokens - seen.num_accepted_tokens)
+        self.verified.inc(now.num_verified_tokens - seen.num_verified_tokens)
+        for counter, counts, before in ((self.accepted_per_pos, now.accepted_per_pos, seen.accepted_per_pos),
+                                        (self.verified_per_pos, now.verified_per_pos, seen.verified_per_pos)):
+            for pos, n in enumerate(counts):
+                counter.labels(self.model_name, str(pos)).inc(n - (before[pos] if pos < len(before) else 0))
+        self.seen = SpecStats(now.num_drafts, now.num_draft_tokens, now.num_verified_tokens, now.num_accepted_tokens,
+                              list(now.accepted_per_pos), list(now.verified_per_pos))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

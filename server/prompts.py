@@ -1,0 +1,71 @@
+"""From a validated request body to what the engine takes: prompt token ids and SamplingParams."""
+from transformers import PreTrainedTokenizerBase
+
+from engine.llm_engine import LLMEngine
+from engine.sampling_params import SamplingParams
+from server.errors import APIError, from_value_error
+from server.schemas import ChatRequest, CompletionRequest, SamplingFields
+
+
+class PromptBuilder:
+    """Owns its own tokenizer: the engine's is used by the engine thread and HF tokenizers are not shared safely."""
+
+    def __init__(self, engine: LLMEngine, tokenizer: PreTrainedTokenizerBase, served_model_name: str):
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.served_model_name = served_model_name
+
+    def completion(self, body: CompletionRequest) -> tuple[list[int], SamplingParams]:
+        self.check_common(body)
+        if body.echo or body.logprobs is not None:
+            raise APIError(400, "echo and logprobs are not supported", "echo" if body.echo else "logprobs")
+        if isinstance(body.prompt, str):
+            token_ids = self.tokenizer.encode(body.prompt)
+        else:
+            token_ids = body.prompt
+        return token_ids, self.params(body, token_ids, body.max_tokens)
+
+    def chat(self, body: ChatRequest) -> tuple[list[int], SamplingParams]:
+        self.check_common(body)
+        if body.logprobs:
+            raise APIError(400, "logprobs are not supported", "logprobs")
+        if not body.messages:
+            raise APIError(400, "messages must not be empty", "messages")
+        if self.tokenizer.chat_template is None:
+            raise APIError(400, "this model has no chat template; use /v1/completions", "messages")
+        messages = [{"role": m.role, "content": m.text} for m in body.messages]
+        try:
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as e:  # templates raise their own errors (e.g. roles out of order)
+            raise APIError(400, f"the chat template rejected the messages: {e}", "messages") from e
+        token_ids = self.tokenizer.encode(text, add_special_tokens=False)
+        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        return token_ids, self.params(body, token_ids, max_tokens)
+
+    def check_common(self, body: SamplingFields):
+        if body.model is not None and body.model != self.served_model_name:
+            raise APIError(400, f"model {body.model!r} is not served here; this server serves "
+                                f"{self.served_model_name!r}", "model")
+        if body.n != 1:
+            raise APIError(400, f"n must be 1, got {body.n}", "n")
+
+    def params(self, body: SamplingFields, token_ids: list[int], max_tokens: int | None) -> SamplingParams:
+        room = self.engine.max_model_len - len(token_ids)
+        if max_tokens is not None and max_tokens > room:
+            raise APIError(400, f"max_tokens is {max_tokens} but the prompt has {len(token_ids)} tokens and the "
+                                f"context length is {self.engine.max_model_len}", "max_tokens")
+        if max_tokens is None:
+            blocks = self.engine.block_manager
+            max_tokens = max(1, min(room, blocks.num_blocks * blocks.block_size - len(token_ids)))
+        try:
+            params = SamplingParams(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
+                                    min_p=body.min_p, seed=body.seed, max_tokens=max_tokens, stop=body.stop,
+                                    stop_token_ids=body.stop_token_ids, ignore_eos=body.ignore_eos,
+                                    skip_special_tokens=body.skip_special_tokens)
+        except ValueError as e:
+            raise from_value_error(e) from e
+        try:
+            self.engine.check_prompt(token_ids, params)
+        except ValueError as e:
+            raise APIError(400, str(e), "max_tokens" if "KV blocks" in str(e) else "prompt") from e
+        return params
