@@ -64,7 +64,8 @@ def test_bad_prompts(llm):
 
 
 @pytest.mark.parametrize("field,value", [("temperature", -0.5), ("top_p", 0.0), ("top_p", 1.5),
-                                         ("max_tokens", 0), ("top_k", -2), ("min_p", 1.5)])
+                                         ("max_tokens", 0), ("top_k", -2), ("min_p", 1.5), ("seed", -1),
+                                         ("seed", 2**63)])
 def test_invalid_sampling_params(field, value):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**{field: value})
