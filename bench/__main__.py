@@ -51,11 +51,21 @@ def main():
     sw.add_argument("--num-prompts", type=int, default=128)
     sw.add_argument("--seed", type=int, default=0)
     sw.add_argument("--out", type=Path, default=Path("bench_out"))
+    so = sub.add_parser("server-overhead", help="HTTP streaming throughput and TTFT vs the offline engine")
+    so.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])
+    so.add_argument("--max-tokens", type=int, default=64)
+    so.add_argument("--threads", type=int, default=2)
+    so.add_argument("--dataset", default="mtbench")
+    so.add_argument("--seed", type=int, default=0)
+    so.add_argument("--out", type=Path, default=Path("bench_out"))
     args = parser.parse_args()
     if args.command == "throughput":
         from bench import throughput
         args.peers = args.peers.split(",")
         throughput.report(throughput.run(args), args.out)
+    elif args.command == "server-overhead":
+        from bench import server_overhead
+        server_overhead.report(server_overhead.run(args), args.out)
     elif args.command == "sweep":
         from bench import sweep
         sweep.report(sweep.run(args), args.out)

@@ -65,7 +65,10 @@ class Planner:
         return next((k for k, c in enumerate(confidences) if c < threshold), len(confidences))
 
     def room(self, seq: Sequence) -> int:
-        """Drafts beyond what max_tokens or the context length could still keep are never worth verifying; the cap
-        depends only on lengths, never on the draft tokens, so it keeps verification lossless."""
+        """Drafts beyond what max_tokens or the context length could still keep are never worth verifying, nor beyond
+        the request's own num_draft_tokens; the cap never depends on the draft tokens, so verification stays
+        lossless."""
         left = seq.params.max_tokens - seq.num_completion_tokens
-        return min(left, self.max_model_len - len(seq)) - 1
+        room = min(left, self.max_model_len - len(seq)) - 1
+        cap = seq.params.num_draft_tokens
+        return room if cap is None else min(room, cap)

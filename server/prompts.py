@@ -61,7 +61,8 @@ class PromptBuilder:
             params = SamplingParams(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
                                     min_p=body.min_p, seed=body.seed, max_tokens=max_tokens, stop=body.stop,
                                     stop_token_ids=body.stop_token_ids, ignore_eos=body.ignore_eos,
-                                    skip_special_tokens=body.skip_special_tokens)
+                                    skip_special_tokens=body.skip_special_tokens,
+                                    num_draft_tokens=body.num_draft_tokens)
         except ValueError as e:
             raise from_value_error(e) from e
         try:

@@ -45,6 +45,7 @@ class SamplingFields(Struct, kw_only=True):
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
     skip_special_tokens: bool = True
+    num_draft_tokens: int | None = None  # ours: cap on drafts verified per step for this request (0: no spec)
 
     @property
     def include_usage(self) -> bool:

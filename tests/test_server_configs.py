@@ -113,6 +113,26 @@ def test_speculative_decoding_is_greedy_exact_and_reports_spec_counters(target_d
     assert k_steps > 0 and 0 < m[("dspark:planner_verify_length_sum", ())] / k_steps <= 3
 
 
+def test_per_request_draft_cap(target_dir, tmp_path):
+    """num_draft_tokens in the body caps what the target verifies for that request (0: no speculation)."""
+    draft = save_tiny_draft(tmp_path / "draft", target_dir, block_size=4)
+    plain = LLM(model=str(target_dir), dtype="float32", kv_cache_gb=0.01)
+    [want] = plain.generate(["The quick brown fox"], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
+                            use_tqdm=False)
+    with serve(target_dir, spec_method="dspark", draft=str(draft)) as s:
+        stats = s.engine_loop.engine.spec_stats
+        for cap in (0, 1):
+            before = stats.num_verified_tokens
+            r = httpx.post(s.url + "/v1/completions", json={"prompt": "The quick brown fox", "max_tokens": 12,
+                                                            "temperature": 0, "ignore_eos": True,
+                                                            "num_draft_tokens": cap})
+            assert r.json()["choices"][0]["text"] == want.text
+            verified = stats.num_verified_tokens - before
+            assert verified == 0 if cap == 0 else 0 < verified <= 11  # at most one draft per step
+        bad = httpx.post(s.url + "/v1/completions", json={"prompt": "hi", "num_draft_tokens": -1})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "num_draft_tokens"
+
+
 def test_cli_process_finishes_in_flight_request_on_sigterm(target_dir):
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "server", "--model", str(target_dir), "--dtype", "float32",
