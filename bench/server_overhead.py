@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 
 from bench.datasets import load_prompts
+from bench.report import save_and_print
 from engine import LLM, SamplingParams
 
 
@@ -91,11 +92,9 @@ def run(args) -> dict:
 
 
 def report(results: dict, out_dir: Path):
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "server_overhead.json").write_text(json.dumps(results, indent=2))
-    print("\n| concurrency | offline tok/s | server tok/s | server / offline | offline TTFT s | server TTFT s |")
-    print("|---:|---:|---:|---:|---:|---:|")
-    for r in results["rows"]:
-        o, s = r["offline"], r["server"]
-        print(f"| {r['concurrency']} | {o['tok_s']:.1f} | {s['tok_s']:.1f} | {s['tok_s'] / o['tok_s']:.0%} | "
-              f"{o['ttft_s']:.2f} | {s['ttft_s']:.2f} |")
+    rows = [[str(r["concurrency"]), f"{r['offline']['tok_s']:.1f}", f"{r['server']['tok_s']:.1f}",
+             f"{r['server']['tok_s'] / r['offline']['tok_s']:.0%}", f"{r['offline']['ttft_s']:.2f}",
+             f"{r['server']['ttft_s']:.2f}"] for r in results["rows"]]
+    save_and_print(results, out_dir / "server_overhead.json", ["concurrency", "offline tok/s", "server tok/s",
+                                                                "server / offline", "offline TTFT s", "server TTFT s"],
+                   rows)

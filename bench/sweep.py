@@ -2,7 +2,6 @@
 concurrency, keep C requests in flight (closed loop) and measure aggregate output tokens/s, per-user tokens/s and the
 mean verify budget per request and step."""
 import gc
-import json
 import statistics
 import time
 from pathlib import Path
@@ -11,6 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from bench.datasets import load_prompts
+from bench.report import save_and_print
 from engine import LLM, SamplingParams
 
 POLICIES = ("none", "fixed:1", "full", "threshold:0.5", "sps", "sps-lagged")
@@ -68,13 +68,10 @@ def run(args) -> dict:
 
 
 def report(results: dict, out_dir: Path):
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "sweep.json").write_text(json.dumps(results, indent=2))
-    print("\n| policy | concurrency | throughput tok/s | per-user tok/s | mean verify budget | tau |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for r in results["rows"]:
-        print(f"| {r['policy']} | {r['concurrency']} | {r['throughput_tok_s']:.1f} | {r['per_user_tok_s']:.1f} | "
-              f"{r['mean_verify_budget']:.2f} | {r['tau']:.2f} |")
+    rows = [[r["policy"], str(r["concurrency"]), f"{r['throughput_tok_s']:.1f}", f"{r['per_user_tok_s']:.1f}",
+             f"{r['mean_verify_budget']:.2f}", f"{r['tau']:.2f}"] for r in results["rows"]]
+    save_and_print(results, out_dir / "sweep.json", ["policy", "concurrency", "throughput tok/s", "per-user tok/s",
+                                                     "mean verify budget", "tau"], rows)
     plot(results, out_dir / "sweep.png")
 
 

@@ -116,8 +116,8 @@ class ModelRunner:
         per_seq = dict(zip(order, logits.split([num_logits[i] for i in order])))
         features = None
         if captured:
-            split = torch.cat(captured, dim=-1).split([s.num_scheduled_tokens for s in ordered])
-            features = [dict(zip(order, split))[i] for i in range(len(seqs))]
+            by_seq = dict(zip(order, torch.cat(captured, dim=-1).split([s.num_scheduled_tokens for s in ordered])))
+            features = [by_seq[i] for i in range(len(seqs))]
         return [per_seq[i] for i in range(len(seqs))], features
 
     def run(self, seqs: list[Sequence]) -> dict[int, tuple[list[int], int]]:

@@ -35,7 +35,9 @@ class Planner:
             lengths = self.plan_sps(seqs, live, rooms)
             for seq, row in zip(seqs, live):
                 seq.last_survival = row
-        self.record(seqs, lengths)
+            expected = sum(1 + sum(row[:n]) for row, n in zip(live, lengths))
+            self.last_theta = expected * self.sps.steps_per_second(len(seqs) + sum(lengths), len(seqs))
+        self.last_budget = sum(lengths)
         return lengths
 
     def plan_sps(self, seqs: list[Sequence], live: list[list[float]], rooms: list[int]) -> list[int]:
@@ -44,13 +46,6 @@ class Planner:
             return early_stop_lengths(live, sps)
         stale = [(s.last_survival or [PRIOR_SURVIVAL ** (j + 1) for j in range(n)])[:n] for s, n in zip(seqs, rooms)]
         return top_k_lengths(live, best_budget(stale, sps))
-
-    def record(self, seqs: list[Sequence], lengths: list[int]):
-        self.last_budget = sum(lengths)
-        if self.sps is not None and seqs and seqs[0].proposal.confidence is not None:
-            expected = sum(1 + sum(self.survival(s.proposal.confidence.tolist()[:n]))
-                           for s, n in zip(seqs, lengths))
-            self.last_theta = expected * self.sps.steps_per_second(len(seqs) + self.last_budget, len(seqs))
 
     @staticmethod
     def survival(confidences: list[float]) -> list[float]:

@@ -82,5 +82,10 @@ class SamplingTensors:
                    col(lambda p: p.top_p, torch.float32),
                    col(lambda p: p.min_p, torch.float32))
 
+    def repeat_interleave(self, repeats: int) -> "SamplingTensors":
+        """Each row's settings repeats times in a row (one request's several positions)."""
+        return SamplingTensors(*(t.repeat_interleave(repeats) for t in
+                                 (self.temperature, self.top_k, self.top_p, self.min_p)))
+
     def probs(self, logits: torch.Tensor) -> torch.Tensor:
         return probs_from_logits(logits, self.temperature, self.top_k, self.top_p, self.min_p)

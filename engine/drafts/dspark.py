@@ -177,9 +177,7 @@ class DSparkDraft(nn.Module):
 
     def sample_independently(self, base_logits, sampling, uniforms):
         B, G, V = base_logits.shape
-        repeated = SamplingTensors(*(t.repeat_interleave(G) for t in
-                                     (sampling.temperature, sampling.top_k, sampling.top_p, sampling.min_p)))
-        q = repeated.probs(base_logits.reshape(B * G, V))
+        q = sampling.repeat_interleave(G).probs(base_logits.reshape(B * G, V))
         return sample_inverse_cdf(q, uniforms.reshape(-1)).view(B, G), q.view(B, G, V)
 
     @property
