@@ -3,6 +3,9 @@ import argparse
 from pathlib import Path
 
 from bench import peers
+from bench.serve import add_load_args, add_serve_args
+from bench.serve_sweep import add_sweep_args
+from engine.config import DEFAULT_DRAFT
 
 
 def main():
@@ -23,7 +26,7 @@ def main():
     tp.add_argument("--out", type=Path, default=Path("bench_out"))
     sp = sub.add_parser("spec", help="speculative decoding: tokens/s vs plain and the step cost split")
     sp.add_argument("--model", default="")
-    sp.add_argument("--draft", required=True, help="DSpark draft directory (python -m train init-draft makes one)")
+    sp.add_argument("--draft", default=str(DEFAULT_DRAFT), help="DSpark draft directory")
     sp.add_argument("--dflash-draft", default="", help="optionally also a DFlash draft")
     sp.add_argument("--gamma", type=int, default=7)
     sp.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
@@ -37,7 +40,7 @@ def main():
     sp.add_argument("--out", type=Path, default=Path("bench_out"))
     sw = sub.add_parser("sweep", help="throughput vs per-user speed for each verify policy and concurrency")
     sw.add_argument("--model", default="")
-    sw.add_argument("--draft", required=True)
+    sw.add_argument("--draft", default=str(DEFAULT_DRAFT))
     sw.add_argument("--sps-profile", default="", help="cost table from python -m profiler ('' = quick profile)")
     sw.add_argument("--policies", nargs="+", default=["none", "fixed:1", "full", "threshold:0.5", "sps", "sps-lagged"])
     sw.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
@@ -58,6 +61,27 @@ def main():
     so.add_argument("--dataset", default="mtbench")
     so.add_argument("--seed", type=int, default=0)
     so.add_argument("--out", type=Path, default=Path("bench_out"))
+    ac = sub.add_parser("accept", help="acceptance (tau, per-position) and confidence ECE per domain and temperature")
+    ac.add_argument("--model", default="")
+    ac.add_argument("--drafts", nargs="*", default=[], help="method:dir each (method dspark | dflash); default: "
+                    "drafts/dspark-smollm2-135m and drafts/dflash-smollm2-135m where they exist")
+    ac.add_argument("--domains", nargs="+", default=["chat=mtbench", "code=humaneval", "math=math"],
+                    help="name=prompt set each (mtbench, humaneval, math, sharegpt, jsonl:PATH)")
+    ac.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0])
+    ac.add_argument("--num-prompts", type=int, default=20, help="per domain")
+    ac.add_argument("--max-tokens", type=int, default=128)
+    ac.add_argument("--max-prompt-tokens", type=int, default=256)
+    ac.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ac.add_argument("--num-threads", type=int, default=2)
+    ac.add_argument("--max-num-seqs", type=int, default=16)
+    ac.add_argument("--kv-cache-gb", type=float, default=1.0)
+    ac.add_argument("--speed", action="store_true", help="also batch-1 greedy tokens/s, plain vs each draft")
+    ac.add_argument("--speed-prompts", type=int, default=4)
+    ac.add_argument("--seed", type=int, default=0)
+    ac.add_argument("--out", type=Path, default=Path("bench_out/accept"))
+    add_serve_args(sub.add_parser("serve", help="load test of a running OpenAI-compatible server (vllm bench serve)"))
+    add_load_args(add_sweep_args(sub.add_parser("serve-sweep", help="start our server (and llama-server) per "
+                                                "configuration, load it at each concurrency, plot the Pareto picture")))
     args = parser.parse_args()
     if args.command == "throughput":
         from bench import throughput
@@ -69,6 +93,15 @@ def main():
     elif args.command == "sweep":
         from bench import sweep
         sweep.report(sweep.run(args), args.out)
+    elif args.command == "accept":
+        from bench import accept
+        accept.report(accept.run(args), args.out)
+    elif args.command == "serve":
+        from bench import serve
+        serve.report(serve.run(args), args.out)
+    elif args.command == "serve-sweep":
+        from bench import serve_sweep
+        serve_sweep.report(serve_sweep.run(args), args.out)
     elif args.command == "spec":
         from bench import spec
         spec.report(spec.run(args), args.out)

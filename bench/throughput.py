@@ -105,7 +105,7 @@ def llama_cpp_decode(gguf: Path, batch: int, max_tokens: int, prompt_len: int, t
 def run(args) -> dict:
     torch.set_num_threads(args.threads)
     llm = LLM(model=args.model, dtype=args.dtype, num_threads=args.threads, max_num_seqs=max(args.batch_sizes),
-              max_num_batched_tokens=2048)
+              max_num_batched_tokens=2048, spec_method="none")  # plain decoding against llama.cpp's
     texts = load_prompts(args.dataset, max(args.batch_sizes), seed=args.seed)
     prompts = [llm.chat_prompt([{"role": "user", "content": t}])[:args.max_prompt_tokens] for t in texts]
     weight_bytes = sum(p.numel() * p.element_size() for p in llm.model_runner.model.parameters())

@@ -1,3 +1,4 @@
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -5,7 +6,11 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODELS_DIR = Path(os.environ.get("DSPARK_MODELS_DIR", REPO_ROOT / "models"))
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
-SPEC_METHODS = ("none", "dflash", "dspark")
+DEFAULT_DRAFT = REPO_ROOT / "drafts" / "dspark-smollm2-135m"  # trained by train/configs/dspark_smollm2.json
+# The committed draft runs at 0.68x plain decoding at batch 1 (tau ~1.2, docs/benchmarks.md), so `auto` serves the
+# default model without it until a better-trained draft beats plain; set True to make it the default again.
+DEFAULT_MODEL_SPECULATES = False
+SPEC_METHODS = ("auto", "none", "dflash", "dspark")
 
 
 def parse_verify_policy(text: str) -> tuple[str, float]:
@@ -31,6 +36,19 @@ def auto_kv_cache_gb() -> float:
     return min(8.0, max(0.5, physical / 10))
 
 
+def resolve_auto_spec(model: str, draft: str) -> tuple[str, str]:
+    """A given draft decides its own method (a sequential head: dspark, else dflash); without one, the embedded
+    default model gets its committed DSpark draft when DEFAULT_MODEL_SPECULATES, and any other model plain decoding."""
+    if draft:
+        config = Path(draft) / "config.json"
+        rank = json.loads(config.read_text()).get("markov_rank", 0) if config.is_file() else 1
+        return ("dspark" if rank else "dflash"), draft
+    is_default = Path(model).resolve() == (DEFAULT_MODELS_DIR / DEFAULT_MODEL_NAME).resolve()
+    if DEFAULT_MODEL_SPECULATES and is_default and (DEFAULT_DRAFT / "config.json").is_file():
+        return "dspark", str(DEFAULT_DRAFT)
+    return "none", ""
+
+
 @dataclass
 class EngineConfig:
     """One flat set of options shared by the offline API, the server CLI and the benchmarks."""
@@ -43,7 +61,7 @@ class EngineConfig:
     kv_block_size: int = 16
     num_threads: int = 0                 # 0 = leave torch's default
     seed: int = 0
-    spec_method: str = "none"            # none | dflash | dspark
+    spec_method: str = "auto"            # auto | none | dflash | dspark (auto: see resolve_auto_spec)
     draft: str = ""                      # draft directory (DeepSpec format)
     num_draft_tokens: int = 0            # gamma: tokens drafted per step; 0 = the draft's block_size
     verify_policy: str = "full"          # full | fixed:k | threshold:c | sps | sps-lagged
@@ -62,6 +80,8 @@ class EngineConfig:
             raise ValueError(f"kv_cache_gb must be >= 0 (0 = auto), got {self.kv_cache_gb}")
         if self.spec_method not in SPEC_METHODS:
             raise ValueError(f"spec_method must be one of {SPEC_METHODS}, got {self.spec_method!r}")
+        if self.spec_method == "auto":
+            self.spec_method, self.draft = resolve_auto_spec(self.model, self.draft)
         if self.spec_method != "none" and not self.draft:
             raise ValueError(f"spec_method={self.spec_method!r} needs a draft directory (draft=...)")
         if self.num_draft_tokens < 0:

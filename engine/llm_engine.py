@@ -16,7 +16,7 @@ from engine.sampler import make_generator
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
-from engine.spec_stats import SpecStats
+from engine.spec_stats import ConfidenceRecord, SpecStats
 
 
 @dataclass
@@ -48,6 +48,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.config, self.block_manager)
         self.planner = self.make_planner()
         self.spec_stats = SpecStats()
+        self.confidence_records: list[ConfidenceRecord] | None = None  # a list while record_confidences is on
         self.sequences: dict[str, Sequence] = {}
 
     def make_planner(self) -> Planner:
@@ -142,6 +143,13 @@ class LLMEngine:
         args = (len(seq.proposal.tokens), len(seq.spec_token_ids), accepted)
         seq.spec_stats.record(*args)
         self.spec_stats.record(*args)
+        if self.confidence_records is not None and seq.proposal.confidence_logits is not None:
+            self.confidence_records.append(ConfidenceRecord(seq.proposal.confidence_logits.tolist(), *args))
+
+    def record_confidences(self, enabled: bool = True) -> list[ConfidenceRecord] | None:
+        """Start (with a fresh list) or stop recording one ConfidenceRecord per verify round; returns the list."""
+        self.confidence_records = [] if enabled else None
+        return self.confidence_records
 
     def append_tokens(self, seq: Sequence, tokens: list[int]) -> RequestOutput:
         """Commit newly sampled tokens one by one, stopping exactly where a stop condition hits."""

@@ -18,7 +18,7 @@ def probs_from_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: to
         floor = min_p.float()[:, None] * probs.amax(-1, keepdim=True)
         keep = probs >= floor if keep is None else keep & (probs >= floor)
     if keep is not None:
-        probs = probs * keep
+        probs = probs.masked_fill_(~keep, 0.0)
         probs = probs / probs.sum(-1, keepdim=True)
     return torch.where(greedy[:, None], _one_hot_argmax(logits), probs) if greedy.any() else probs
 
@@ -27,19 +27,54 @@ def _one_hot_argmax(logits: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(logits).scatter_(1, logits.argmax(-1, keepdim=True), 1.0)
 
 
+TOP_CANDIDATES = 1024  # top-k / top-p decided among this many of the largest probabilities when they suffice
+
+
 def _top_k_top_p_mask(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor | None:
+    """Keep-mask of top-k / top-p, as if ranked by a stable descending sort: among equal probs the lower token id
+    ranks first, so boundary ties are broken in favour of lower ids (for both top-k and top-p)."""
     V = probs.shape[1]
     use_k = (top_k > 0) & (top_k < V)
     use_p = top_p < 1
     if not (use_k.any() or use_p.any()):
         return None
-    # Stable descending sort: among equal probs the lower token id ranks first, so boundary
-    # ties are broken in favour of lower ids (for both top-k and top-p).
-    sorted_p, idx = probs.sort(dim=-1, descending=True, stable=True)
-    rank = torch.arange(V, device=probs.device)
-    keep = rank[None] < torch.where(use_k, top_k, V)[:, None]
+    if V > TOP_CANDIDATES:
+        keep = _mask_from_candidates(probs, use_k, top_k, use_p, top_p)
+        if keep is not None:
+            return keep
+    return _mask_by_full_sort(probs, use_k, top_k, use_p, top_p)
+
+
+def _kept_counts(sorted_p: torch.Tensor, use_k, top_k, use_p, top_p) -> torch.Tensor:
+    """How many of the ranked tokens each row keeps."""
     before = sorted_p.cumsum(-1) - sorted_p  # prob mass ranked strictly above each token
-    keep &= (before < top_p.float()[:, None]) | ~use_p[:, None]
+    n = torch.where(use_p, (before < top_p.float()[:, None]).sum(-1), sorted_p.shape[1])
+    return torch.where(use_k, torch.minimum(n, top_k), n)
+
+
+def _mask_from_candidates(probs, use_k, top_k, use_p, top_p) -> torch.Tensor | None:
+    """Sorting the whole vocabulary dominates sampling; the count of kept tokens is usually decided by the largest
+    few hundred probabilities, and the kept set then follows from the last kept value (ties in id order)."""
+    top = probs.topk(TOP_CANDIDATES, dim=-1).values
+    decided = (use_k & (top_k <= TOP_CANDIDATES)) | (use_p & (top.sum(-1) >= top_p)) | ~(use_k | use_p)
+    if not bool(decided.all()):
+        return None
+    n = _kept_counts(top, use_k, top_k, use_p, top_p).clamp(1, TOP_CANDIDATES)
+    last = top.gather(1, (n - 1)[:, None])
+    keep_all = ~(use_k | use_p)[:, None]
+    ties = probs == last
+    if not bool((ties.sum(-1) > 1).any()):  # the usual case: the last kept value is unique
+        return (probs >= last) | keep_all
+    above = probs > last
+    tie_rank = ties.cumsum(-1) - ties.int()  # tied tokens with a lower id
+    keep_ties = ties & (tie_rank < (n - above.sum(-1))[:, None])
+    return above | keep_ties | keep_all
+
+
+def _mask_by_full_sort(probs, use_k, top_k, use_p, top_p) -> torch.Tensor:
+    sorted_p, idx = probs.sort(dim=-1, descending=True, stable=True)
+    n = _kept_counts(sorted_p, use_k, top_k, use_p, top_p)
+    keep = torch.arange(probs.shape[1], device=probs.device)[None] < n[:, None]
     return torch.zeros_like(keep).scatter_(1, idx, keep)
 
 

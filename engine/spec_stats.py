@@ -41,3 +41,13 @@ class SpecStats:
                 "accepted_per_pos": list(self.accepted_per_pos), "verified_per_pos": list(self.verified_per_pos),
                 "mean_acceptance_length": self.mean_acceptance_length,
                 "conditional_acceptance": self.conditional_acceptance}
+
+
+@dataclass
+class ConfidenceRecord:
+    """One verify round of a draft with a confidence head: the uncalibrated confidence logits of the drafted block
+    and how much of it was verified / accepted. Position k's label is accepted > k, defined for k < verified."""
+    logits: list[float]
+    drafted: int
+    verified: int
+    accepted: int

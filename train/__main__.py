@@ -17,7 +17,57 @@ def main():
     init.add_argument("--target-layer-ids", type=int, nargs="+")
     init.add_argument("--mask-token-id", type=int)
     init.add_argument("--seed", type=int, default=0)
+    data = sub.add_parser("data", help="answer ShareGPT training prompts with the target (our engine) into jsonl")
+    data.add_argument("--model", default=str(DEFAULT_MODELS_DIR / DEFAULT_MODEL_NAME))
+    data.add_argument("--out", default="data/sharegpt_smollm2.jsonl")
+    data.add_argument("--num-prompts", type=int, default=1024)
+    data.add_argument("--max-tokens", type=int, default=256)
+    data.add_argument("--max-prompt-tokens", type=int, default=256)
+    data.add_argument("--max-num-seqs", type=int, default=64)
+    data.add_argument("--seed", type=int, default=0)
+    for name, help_text in (("run", "train a draft (resumes from its checkpoint)"),
+                            ("features", "only build the target-feature cache of a training config")):
+        cmd = sub.add_parser(name, help=help_text)
+        cmd.add_argument("--config", help="a JSON training config (train/configs/*.json)")
+        cmd.add_argument("--out")
+        cmd.add_argument("--data")
+        cmd.add_argument("--max-steps", type=int)
+        cmd.add_argument("--max-minutes", type=float)
+        cmd.add_argument("--num-threads", type=int)
+    cal = sub.add_parser("calibrate", help="fit Sequential Temperature Scaling of a DSpark draft -> sts.json")
+    cal.add_argument("--draft", required=True)
+    cal.add_argument("--model", default="", help="target model directory ('' = the embedded default)")
+    cal.add_argument("--prompts", default="sharegpt-test", help="sharegpt-test | mtbench | humaneval | math | jsonl:P")
+    cal.add_argument("--num-prompts", type=int, default=200)
+    cal.add_argument("--max-tokens", type=int, default=128)
+    cal.add_argument("--max-prompt-tokens", type=int, default=256)
+    cal.add_argument("--temperature", type=float, default=1.0)
+    cal.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    cal.add_argument("--num-threads", type=int, default=0)
+    cal.add_argument("--max-num-seqs", type=int, default=16)
+    cal.add_argument("--kv-cache-gb", type=float, default=1.0)
+    cal.add_argument("--seed", type=int, default=0)
+    cal.add_argument("--out", default="", help="where the metrics JSON and the reliability PNG go ('' = the draft)")
+    cal.add_argument("--save-records", default="", help="also write the confidence records (jsonl) here")
+    cal.add_argument("--from-records", default="", help="refit from saved records instead of rolling out")
     args = parser.parse_args()
+    if args.command in ("run", "features"):
+        from train.config import TrainConfig
+        cfg = TrainConfig.load(args.config, out=args.out, data=args.data, max_steps=args.max_steps,
+                               max_minutes=args.max_minutes, num_threads=args.num_threads)
+        if args.command == "features":
+            from train.trainer import feature_records
+            feature_records(cfg)
+        else:
+            from train.trainer import Trainer
+            print(f"exported {Trainer(cfg).train()}")
+    if args.command == "data":
+        from train.data import generate_dataset
+        generate_dataset(args.out, args.num_prompts, args.max_tokens, args.max_prompt_tokens, seed=args.seed,
+                         model=args.model, max_num_seqs=args.max_num_seqs)
+    if args.command == "calibrate":
+        from train.calibrate import calibrate
+        calibrate(args)
     if args.command == "init-draft":
         from train.init_draft import init_draft
         path = init_draft(args.target, args.out, args.num_layers, args.block_size, args.markov_rank,

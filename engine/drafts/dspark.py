@@ -38,6 +38,7 @@ class Proposal:
     tokens: list[int]
     probs: torch.Tensor              # [G, V]
     confidence: torch.Tensor | None  # [G] conditional acceptance estimates
+    confidence_logits: torch.Tensor | None = None  # [G] the same before STS temperatures (for calibration)
 
 
 class DraftAttention(nn.Module):
@@ -157,8 +158,11 @@ class DSparkDraft(nn.Module):
             with TIMINGS.section("draft_sampling"):
                 tokens, probs = self.sample_independently(base_logits, sampling, uniforms)
         with TIMINGS.section("confidence_head"):
-            conf = self.confidence(hidden, anchors, tokens)
-        return [Proposal(t, probs[b], None if conf is None else conf[b]) for b, t in enumerate(tokens.tolist())]
+            logits = self.confidence_logits(hidden, anchors, tokens)
+            conf = None if logits is None else self.confidence_head.calibrate(logits)
+        if conf is None:
+            return [Proposal(t, probs[b], None) for b, t in enumerate(tokens.tolist())]
+        return [Proposal(t, probs[b], conf[b], logits[b]) for b, t in enumerate(tokens.tolist())]
 
     def sample_sequentially(self, hidden, base_logits, anchors, sampling, uniforms):
         B, G, _ = base_logits.shape
@@ -185,10 +189,15 @@ class DSparkDraft(nn.Module):
         return self.confidence_head is not None and self.use_sequential_head
 
     def confidence(self, hidden: torch.Tensor, anchors: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor | None:
+        logits = self.confidence_logits(hidden, anchors, tokens)
+        return None if logits is None else self.confidence_head.calibrate(logits)
+
+    def confidence_logits(self, hidden: torch.Tensor, anchors: torch.Tensor,
+                          tokens: torch.Tensor) -> torch.Tensor | None:
         if not self.has_confidence:
             return None
         features = hidden
         if self.config.confidence_with_markov:
             prev = torch.cat([anchors[:, None], tokens[:, :-1]], dim=1)
             features = torch.cat([hidden, self.markov_head.markov_w1(prev).to(hidden.dtype)], dim=-1)
-        return self.confidence_head(features)
+        return self.confidence_head.logits(features)

@@ -72,7 +72,13 @@ class ConfidenceHead(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """features [B, G, in] -> [B, G] fp32 confidences."""
-        logits = self.proj(features).squeeze(-1).float()
+        return self.calibrate(self.logits(features))
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        """The uncalibrated logits [B, G] (fp32): what STS is fitted on."""
+        return self.proj(features).squeeze(-1).float()
+
+    def calibrate(self, logits: torch.Tensor) -> torch.Tensor:
         if self.temperatures.numel():
             logits = logits / self.temperatures[: logits.shape[1]]
         return torch.sigmoid(logits)

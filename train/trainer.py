@@ -1,0 +1,246 @@
+"""Draft training loop (DeepSpec-equivalent): AdamW, linear warmup + cosine, grad clipping, checkpoints with resume,
+DDP over torchrun (gloo on CPU, NCCL on GPU). One step = `batch_size` conversations spread over the ranks, each a
+micro-step with its own random anchors; the loss is normalised by the whole batch's weight sum."""
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm.auto import tqdm
+
+from engine.drafts.loader import load_draft
+from engine.loader import load_model
+from train.blocks import make_blocks, sample_anchors
+from train.config import TrainConfig
+from train.data import read_rows
+from train.export import save_draft
+from train.features import build_feature_cache, cache_key, load_feature_cache
+from train.forward import backbone_hidden, confidence_logits, draft_logits, target_probs, teacher_forced_prev
+from train.init_draft import default_layer_ids, init_draft
+from train.losses import LossSums, combine, expected_acceptance_length, loss_sums, position_weights
+
+
+class DraftLoss(nn.Module):
+    """The draft plus its training forward, so DDP can wrap one module whose forward returns the loss sums."""
+
+    def __init__(self, draft, lm_head, decay_gamma: float):
+        super().__init__()
+        self.draft, self.decay_gamma = draft, decay_gamma
+        self.lm_head = (lm_head,)  # frozen, shared, not a parameter
+
+    def forward(self, record: dict, blocks) -> LossSums:
+        hidden = backbone_hidden(self.draft, record["features"], blocks)
+        prev = teacher_forced_prev(blocks)
+        logits = draft_logits(self.draft, hidden, prev)
+        target = target_probs(self.lm_head[0], record["last_hidden"], blocks)
+        return loss_sums(logits, target, blocks.labels, blocks.valid, confidence_logits(self.draft, hidden, prev),
+                         self.decay_gamma)
+
+
+def world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def init_distributed():
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+
+def lr_lambda(total_steps: int, warmup_ratio: float):
+    warmup = max(1, int(warmup_ratio * total_steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def layer_ids_of(cfg: TrainConfig, target_config: dict) -> list[int]:
+    return cfg.target_layer_ids or default_layer_ids(target_config["num_hidden_layers"])
+
+
+def feature_records(cfg: TrainConfig, rank: int = 0) -> list[dict]:
+    """The training conversations with their cached target features (rank 0 builds the cache, others wait)."""
+    rows = [r for r in read_rows(Path(cfg.data)) if sum(r["loss_mask"]) >= cfg.min_loss_tokens]
+    if not rows:
+        raise ValueError(f"no usable conversations in {cfg.data} (need >= {cfg.min_loss_tokens} answer tokens)")
+    layer_ids = layer_ids_of(cfg, json.loads((Path(cfg.target) / "config.json").read_text()))
+    cache = Path(cfg.features_dir) / cache_key(cfg.target, layer_ids, cfg.data)
+    if rank == 0:
+        build_feature_cache(rows, cfg.target, layer_ids, cache)
+    if dist.is_initialized():
+        dist.barrier()
+    return load_feature_cache(build_feature_cache(rows, cfg.target, layer_ids, cache))
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, records: list[dict] | None = None):
+        init_distributed()
+        self.cfg, (self.rank, self.world_size) = cfg, world()
+        if cfg.num_threads:
+            torch.set_num_threads(cfg.num_threads)
+        if cfg.batch_size % self.world_size:
+            raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of the {self.world_size} ranks")
+        torch.manual_seed(cfg.seed)
+        self.out = Path(cfg.out)
+        target = load_model(cfg.target, torch.float32)
+        self.layer_ids = layer_ids_of(cfg, target.config)
+        self.records = records if records is not None else feature_records(cfg, self.rank)
+        self.draft = self.initial_draft(target)
+        self.module = DraftLoss(self.draft, target.lm_head, cfg.loss_decay_gamma)
+        self.ddp = torch.nn.parallel.DistributedDataParallel(self.module) if self.world_size > 1 else self.module
+        params = [p for p in self.draft.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.total_steps = cfg.max_steps or max(1, cfg.epochs * len(self.records) // cfg.batch_size)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(self.total_steps, cfg.warmup_ratio))
+        self.step = 0
+        self.resume()
+
+    def initial_draft(self, target):
+        cfg = self.cfg
+        init_dir = self.out / "init"
+        if self.rank == 0 and not (init_dir / "config.json").is_file():
+            init_draft(cfg.target, init_dir, cfg.num_layers, cfg.block_size, cfg.markov_rank, cfg.markov_head_type,
+                       self.layer_ids, dtype="float32", seed=cfg.seed)
+        if dist.is_initialized():
+            dist.barrier()
+        draft = load_draft(init_dir, target, torch.float32, cfg.method)
+        if cfg.init_from_target:
+            copy_target_layers(draft, target)
+        return draft.train().requires_grad_(True)
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out / "checkpoint.pt"
+
+    def resume(self):
+        if not self.checkpoint_path.is_file():
+            return
+        state = torch.load(self.checkpoint_path, weights_only=False)
+        self.draft.load_state_dict(state["draft"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = state["step"]
+        if self.rank == 0:
+            print(f"resumed from {self.checkpoint_path} at step {self.step}/{self.total_steps}", flush=True)
+
+    def save(self):
+        if self.rank != 0:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        state = {"draft": self.draft.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "step": self.step, "config": self.cfg.to_json()}
+        torch.save(state, self.checkpoint_path.with_suffix(".part"))
+        self.checkpoint_path.with_suffix(".part").replace(self.checkpoint_path)
+        self.export()
+
+    def export(self) -> Path:
+        return save_draft(self.draft, self.out / "draft", extra_config={"num_anchors": self.cfg.num_anchors})
+
+    def batch_indices(self, step: int) -> list[int]:
+        """The conversations of optimiser step `step` handled by this rank (a seeded permutation per epoch)."""
+        n, B = len(self.records), self.cfg.batch_size
+        per_epoch = max(1, n // B)
+        epoch, offset = divmod(step, per_epoch)
+        order = list(range(n))
+        random.Random(self.cfg.seed + epoch).shuffle(order)
+        batch = order[offset * B:(offset + 1) * B]
+        return batch[self.rank::self.world_size]
+
+    def blocks_for(self, index: int, step: int):
+        record = self.records[index]
+        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step * 10_007 + index)
+        anchors = sample_anchors(record["loss_mask"], self.cfg.num_anchors, g)
+        c = self.draft.config
+        return make_blocks(record["input_ids"].long(), record["loss_mask"], anchors, c.block_size, c.mask_token_id)
+
+    def train_step(self) -> dict:
+        stats = self.accumulate_gradients(self.step)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.draft.parameters(), self.cfg.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        return stats | {"grad_norm": float(grad_norm), "lr": self.scheduler.get_last_lr()[0]}
+
+    def accumulate_gradients(self, step: int) -> dict:
+        """Forward and backward of optimiser step `step`'s batch; gradients are left in the draft's parameters
+        (all-reduced across ranks by DDP)."""
+        cfg = self.cfg
+        items = [(i, self.blocks_for(i, step)) for i in self.batch_indices(step)]
+        total = torch.tensor([sum(float(position_weights(b.valid, cfg.loss_decay_gamma).sum()) for _, b in items)],
+                             dtype=torch.float64)
+        if dist.is_initialized():
+            dist.all_reduce(total)
+        self.optimizer.zero_grad(set_to_none=True)
+        stats = {"loss": 0.0, "ce": 0.0, "l1": 0.0, "conf": 0.0}
+        accept_sum = accept_count = 0
+        for n, (index, blocks) in enumerate(items):
+            sync = n == len(items) - 1 or not dist.is_initialized()
+            with (self.ddp.no_sync() if not sync else torch.enable_grad()):
+                sums = self.ddp(self.records[index], blocks)
+                loss = combine(sums, float(total), cfg.ce_alpha, cfg.l1_alpha, cfg.confidence_alpha)
+                (loss * self.world_size).backward()
+            stats["loss"] += float(loss.detach())
+            for key in ("ce", "l1", "conf"):
+                stats[key] += float(getattr(sums, key).detach()) / max(float(total), 1e-8)
+            accept_sum, accept_count = accept_sum + sums.accept_sum, accept_count + sums.accept_count
+        return stats | {"accept_sum": accept_sum, "accept_count": accept_count}
+
+    def train(self) -> Path:
+        cfg, start = self.cfg, time.monotonic()
+        log = self.out / "train_log.jsonl"
+        window = []
+        bar = tqdm(total=self.total_steps, initial=self.step, desc=f"Training {cfg.method}", disable=self.rank != 0,
+                   dynamic_ncols=True)
+        while self.step < self.total_steps:
+            window.append(self.train_step())
+            bar.update(1)
+            if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                summary = summarise(window, self.step)
+                window = []
+                bar.set_postfix(loss=f"{summary['loss']:.3f}", acc1=f"{summary['accept'][0]:.2f}",
+                                tau=f"{summary['tau_estimate']:.2f}")
+                if self.rank == 0:
+                    with open(log, "a") as f:
+                        f.write(json.dumps(summary) + "\n")
+            timed_out = cfg.max_minutes and time.monotonic() - start > 60 * cfg.max_minutes
+            if self.step % cfg.checkpoint_every == 0 or timed_out:
+                self.save()
+            if timed_out:
+                break
+        bar.close()
+        self.save()
+        return self.out / "draft"
+
+
+@torch.no_grad()
+def copy_target_layers(draft, target):
+    """Start the draft's layers from the target's last layers and its final norm: a random draft's logits through the
+    shared LM head start far off scale (CE ~50 on SmolLM2), a copied stack starts near CE 16 (measured)."""
+    draft.norm.weight.copy_(target.norm.weight)
+    for ours, theirs in zip(draft.layers, target.layers[-len(draft.layers):]):
+        attn = theirs.self_attn
+        q, k, v = attn.qkv_proj.weight.split([attn.q_size, attn.kv_size, attn.kv_size])
+        ours.self_attn.q_proj.weight.copy_(q)
+        ours.self_attn.kv_proj.weight.copy_(torch.cat([k, v]))
+        ours.self_attn.o_proj.weight.copy_(attn.o_proj.weight)
+        if attn.qk_norm:
+            ours.self_attn.q_norm.weight.copy_(attn.q_norm.weight)
+            ours.self_attn.k_norm.weight.copy_(attn.k_norm.weight)
+        for name in ("input_layernorm", "post_attention_layernorm", "mlp.gate_up_proj", "mlp.down_proj"):
+            ours.get_submodule(name).weight.copy_(theirs.get_submodule(name).weight)
+
+
+def summarise(window: list[dict], step: int) -> dict:
+    accept = sum(s["accept_sum"] for s in window) / sum(s["accept_count"] for s in window).clamp(min=1)
+    keys = ("loss", "ce", "l1", "conf", "grad_norm")
+    return {"step": step, **{k: sum(s[k] for s in window) / len(window) for k in keys},
+            "lr": window[-1]["lr"], "accept": [round(float(a), 4) for a in accept],
+            "tau_estimate": expected_acceptance_length(accept)}
