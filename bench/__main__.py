@@ -1,5 +1,6 @@
 """python -m bench <command>: benchmarks of the engine (see docs/benchmarks.md)."""
 import argparse
+import importlib
 from pathlib import Path
 
 from bench import peers
@@ -84,27 +85,9 @@ def main():
                                                 "configuration, load it at each concurrency, plot the Pareto picture")))
     args = parser.parse_args()
     if args.command == "throughput":
-        from bench import throughput
         args.peers = args.peers.split(",")
-        throughput.report(throughput.run(args), args.out)
-    elif args.command == "server-overhead":
-        from bench import server_overhead
-        server_overhead.report(server_overhead.run(args), args.out)
-    elif args.command == "sweep":
-        from bench import sweep
-        sweep.report(sweep.run(args), args.out)
-    elif args.command == "accept":
-        from bench import accept
-        accept.report(accept.run(args), args.out)
-    elif args.command == "serve":
-        from bench import serve
-        serve.report(serve.run(args), args.out)
-    elif args.command == "serve-sweep":
-        from bench import serve_sweep
-        serve_sweep.report(serve_sweep.run(args), args.out)
-    elif args.command == "spec":
-        from bench import spec
-        spec.report(spec.run(args), args.out)
+    module = importlib.import_module(f"bench.{args.command.replace('-', '_')}")
+    module.report(module.run(args), args.out)
 
 
 if __name__ == "__main__":
