@@ -15,6 +15,8 @@ class AttentionGroup:
     batch: int
     q_len: int
     out_rows: torch.Tensor | None    # [num_rows] index into the padded [B*Qmax] output (None: identity)
+    row_seq: torch.Tensor | None = None    # [num_rows] short queries only: each row's sequence (index into kv_slots)
+    row_limit: torch.Tensor | None = None  # [num_rows] ... and how many of its keys it sees (the fused CPU path)
 
 
 @dataclass

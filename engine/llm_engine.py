@@ -52,8 +52,8 @@ class LLMEngine:
         self.sequences: dict[str, Sequence] = {}
 
     def make_planner(self) -> Planner:
-        planner = Planner(self.config.verify_policy, self.max_model_len)
         spec = self.model_runner.speculator
+        planner = Planner(self.config.verify_policy, self.max_model_len, draft_len=spec.num_draft_tokens if spec else 0)
         if planner.needs_confidence and (spec is None or not spec.draft.has_confidence):
             raise ValueError(f"verify_policy={self.config.verify_policy!r} needs a DSpark draft with a confidence "
                              "head (spec_method='dspark')")
@@ -135,8 +135,14 @@ class LLMEngine:
         """Draft a block for every decoding request that lacks one and could still use drafts, then choose what each
         verifies this step."""
         decoding = [s for s in self.scheduler.running if s.is_decoding and self.planner.room(s) > 0]
+        if not decoding:
+            return
+        if not self.planner.wants_drafts(decoding):
+            for seq in decoding:  # a plain step; an unverified old block is dropped, which is always lossless
+                seq.clear_draft()
+            return
         self.model_runner.propose([s for s in decoding if s.proposal is None])
-        for seq, n in zip(decoding, self.planner.plan(decoding) if decoding else []):
+        for seq, n in zip(decoding, self.planner.plan(decoding)):
             seq.spec_token_ids = seq.proposal.tokens[:n]
 
     def record_round(self, seq: Sequence, accepted: int):

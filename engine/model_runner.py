@@ -95,7 +95,11 @@ class ModelRunner:
         kv_slots = torch.tensor([slots(s.block_table, self.block_size, 0, n) + [0] * (lmax - n)
                                  for s, n in zip(members, kv_lens)])
         mask = None if len(set(kv_lens)) == 1 and qmax == 1 else attention_mask(q_lens, kv_lens)
-        return AttentionGroup(q_rows, kv_slots, mask, False, row_start, sum(q_lens), len(members), qmax, out_rows)
+        group = AttentionGroup(q_rows, kv_slots, mask, False, row_start, sum(q_lens), len(members), qmax, out_rows)
+        if qmax <= SHORT_QUERY:
+            group.row_seq = torch.tensor([b for b, q in enumerate(q_lens) for _ in range(q)])
+            group.row_limit = torch.tensor([n - q + i + 1 for q, n in zip(q_lens, kv_lens) for i in range(q)])
+        return group
 
     def execute(self, seqs: list[Sequence], num_logits: list[int]) -> list[torch.Tensor]:
         """One forward over the scheduled tokens of seqs; for each seq the fp32 logits of its last

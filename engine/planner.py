@@ -4,19 +4,41 @@ Algorithm 1 on live survivals (lossless by its early stop); sps-lagged picks the
 least one step old and gives it to the live top-K (lossless because K does not depend on the current drafts)."""
 from engine.config import parse_verify_policy
 from engine.sequence import Sequence
-from engine.sps import best_budget, early_stop_lengths, top_k_lengths
+from engine.sps import best_budget, drafting_pays, early_stop_lengths, top_k_lengths
 
 NEEDS_CONFIDENCE = ("threshold", "sps", "sps-lagged")
 PRIOR_SURVIVAL = 0.5  # per-position survival assumed for requests with no history yet (sps-lagged)
+REFRESH_STEPS = 16    # after this many steps without drafting, draft once anyway so the survivals stay current
 
 
 class Planner:
-    def __init__(self, policy: str, max_model_len: int, sps=None):
+    def __init__(self, policy: str, max_model_len: int, sps=None, draft_len: int = 0):
         self.kind, self.arg = parse_verify_policy(policy)
         self.max_model_len = max_model_len
+        self.draft_len = draft_len  # tokens per drafted block
         self.sps = sps  # SpsCurve; None: the sps policies verify the full block (the safe default)
         self.last_budget = 0
         self.last_theta = 0.0
+        self.steps_without_drafts = 0
+        self.num_skipped_steps = 0  # steps the sps policies ran plainly because drafting would not pay
+
+    def wants_drafts(self, seqs: list[Sequence]) -> bool:
+        """Whether this step should draft at all. The sps policies skip drafting when the lagged survivals say even
+        the best budget cannot pay for the draft; the choice never looks at this step's drafts, so it is lossless."""
+        if not self.kind.startswith("sps") or self.sps is None or self.steps_without_drafts >= REFRESH_STEPS:
+            self.steps_without_drafts = 0
+            return True
+        if drafting_pays(self.stale_survivals(seqs), self.sps):
+            self.steps_without_drafts = 0
+            return True
+        self.steps_without_drafts += 1
+        self.num_skipped_steps += 1
+        self.last_budget, self.last_theta = 0, len(seqs) * self.sps.plain_steps_per_second(len(seqs))
+        return False
+
+    def stale_survivals(self, seqs: list[Sequence]) -> list[list[float]]:
+        rooms = [max(0, min(self.draft_len, self.room(s))) for s in seqs]
+        return [(s.last_survival or [PRIOR_SURVIVAL ** (j + 1) for j in range(n)])[:n] for s, n in zip(seqs, rooms)]
 
     @property
     def needs_confidence(self) -> bool:
@@ -44,7 +66,7 @@ class Planner:
         sps = self.sps.for_requests(len(seqs))
         if self.kind == "sps":
             return early_stop_lengths(live, sps)
-        stale = [(s.last_survival or [PRIOR_SURVIVAL ** (j + 1) for j in range(n)])[:n] for s, n in zip(seqs, rooms)]
+        stale = [row[:n] for row, n in zip(self.stale_survivals(seqs), rooms)]
         return top_k_lengths(live, best_budget(stale, sps))
 
     @staticmethod

@@ -28,6 +28,10 @@ class SpsCurve:
     def steps_per_second(self, num_tokens: int, num_requests: int) -> float:
         return 1.0 / (interpolate(self.draft_cost, num_requests) + interpolate(self.step_cost, num_tokens))
 
+    def plain_steps_per_second(self, num_tokens: int) -> float:
+        """A step that drafts nothing (its requests decode one token each): no draft cost."""
+        return 1.0 / interpolate(self.step_cost, num_tokens)
+
     def for_requests(self, num_requests: int):
         """SPS as a function of the step's token count B, for a step with this many requests."""
         return lambda num_tokens: self.steps_per_second(num_tokens, num_requests)
@@ -86,6 +90,16 @@ def best_budget(survivals: list[list[float]], sps) -> int:
         if theta > best:
             best_k, best = k, theta
     return best_k
+
+
+def drafting_pays(survivals: list[list[float]], curve: SpsCurve) -> bool:
+    """Decided before drafting, from survivals at least one step old (so lossless): does the best budget's Θ, paying
+    the draft's cost, beat a step that drafts nothing (Θ = R · SPS_plain(R))?"""
+    R = len(survivals)
+    sps = curve.for_requests(R)
+    k = best_budget(survivals, sps)
+    expected = R + sum(sorted((a for row in survivals for a in row if a > 0), reverse=True)[:k])
+    return k > 0 and expected * sps(R + k) > R * curve.plain_steps_per_second(R)
 
 
 def top_k_lengths(survivals: list[list[float]], budget: int) -> list[int]:

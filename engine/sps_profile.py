@@ -12,6 +12,15 @@ from engine.cost_model import measure_curve
 from engine.sps import SpsCurve
 
 CACHE_DIR = Path(os.environ.get("DSPARK_CACHE", Path.home() / ".cache" / "dspark")) / "sps"
+ROOT = Path(__file__).resolve().parent.parent
+TIMED_CODE = ("engine/models/*.py", "engine/drafts/*.py", "engine/model_runner.py", "engine/speculator.py",
+              "engine/sampler.py", "kernels/*.py", "kernels/csrc/*")
+
+
+def code_version() -> str:
+    """A hash of the code whose speed the profile measures: a faster kernel invalidates the cached profile."""
+    files = sorted(f for pattern in TIMED_CODE for f in ROOT.glob(pattern) if f.is_file())
+    return hashlib.sha1(b"".join(f.read_bytes() for f in files)).hexdigest()[:12]
 
 
 def profile_key(engine) -> dict:
@@ -20,7 +29,8 @@ def profile_key(engine) -> dict:
     return {"model": str(Path(c.model).resolve()), "draft": str(Path(c.draft).resolve()) if c.draft else "",
             "spec_method": c.spec_method, "num_draft_tokens": c.num_draft_tokens, "dtype": c.dtype,
             "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.machine(),
-            "cpu": platform.processor() or platform.node(), "device": "cpu"}
+            "cpu": platform.processor() or platform.node(), "device": "cpu",
+            "code": code_version()}
 
 
 def load_sps_curve(engine, setting: str) -> SpsCurve | None:

@@ -62,8 +62,12 @@ class Metrics:
         self.planner_theta = one(Gauge("dspark:planner_expected_tokens_per_second",
                                        "The sps planners' predicted throughput for the last step.", name,
                                        registry=r))
+        self.skipped_steps = one(Counter("dspark:planner_skipped_draft_steps",
+                                         "Steps run without drafting because the sps planner judged (from lagged "
+                                         "survivals) that speculation would not pay.", name, registry=r))
         self.seen = SpecStats()
         self.seen_preemptions = 0
+        self.seen_skipped_steps = 0
 
     def finished(self, reason: str):
         self.success.labels(self.model_name, reason).inc()
@@ -79,6 +83,8 @@ class Metrics:
         if engine.model_runner.speculator:
             self.planner_budget.set(engine.planner.last_budget)
             self.planner_theta.set(engine.planner.last_theta)
+            self.skipped_steps.inc(engine.planner.num_skipped_steps - self.seen_skipped_steps)
+            self.seen_skipped_steps = engine.planner.num_skipped_steps
             self.sync_spec(engine.spec_stats)
 
     def sync_spec(self, now: SpecStats):

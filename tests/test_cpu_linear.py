@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import cpu_linear
+from kernels import cpu_build, cpu_linear
 
 pytestmark = pytest.mark.skipif(not cpu_linear.available(),
                                 reason=f"cpu bf16_linear unavailable: {cpu_linear.load_error()}")
@@ -99,9 +99,9 @@ def test_batch_and_thread_invariant(K):
 
 
 def test_available_never_raises(monkeypatch):
-    monkeypatch.setattr(cpu_linear, "_tried", False)
-    monkeypatch.setattr(cpu_linear, "_module", None)
-    monkeypatch.setattr(cpu_linear, "_error", None)
+    monkeypatch.setattr(cpu_build, "_tried", False)
+    monkeypatch.setattr(cpu_build, "_module", None)
+    monkeypatch.setattr(cpu_build, "_error", None)
     monkeypatch.setenv("DSPARK_DISABLE_CPU_KERNELS", "1")
     assert cpu_linear.available() is False
     assert "DSPARK_DISABLE_CPU_KERNELS" in cpu_linear.load_error()

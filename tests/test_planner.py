@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from engine import LLM, SamplingParams
-from engine.planner import Planner
-from engine.sps import SpsCurve, admission_order, best_budget, early_stop_lengths, top_k_lengths
+from engine.planner import REFRESH_STEPS, Planner
+from engine.sps import (SpsCurve, admission_order, best_budget, drafting_pays, early_stop_lengths,
+                        top_k_lengths)
 from kernels.sampling import rejection_sample
 from tiny_models import save_tiny_draft, save_tiny_model
 
@@ -53,6 +54,34 @@ def test_sps_curve_is_monotone_and_reproduces_its_points(tmp_path):
     assert curve.steps_per_second(64, 8) == pytest.approx(1 / (0.004 + 0.040))
     values = [curve.steps_per_second(b, 4) for b in range(1, 200)]
     assert all(a >= b for a, b in pairwise(values))
+
+
+def test_drafting_pays_only_when_the_best_budget_beats_a_plain_step():
+    """Hand-computed: one request, verify costs 10 ms for 1 token and 11 ms for 2, the draft costs 2 ms.
+    Θ(plain) = 1/0.010 = 100; Θ(K=1) = (1 + a)/(0.002 + 0.011), which beats 100 only for a > 0.3."""
+    curve = SpsCurve({1: 0.010, 2: 0.011}, {1: 0.002})
+    assert drafting_pays([[0.35]], curve) and not drafting_pays([[0.25]], curve)
+    assert not drafting_pays([[0.0]], curve)
+    free = SpsCurve({1: 0.010, 2: 0.011})  # a free draft: any survival that gains more than the 10% cost pays
+    assert drafting_pays([[0.15]], free) and not drafting_pays([[0.05]], free)
+
+
+def test_skipped_drafting_refreshes_its_survivals_periodically():
+    planner = Planner("sps-lagged", 1000, SpsCurve({1: 0.010, 2: 0.011}, {1: 0.002}), draft_len=4)
+
+    class Seq:
+        params = SamplingParams(max_tokens=100)
+        num_completion_tokens = 0
+
+        def __init__(self):
+            self.last_survival = [0.1, 0.01, 0.001, 0.0001]  # a history that says drafting does not pay
+
+        def __len__(self):
+            return 10
+    decisions = [planner.wants_drafts([Seq()]) for _ in range(2 * REFRESH_STEPS + 2)]
+    assert decisions.count(True) == 2 and decisions[REFRESH_STEPS] and decisions[2 * REFRESH_STEPS + 1]
+    assert planner.num_skipped_steps == 2 * REFRESH_STEPS
+    assert Planner("full", 1000).wants_drafts([Seq()])  # only the sps policies ever skip
 
 
 # ------------------------------------------------------------------------------------------ Appendix A
@@ -142,6 +171,22 @@ def test_every_policy_greedy_identical_with_preemption(models, tmp_path, policy)
     assert llm.scheduler.num_preemptions > 0
     s = llm.spec_stats
     assert s.num_verified_tokens < s.num_draft_tokens  # the policy did cut blocks
+
+
+def test_steps_that_skip_drafting_stay_greedy_identical(models, tmp_path):
+    """Plain steps between drafted ones (as when speculation does not pay) leave the output exact."""
+    target, draft = models
+    prompts = [[5, 6, 7], list(range(20, 60)), [9] * 12]
+    greedy = SamplingParams(temperature=0, max_tokens=25, ignore_eos=True)
+    plain = [o.token_ids for o in LLM(model=str(target), dtype="float32").generate(prompts, greedy, use_tqdm=False)]
+    profile = tmp_path / "sps.json"
+    profile.write_text(json.dumps({"step_cost_s": {"1": 1.0, "40": 1.0}}))
+    llm = LLM(model=str(target), dtype="float32", spec_method="dspark", draft=str(draft), verify_policy="sps-lagged",
+              sps_profile=str(profile), kv_cache_gb=0.01)
+    decisions = []
+    llm.planner.wants_drafts = lambda seqs: decisions.append(len(decisions) % 3 != 1) or decisions[-1]
+    assert [o.token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)] == plain
+    assert decisions.count(False) >= 5 and llm.spec_stats.num_drafts >= 3 * decisions.count(True) - 6
 
 
 def test_quick_profile_is_measured_once_and_cached(models, tmp_path, monkeypatch):

@@ -73,10 +73,14 @@ def llms(tmp_path_factory, target_dir):
                                                    str(NUM_SAMPLES * 5 // 2 + 100): 10.0}}))
     engines = {m: (m, d, "full") for m, d in drafts.items()}
     engines |= {f"dspark-{p}": ("dspark", drafts["dspark"], p) for p in POLICIES}
-    return {name: LLM(model=str(target_dir), dtype="float32", spec_method=m, draft=str(d), num_draft_tokens=GAMMA,
+    engines["dspark-skipping"] = ("dspark", drafts["dspark"], "sps-lagged")
+    llms = {name: LLM(model=str(target_dir), dtype="float32", spec_method=m, draft=str(d), num_draft_tokens=GAMMA,
                       verify_policy=policy, sps_profile=str(profile), kv_cache_gb=0.15, kv_block_size=8,
                       max_num_seqs=NUM_SAMPLES, max_num_batched_tokens=100_000)
             for name, (m, d, policy) in engines.items()}
+    steps = iter(range(10**9))  # every other step plain, as when the planner judges that drafting would not pay
+    llms["dspark-skipping"].planner.wants_drafts = lambda seqs: next(steps) % 2 == 0
+    return llms
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +179,7 @@ def sample_counts(llm: LLM, params: dict, seed_base: int, n: int = NUM_SAMPLES) 
 # ---------------------------------------------------------------------------------------------- the tests
 
 @pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("method", ["dspark", "dflash"] + [f"dspark-{p}" for p in POLICIES])
+@pytest.mark.parametrize("method", ["dspark", "dflash", "dspark-skipping"] + [f"dspark-{p}" for p in POLICIES])
 def test_speculative_sampling_matches_target(llms, oracle_model, method, case):
     params = CASES[case]
     joint = exact_joint(oracle_model, PROMPT, **params)

@@ -3,7 +3,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.models.layers import Linear, RMSNorm, RotaryEmbedding, apply_rotary, attend, rope_inv_freq
+from engine.context import get_context
+from engine.models.layers import KERNEL_MAX_ROWS, Linear, RMSNorm, RotaryEmbedding, apply_rotary, attend, rope_inv_freq
+from kernels import cpu_ops
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
 
@@ -25,14 +27,26 @@ class Attention(nn.Module):
         self.k_cache = self.v_cache = torch.empty(0)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        qkv = self.qkv_proj(x).view(-1, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+        qkv = self.qkv_proj(x)
+        q, k, v = self.fused_norm_rope(qkv, cos, sin) if cpu_ops.usable(qkv) else self.norm_rope(qkv, cos, sin)
+        out = attend(q, k, v, self.k_cache, self.v_cache, self.scale)
+        return self.o_proj(out.reshape(-1, self.q_size))
+
+    def fused_norm_rope(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        norms = (self.q_norm.weight, self.k_norm.weight) if self.qk_norm else (None, None)
+        eps = self.q_norm.eps if self.qk_norm else 0.0
+        q, k = cpu_ops.norm_rope(qkv, cos, sin, *norms, eps, self.num_heads, self.num_kv_heads)
+        v = qkv[:, self.q_size + self.kv_size:].view(-1, self.num_kv_heads, self.head_dim)
+        return q, k, v
+
+    def norm_rope(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        qkv = qkv.view(-1, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
         qk, v = qkv.split([self.num_heads + self.num_kv_heads, self.num_kv_heads], dim=1)
         if self.qk_norm:
             q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
             qk = torch.cat([self.q_norm(q), self.k_norm(k)], dim=1)
         q, k = apply_rotary(qk, cos, sin).split([self.num_heads, self.num_kv_heads], dim=1)
-        out = attend(q, k, v, self.k_cache, self.v_cache, self.scale)
-        return self.o_proj(out.reshape(-1, self.q_size))
+        return q, k, v
 
 
 class MLP(nn.Module):
@@ -43,7 +57,10 @@ class MLP(nn.Module):
         self.down_proj = Linear(self.intermediate, c["hidden_size"], bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if cpu_ops.usable(gate_up):
+            return self.down_proj(cpu_ops.silu_mul(gate_up))
+        gate, up = gate_up.split(self.intermediate, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -58,6 +75,18 @@ class DecoderLayer(nn.Module):
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         h = h + self.self_attn(self.input_layernorm(h), cos, sin)
         return h + self.mlp(self.post_attention_layernorm(h))
+
+    def fused_weights(self) -> list[torch.Tensor]:
+        """This layer's tensors in kernels/cpu_ops.decoder_stack's order."""
+        attn, none = self.self_attn, torch.empty(0)
+        norms = [attn.q_norm.weight, attn.k_norm.weight] if attn.qk_norm else [none, none]
+        linears = [attn.qkv_proj, attn.o_proj, self.mlp.gate_up_proj, self.mlp.down_proj]
+        if not all(lin.use_kernel for lin in linears):
+            return []
+        bias = [none if lin.bias is None else lin.bias for lin in linears[:2]]
+        return [self.input_layernorm.weight, attn.qkv_proj.weight, bias[0], *norms, attn.o_proj.weight, bias[1],
+                self.post_attention_layernorm.weight, self.mlp.gate_up_proj.weight, self.mlp.down_proj.weight,
+                attn.k_cache, attn.v_cache]
 
 
 class DecoderModel(nn.Module):
@@ -74,6 +103,7 @@ class DecoderModel(nn.Module):
         self.rotary = self.make_rotary()
         self.tie_word_embeddings = c.get("tie_word_embeddings", False)
         self.lm_head = Linear(c["hidden_size"], c["vocab_size"], bias=False)
+        self.stack = (None, None)  # (k cache address, kernels/cpu_ops.decoder_stack) for short-query steps
 
     def make_rotary(self) -> RotaryEmbedding:
         head_dim = self.layers[0].self_attn.head_dim
@@ -86,11 +116,33 @@ class DecoderModel(nn.Module):
         h = self.embed_tokens(input_ids)
         cos, sin = self.rotary.cos_sin_at(positions, h.dtype)
         captured = {-1: h} if -1 in capture_layers else {}
+        stack = self.fused_stack(h)
+        if stack is not None:
+            g, layer_ids = get_context().groups[0], [i for i in capture_layers if i >= 0]
+            h, *outs = stack.forward(h, cos, sin, get_context().slot_mapping, g.kv_slots, g.row_seq, g.row_limit,
+                                     layer_ids)
+            captured.update(zip(layer_ids, outs))
+            return self.norm(h), [captured[i] for i in capture_layers]
         for i, layer in enumerate(self.layers):
             h = layer(h, cos, sin)
             if i in capture_layers:
                 captured[i] = h
         return self.norm(h), [captured[i] for i in capture_layers]
+
+    def fused_stack(self, h: torch.Tensor):
+        """The C++ decoder stack when this step is short queries only (decode / verify) on bf16 weights, else None."""
+        groups = get_context().groups
+        if (len(groups) != 1 or groups[0].row_limit is None or h.shape[0] > KERNEL_MAX_ROWS
+                or h.dtype != torch.bfloat16 or not cpu_ops.usable(h)):
+            return None
+        key = self.layers[0].self_attn.k_cache.data_ptr()
+        if self.stack[0] != key:
+            weights = [layer.fused_weights() for layer in self.layers]
+            attn, eps = self.layers[0].self_attn, self.config["rms_norm_eps"]
+            stack = (cpu_ops.decoder_stack(weights, attn.num_heads, attn.num_kv_heads, attn.head_dim, eps)
+                     if all(weights) else None)
+            self.stack = (key, stack)
+        return self.stack[1]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

@@ -3,11 +3,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.context import get_context
-from kernels import cpu_linear
+from kernels import cpu_linear, cpu_ops
 from kernels.attention import causal_attention, paged_attention, store_kvcache
 
 BF16_GEMV_MAX_ROWS = 2   # torch's bf16 GEMV beats fp32 GEMM only for a row or two on CPUs without native bf16
-KERNEL_MAX_ROWS = 31     # our AVX2 bf16 kernel beats oneDNN's packed fp32 GEMM below 32 rows (docs/benchmarks.md)
+KERNEL_MAX_ROWS = 96     # our AVX2 bf16 kernel beats oneDNN's packed fp32 GEMM up to ~100 rows (docs/benchmarks.md)
 
 
 class Linear(nn.Linear):
@@ -47,6 +47,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight.dtype == x.dtype and cpu_ops.usable(x):
+            return cpu_ops.rms_norm(x, self.weight, self.eps)
         return F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype) * self.weight
 
 
@@ -93,10 +95,17 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Ten
            scale: float) -> torch.Tensor:
     """q [T, H, D], k/v [T, Hkv, D] of the flat batch -> [T, H, D], through the paged cache."""
     ctx = get_context()
-    store_kvcache(k, v, k_cache, v_cache, ctx.slot_mapping)
+    fused = cpu_ops.usable(q)
+    if fused:
+        cpu_ops.store_kv(k, v, k_cache, v_cache, ctx.slot_mapping)
+    else:
+        store_kvcache(k, v, k_cache, v_cache, ctx.slot_mapping)
     outs = []
     for g in ctx.groups:
         rows = slice(g.row_start, g.row_start + g.num_rows)
+        if fused and g.row_limit is not None:
+            outs.append(cpu_ops.paged_attention(q[rows], k_cache, v_cache, g.kv_slots, g.row_seq, g.row_limit, scale))
+            continue
         if g.causal:
             outs.append(causal_attention(q[rows], k[rows], v[rows], scale))
             continue

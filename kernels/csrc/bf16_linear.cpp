@@ -273,8 +273,3 @@ at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& w, const c10::opti
     run<float>(wp, xp.data_ptr<float>(), Kp, xsp, bp, y.data_ptr<float>(), M, N, K);
   return out_f32 || out_bf16 ? y : y.to(x.scalar_type());
 }
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("bf16_linear", &bf16_linear, "y = x @ w.T (+ bias), bf16 weight, fp32 accumulation (AVX2/FMA)",
-        pybind11::arg("x"), pybind11::arg("w"), pybind11::arg("bias") = pybind11::none());
-}

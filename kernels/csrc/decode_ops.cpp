@@ -1,0 +1,394 @@
+// Fused CPU ops for small steps (decode, verify, draft blocks), where eager torch spends more time launching its ~40
+// small ops per layer than computing them. Each op equals its plain-torch twin in engine/models/layers.py and
+// kernels/attention.py, including the twin's intermediate bf16 roundings; only fp32 summation order differs.
+// Inputs are bf16 or fp32 (the model dtype); math is fp32; outputs have the input's dtype. Rows are independent, so
+// results are batch invariant.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "decode_ops.h"
+
+namespace {
+
+template <typename T>
+inline float rounded(float v) {  // v as the twin would hold it in dtype T
+  return static_cast<float>(static_cast<T>(v));
+}
+
+template <typename T>
+inline float inv_rms(const T* x, int64_t n, float eps) {
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = static_cast<float>(x[i]);
+    sum += v * v;
+  }
+  return 1.0f / std::sqrt(sum / static_cast<float>(n) + eps);
+}
+
+// out = T(T(x * inv_rms) * w): F.rms_norm(x.float()).to(T) * weight
+template <typename T>
+inline void rms_norm_row(const T* x, const T* w, T* out, int64_t n, float eps) {
+  const float r = inv_rms(x, n, eps);
+  for (int64_t i = 0; i < n; ++i)
+    out[i] = static_cast<T>(rounded<T>(static_cast<float>(x[i]) * r) * static_cast<float>(w[i]));
+}
+
+// Grain for at::parallel_for so that a second thread is woken only for ~`min_work` elements of work.
+inline int64_t grain_for(int64_t work_per_item, int64_t min_work = 16384) {
+  return std::max<int64_t>(1, min_work / std::max<int64_t>(1, work_per_item));
+}
+
+void check_cpu_float(const at::Tensor& t, const char* what) {
+  TORCH_CHECK(t.device().is_cpu(), what, ": CPU tensors only");
+  TORCH_CHECK(t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kFloat, what, ": bf16 or fp32 only");
+}
+
+template <typename T>
+void rms_norm_impl(const at::Tensor& x, const at::Tensor& w, at::Tensor& out, double eps) {
+  const int64_t n = x.size(-1), rows = x.numel() / std::max<int64_t>(1, n);
+  const T* xp = x.data_ptr<T>();
+  const T* wp = w.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  at::parallel_for(0, rows, grain_for(n), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) rms_norm_row(xp + r * n, wp, op + r * n, n, static_cast<float>(eps));
+  });
+}
+
+// e^x for 8 floats: x = n ln2 + r with |r| <= ln2/2, e^r by its degree-6 Taylor polynomial (relative error < 2e-7,
+// about one fp32 ulp, like std::exp), 2^n built in the exponent bits. Inputs are clamped to the finite range.
+inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145752f), x);  // ln2 split in two for an exact n*ln2
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.42860677e-6f), r);
+  __m256 p = _mm256_set1_ps(1.0f / 720);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  const __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(scale));
+}
+
+// silu(g) = g / (1 + e^-g) over n floats, in place.
+inline void silu_inplace(float* g, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 x = _mm256_loadu_ps(g + i);
+    const __m256 denom = _mm256_add_ps(_mm256_set1_ps(1.0f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), x)));
+    _mm256_storeu_ps(g + i, _mm256_div_ps(x, denom));
+  }
+  for (; i < n; ++i) g[i] = g[i] / (1.0f + std::exp(-g[i]));
+}
+
+// out = T(T(silu(gate)) * up): F.silu(gate) * up
+template <typename T>
+void silu_mul_impl(const at::Tensor& gu, at::Tensor& out) {
+  const int64_t n = out.size(-1), rows = out.numel() / std::max<int64_t>(1, n);
+  const T* gp = gu.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  at::parallel_for(0, rows, grain_for(8 * n), [&](int64_t r0, int64_t r1) {
+    std::vector<float> silu(n);
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* gate = gp + r * 2 * n;
+      const T* up = gate + n;
+      for (int64_t i = 0; i < n; ++i) silu[i] = static_cast<float>(gate[i]);
+      silu_inplace(silu.data(), n);
+      for (int64_t i = 0; i < n; ++i) op[r * n + i] = static_cast<T>(rounded<T>(silu[i]) * static_cast<float>(up[i]));
+    }
+  });
+}
+
+// One head of D values, normed (optional) and rotated in place into `out`:
+//   x = T(T(rms(x)) * w);  out = T(T(x * cos) + T(rotate_half(x) * sin))
+template <typename T>
+void norm_rope_head(const T* x, const T* norm_w, const T* cos, const T* sin, T* out, int64_t D, float eps,
+                    float* tmp) {
+  if (norm_w) {
+    const float r = inv_rms(x, D, eps);
+    for (int64_t i = 0; i < D; ++i)
+      tmp[i] = rounded<T>(rounded<T>(static_cast<float>(x[i]) * r) * static_cast<float>(norm_w[i]));
+  } else {
+    for (int64_t i = 0; i < D; ++i) tmp[i] = static_cast<float>(x[i]);
+  }
+  const int64_t half = D / 2;
+  for (int64_t i = 0; i < D; ++i) {
+    const float rot = i < half ? -tmp[i + half] : tmp[i - half];
+    const float a = rounded<T>(tmp[i] * static_cast<float>(cos[i]));
+    const float b = rounded<T>(rot * static_cast<float>(sin[i]));
+    out[i] = static_cast<T>(a + b);
+  }
+}
+
+template <typename T>
+void norm_rope_impl(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, const T* qn, const T* kn,
+                    double eps, int64_t H, int64_t Hkv, int64_t D, at::Tensor& q, at::Tensor& k) {
+  const int64_t rows = qkv.size(0), width = qkv.size(1), heads = H + Hkv;
+  const T* xp = qkv.data_ptr<T>();
+  const T* cp = cos.data_ptr<T>();
+  const T* sp = sin.data_ptr<T>();
+  T* qp = q.data_ptr<T>();
+  T* kp = k.data_ptr<T>();
+  at::parallel_for(0, rows * heads, grain_for(8 * D), [&](int64_t i0, int64_t i1) {
+    std::vector<float> tmp(D);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t r = i / heads, h = i % heads;
+      const bool is_q = h < H;
+      T* out = is_q ? qp + (r * H + h) * D : kp + (r * Hkv + h - H) * D;
+      norm_rope_head(xp + r * width + h * D, is_q ? qn : kn, cp + r * D, sp + r * D, out, D,
+                     static_cast<float>(eps), tmp.data());
+    }
+  });
+}
+
+template <typename T>
+void store_kv_impl(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at::Tensor& v_cache,
+                   const int64_t* slots) {
+  const int64_t rows = k.size(0), Hkv = k.size(1), D = k.size(2), S = k_cache.size(1);
+  float* kc = k_cache.data_ptr<float>();
+  float* vc = v_cache.data_ptr<float>();
+  const T* kp = k.data_ptr<T>();
+  const T* vp = v.data_ptr<T>();
+  const int64_t ks0 = k.stride(0), ks1 = k.stride(1), vs0 = v.stride(0), vs1 = v.stride(1);
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t slot = slots[r];
+    if (slot < 0) continue;  // padding row
+    TORCH_CHECK(slot < S, "store_kv: slot ", slot, " out of range (", S, " slots)");
+    for (int64_t h = 0; h < Hkv; ++h) {
+      float* kd = kc + (h * S + slot) * D;
+      float* vd = vc + (h * S + slot) * D;
+      for (int64_t d = 0; d < D; ++d) {
+        kd[d] = static_cast<float>(kp[r * ks0 + h * ks1 + d]);
+        vd[d] = static_cast<float>(vp[r * vs0 + h * vs1 + d]);
+      }
+    }
+  }
+}
+
+// One (row, kv head): its G query heads attend to the row's first `limit` keys of its sequence.
+template <typename T>
+void attend_row(const T* q, const float* kc, const float* vc, const int64_t* slots, int64_t limit, int64_t S,
+                int64_t hkv, int64_t G, int64_t D, float scale, T* out, std::vector<float>& scores,
+                std::vector<float>& qf, std::vector<float>& acc) {
+  scores.resize(G * limit);
+  for (int64_t i = 0; i < G * D; ++i) qf[i] = static_cast<float>(q[i]);
+  for (int64_t j = 0; j < limit; ++j) {
+    const float* kp = kc + (hkv * S + slots[j]) * D;
+    for (int64_t g = 0; g < G; ++g) {
+      const float* qg = qf.data() + g * D;
+      float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+      for (int64_t d = 0; d < D; ++d) s += qg[d] * kp[d];
+      scores[g * limit + j] = s * scale;
+    }
+  }
+  std::fill(acc.begin(), acc.end(), 0.0f);
+  for (int64_t g = 0; g < G; ++g) {
+    float* sg = scores.data() + g * limit;
+    float mx = -std::numeric_limits<float>::infinity();
+    for (int64_t j = 0; j < limit; ++j) mx = std::max(mx, sg[j]);
+    float total = 0.0f;
+    for (int64_t j = 0; j < limit; ++j) {
+      sg[j] = std::exp(sg[j] - mx);
+      total += sg[j];
+    }
+    const float inv = 1.0f / total;
+    for (int64_t j = 0; j < limit; ++j) sg[j] *= inv;
+  }
+  for (int64_t j = 0; j < limit; ++j) {
+    const float* vp = vc + (hkv * S + slots[j]) * D;
+    for (int64_t g = 0; g < G; ++g) {
+      const float p = scores[g * limit + j];
+      float* ag = acc.data() + g * D;
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) ag[d] += p * vp[d];
+    }
+  }
+  for (int64_t i = 0; i < G * D; ++i) out[i] = static_cast<T>(acc[i]);
+}
+
+template <typename T>
+void paged_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                          const at::Tensor& kv_slots, const int64_t* row_seq, const int64_t* row_limit, double scale,
+                          at::Tensor& out) {
+  const int64_t rows = q.size(0), H = q.size(1), D = q.size(2), Hkv = k_cache.size(0), S = k_cache.size(1);
+  const int64_t G = H / Hkv, L = kv_slots.size(1);
+  const float* kc = k_cache.data_ptr<float>();
+  const float* vc = v_cache.data_ptr<float>();
+  const int64_t* sp = kv_slots.data_ptr<int64_t>();
+  const T* qp = q.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  int64_t mean_limit = 0;
+  for (int64_t r = 0; r < rows; ++r) mean_limit += row_limit[r];
+  mean_limit /= std::max<int64_t>(1, rows);
+  at::parallel_for(0, rows * Hkv, grain_for(2 * G * D * std::max<int64_t>(1, mean_limit)), [&](int64_t i0, int64_t i1) {
+    std::vector<float> scores, qf(G * D), acc(G * D);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t r = i / Hkv, h = i % Hkv;
+      attend_row(qp + (r * H + h * G) * D, kc, vc, sp + row_seq[r] * L, row_limit[r], S, h, G, D,
+                 static_cast<float>(scale), op + (r * H + h * G) * D, scores, qf, acc);
+    }
+  });
+}
+
+}  // namespace
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
+  check_cpu_float(x, "rms_norm");
+  TORCH_CHECK(w.scalar_type() == x.scalar_type() && w.dim() == 1 && x.size(-1) == w.size(0),
+              "rms_norm: weight must be [", x.size(-1), "] of x's dtype");
+  const at::Tensor xc = x.contiguous(), wc = w.contiguous();
+  at::Tensor out = at::empty_like(xc);
+  if (x.scalar_type() == at::kBFloat16)
+    rms_norm_impl<at::BFloat16>(xc, wc, out, eps);
+  else
+    rms_norm_impl<float>(xc, wc, out, eps);
+  return out;
+}
+
+at::Tensor silu_mul(const at::Tensor& gate_up) {
+  check_cpu_float(gate_up, "silu_mul");
+  TORCH_CHECK(gate_up.size(-1) % 2 == 0, "silu_mul: last dimension must be even (gate and up halves)");
+  const at::Tensor gu = gate_up.contiguous();
+  std::vector<int64_t> shape(gu.sizes().begin(), gu.sizes().end());
+  shape.back() /= 2;
+  at::Tensor out = at::empty(shape, gu.options());
+  if (gu.scalar_type() == at::kBFloat16)
+    silu_mul_impl<at::BFloat16>(gu, out);
+  else
+    silu_mul_impl<float>(gu, out);
+  return out;
+}
+
+// qkv [T, (H + 2 Hkv) * D] -> q [T, H, D], k [T, Hkv, D]: optional per-head RMSNorm (Qwen3), then rotary with
+// cos/sin [T, D] (both halves repeated, in x's dtype).
+std::vector<at::Tensor> norm_rope(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
+                                  const c10::optional<at::Tensor>& q_norm, const c10::optional<at::Tensor>& k_norm,
+                                  double eps, int64_t H, int64_t Hkv) {
+  check_cpu_float(qkv, "norm_rope");
+  TORCH_CHECK(qkv.dim() == 2 && qkv.size(1) % (H + 2 * Hkv) == 0, "norm_rope: qkv must be [T, (H + 2 Hkv) * D]");
+  const int64_t T = qkv.size(0), D = qkv.size(1) / (H + 2 * Hkv);
+  TORCH_CHECK(D % 2 == 0, "norm_rope: head_dim must be even");
+  const at::Tensor x = qkv.contiguous(), c = cos.reshape({T, D}).contiguous(), s = sin.reshape({T, D}).contiguous();
+  TORCH_CHECK(c.scalar_type() == x.scalar_type() && s.scalar_type() == x.scalar_type(), "norm_rope: cos/sin dtype");
+  TORCH_CHECK(q_norm.has_value() == k_norm.has_value(), "norm_rope: give both q_norm and k_norm or neither");
+  at::Tensor qn, kn;
+  if (q_norm.has_value()) {
+    qn = q_norm->contiguous();
+    kn = k_norm->contiguous();
+    TORCH_CHECK(qn.numel() == D && kn.numel() == D && qn.scalar_type() == x.scalar_type() &&
+                    kn.scalar_type() == x.scalar_type(), "norm_rope: q_norm/k_norm must be [head_dim] of x's dtype");
+  }
+  at::Tensor q = at::empty({T, H, D}, x.options()), k = at::empty({T, Hkv, D}, x.options());
+  if (x.scalar_type() == at::kBFloat16)
+    norm_rope_impl<at::BFloat16>(x, c, s, qn.defined() ? qn.data_ptr<at::BFloat16>() : nullptr,
+                                 kn.defined() ? kn.data_ptr<at::BFloat16>() : nullptr, eps, H, Hkv, D, q, k);
+  else
+    norm_rope_impl<float>(x, c, s, qn.defined() ? qn.data_ptr<float>() : nullptr,
+                          kn.defined() ? kn.data_ptr<float>() : nullptr, eps, H, Hkv, D, q, k);
+  return {q, k};
+}
+
+// Writes k, v [T, Hkv, D] (last dim contiguous) at slot_mapping [T] of the fp32 caches [Hkv, slots, D]; slot -1 skips.
+void store_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at::Tensor& v_cache,
+              const at::Tensor& slot_mapping) {
+  check_cpu_float(k, "store_kv");
+  TORCH_CHECK(v.scalar_type() == k.scalar_type() && k.dim() == 3 && v.sizes() == k.sizes(), "store_kv: k/v shapes");
+  TORCH_CHECK(k.stride(2) == 1 && v.stride(2) == 1, "store_kv: k/v last dimension must be contiguous");
+  TORCH_CHECK(k_cache.scalar_type() == at::kFloat && v_cache.scalar_type() == at::kFloat && k_cache.is_contiguous() &&
+                  v_cache.is_contiguous() && k_cache.sizes() == v_cache.sizes(), "store_kv: caches must be fp32");
+  TORCH_CHECK(k_cache.size(0) == k.size(1) && k_cache.size(2) == k.size(2), "store_kv: cache shape != k shape");
+  const at::Tensor slots = slot_mapping.to(at::kLong).contiguous();
+  TORCH_CHECK(slots.numel() == k.size(0), "store_kv: one slot per row");
+  if (k.scalar_type() == at::kBFloat16)
+    store_kv_impl<at::BFloat16>(k, v, k_cache, v_cache, slots.data_ptr<int64_t>());
+  else
+    store_kv_impl<float>(k, v, k_cache, v_cache, slots.data_ptr<int64_t>());
+}
+
+// q [T, H, D]; row r attends to the first row_limit[r] keys of sequence row_seq[r], whose cache slots are
+// kv_slots[row_seq[r]] ([B, L]); caches fp32 [Hkv, slots, D]. -> [T, H, D] in q's dtype.
+at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                           const at::Tensor& kv_slots, const at::Tensor& row_seq, const at::Tensor& row_limit,
+                           double scale) {
+  check_cpu_float(q, "paged_attention");
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 3 && q.size(1) % k_cache.size(0) == 0 && q.size(2) == k_cache.size(2),
+              "paged_attention: q [T, H, D] with H a multiple of the cache's KV heads and the same D");
+  TORCH_CHECK(k_cache.scalar_type() == at::kFloat && v_cache.scalar_type() == at::kFloat && k_cache.is_contiguous() &&
+                  v_cache.is_contiguous(), "paged_attention: caches must be contiguous fp32");
+  const at::Tensor slots = kv_slots.to(at::kLong).contiguous(), seq = row_seq.to(at::kLong).contiguous();
+  const at::Tensor limit = row_limit.to(at::kLong).contiguous(), qc = q.contiguous();
+  TORCH_CHECK(seq.numel() == q.size(0) && limit.numel() == q.size(0), "paged_attention: one row_seq/limit per row");
+  const int64_t* sq = seq.data_ptr<int64_t>();
+  const int64_t* lm = limit.data_ptr<int64_t>();
+  for (int64_t r = 0; r < q.size(0); ++r)
+    TORCH_CHECK(sq[r] >= 0 && sq[r] < slots.size(0) && lm[r] >= 1 && lm[r] <= slots.size(1),
+                "paged_attention: row ", r, " has sequence ", sq[r], " and limit ", lm[r], " outside kv_slots");
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  for (int64_t i = 0; i < slots.numel(); ++i)
+    TORCH_CHECK(sp[i] >= 0 && sp[i] < k_cache.size(1), "paged_attention: slot ", sp[i], " outside the cache");
+  at::Tensor out = at::empty_like(qc);
+  if (q.scalar_type() == at::kBFloat16)
+    paged_attention_impl<at::BFloat16>(qc, k_cache, v_cache, slots, sq, lm, scale, out);
+  else
+    paged_attention_impl<float>(qc, k_cache, v_cache, slots, sq, lm, scale, out);
+  return out;
+}
+
+at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias);
+
+namespace {
+
+c10::optional<at::Tensor> optional(const at::Tensor& t) {  // empty = absent
+  return t.defined() && t.numel() ? c10::optional<at::Tensor>(t) : c10::nullopt;
+}
+
+}  // namespace
+
+// The decoder layers of a Llama/Qwen2/Qwen3 model for a step whose rows are all short queries against the paged cache
+// (decode, verify): the same fused ops as engine/models/decoder.py's fused path, in the same order, with no Python
+// between them. Weights are bf16; each layer's tensors are, in order: input norm, qkv weight, qkv bias, q norm,
+// k norm, o weight, o bias, post-attention norm, gate_up weight, down weight, k cache, v cache (absent = empty).
+DecoderStack::DecoderStack(std::vector<std::vector<at::Tensor>> layers, int64_t num_heads, int64_t num_kv_heads,
+                           int64_t head_dim, double eps)
+    : layers_(std::move(layers)), H_(num_heads), Hkv_(num_kv_heads), D_(head_dim), eps_(eps) {
+  for (const auto& l : layers_) TORCH_CHECK(l.size() == 12, "DecoderStack: 12 tensors per layer");
+}
+
+std::vector<at::Tensor> DecoderStack::forward(at::Tensor h, const at::Tensor& cos, const at::Tensor& sin,
+                                              const at::Tensor& slot_mapping, const at::Tensor& kv_slots,
+                                              const at::Tensor& row_seq, const at::Tensor& row_limit,
+                                              const std::vector<int64_t>& capture) const {
+  const int64_t T = h.size(0);
+  const double scale = 1.0 / std::sqrt(static_cast<double>(D_));
+  std::vector<at::Tensor> captured(capture.size());
+  for (size_t i = 0; i < layers_.size(); ++i) {
+    const auto& w = layers_[i];
+    at::Tensor x = rms_norm(h, w[0], eps_);
+    const at::Tensor qkv = bf16_linear(x, w[1], optional(w[2]));
+    const auto qk = norm_rope(qkv, cos, sin, optional(w[3]), optional(w[4]), eps_, H_, Hkv_);
+    const at::Tensor v = qkv.slice(1, (H_ + Hkv_) * D_).view({T, Hkv_, D_});
+    at::Tensor k_cache = w[10], v_cache = w[11];
+    store_kv(qk[1], v, k_cache, v_cache, slot_mapping);
+    const at::Tensor attn = paged_attention(qk[0], k_cache, v_cache, kv_slots, row_seq, row_limit, scale);
+    h = h + bf16_linear(attn.view({T, H_ * D_}), w[5], optional(w[6]));
+    x = rms_norm(h, w[7], eps_);
+    h = h + bf16_linear(silu_mul(bf16_linear(x, w[8], c10::nullopt)), w[9], c10::nullopt);
+    for (size_t c = 0; c < capture.size(); ++c)
+      if (capture[c] == static_cast<int64_t>(i)) captured[c] = h;
+  }
+  captured.insert(captured.begin(), h);
+  return captured;
+}

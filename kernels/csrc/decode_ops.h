@@ -1,0 +1,31 @@
+// Fused CPU decode ops (decode_ops.cpp) and the decoder stack that chains them.
+#pragma once
+#include <torch/extension.h>
+
+#include <vector>
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps);
+at::Tensor silu_mul(const at::Tensor& gate_up);
+std::vector<at::Tensor> norm_rope(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
+                                  const c10::optional<at::Tensor>& q_norm, const c10::optional<at::Tensor>& k_norm,
+                                  double eps, int64_t H, int64_t Hkv);
+void store_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at::Tensor& v_cache,
+              const at::Tensor& slot_mapping);
+at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                           const at::Tensor& kv_slots, const at::Tensor& row_seq, const at::Tensor& row_limit,
+                           double scale);
+
+class DecoderStack {
+ public:
+  DecoderStack(std::vector<std::vector<at::Tensor>> layers, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+               double eps);
+  // -> [final h, captured hidden states in `capture` order]
+  std::vector<at::Tensor> forward(at::Tensor h, const at::Tensor& cos, const at::Tensor& sin,
+                                  const at::Tensor& slot_mapping, const at::Tensor& kv_slots, const at::Tensor& row_seq,
+                                  const at::Tensor& row_limit, const std::vector<int64_t>& capture) const;
+
+ private:
+  std::vector<std::vector<at::Tensor>> layers_;
+  int64_t H_, Hkv_, D_;
+  double eps_;
+};
