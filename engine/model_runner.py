@@ -144,10 +144,14 @@ class ModelRunner:
         num_logits = [1 + len(s.spec_token_ids) if e else 0 for s, e in zip(seqs, at_end)]
         with TIMINGS.section("target"):
             logits, features = self.forward(seqs, num_logits, spec.capture_layers)
-        ends = [i for i, e in enumerate(at_end) if e]
+        drafted = [i for i, e in enumerate(at_end) if e and seqs[i].spec_token_ids]
+        plain = [i for i, e in enumerate(at_end) if e and not seqs[i].spec_token_ids]
         with TIMINGS.section("verify"):
-            verified = spec.verify([seqs[i] for i in ends], [logits[i] for i in ends]) if ends else []
-        results = {seqs[i].seq_id: (seqs[i].spec_token_ids[:a] + [t], a) for i, (a, t) in zip(ends, verified)}
+            verified = spec.verify([seqs[i] for i in drafted], [logits[i] for i in drafted]) if drafted else []
+        with TIMINGS.section("sampling"):
+            sampled = self.sample(torch.cat([logits[i] for i in plain]), [seqs[i] for i in plain]) if plain else []
+        results = {seqs[i].seq_id: (seqs[i].spec_token_ids[:a] + [t], a) for i, (a, t) in zip(drafted, verified)}
+        results |= {seqs[i].seq_id: ([t], 0) for i, t in zip(plain, sampled)}
         committed = [s.num_scheduled_tokens - len(s.spec_token_ids) + results.get(s.seq_id, ([], 0))[1]
                      for s in seqs]
         with TIMINGS.section("draft_context"):

@@ -73,6 +73,7 @@ class Scheduler:
         self.block_manager.free(seq)
         seq.status, seq.num_computed_tokens, seq.num_scheduled_tokens = SequenceStatus.WAITING, 0, 0
         seq.clear_draft()
+        seq.pending_context = []  # its rows get recomputed, and their draft K/V with them
         seq.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(seq)

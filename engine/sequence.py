@@ -36,6 +36,7 @@ class Sequence:
         self.spec_token_ids: list[int] = []   # the prefix of it the target verifies this step
         self.spec_stats = SpecStats()
         self.last_survival: list[float] | None = None  # survivals of the previous proposal (sps-lagged)
+        self.pending_context: list = []  # (first position, target features) of committed rows without draft K/V yet
 
     def __len__(self) -> int:
         return len(self.token_ids)

@@ -9,6 +9,7 @@ from engine.models.decoder import DecoderModel
 from engine.models.layers import pack_linears_for_cpu
 from engine.sampler import SamplingTensors
 from engine.sequence import Sequence
+from engine.timing import TIMINGS
 from kernels.sampling import rejection_sample
 
 
@@ -39,6 +40,8 @@ class Speculator:
         """Draft a block for each decoding seq from its anchor (last token) at position num_computed_tokens."""
         if not seqs:
             return
+        with TIMINGS.section("draft_context"):
+            self.write_context(seqs)
         starts = [s.num_computed_tokens for s in seqs]
         longest = max(starts)
         kv_slots = torch.tensor([slots(s.block_table, self.block_size, 0, n) + [0] * (longest - n)
@@ -67,12 +70,21 @@ class Speculator:
         return list(zip(accepted.tolist(), next_tokens.tolist()))
 
     def extend_context(self, seqs: list[Sequence], features: list[torch.Tensor], num_committed: list[int]):
-        """Draft context K/V for the first num_committed[i] scheduled rows of seqs[i] (whose features are given)."""
-        rows = [(s, f[:n]) for s, f, n in zip(seqs, features, num_committed) if n]
-        if not rows:
+        """Queue the first num_committed[i] scheduled rows of seqs[i] (whose target features are given) for the
+        draft's context K/V. They are written in one batch just before the request next drafts, so steps that
+        draft nothing (the planner judged speculation would not pay) do not pay for them."""
+        for seq, rows, n in zip(seqs, features, num_committed):
+            if n:
+                seq.pending_context.append((seq.num_computed_tokens, rows[:n]))
+
+    def write_context(self, seqs: list[Sequence]):
+        queued = [(s, start, rows) for s in seqs for start, rows in s.pending_context]
+        if not queued:
             return
-        positions = [p for s, f in rows for p in range(s.num_computed_tokens, s.num_computed_tokens + len(f))]
-        slot_mapping = [x for s, f in rows
-                        for x in slots(s.block_table, self.block_size, s.num_computed_tokens,
-                                       s.num_computed_tokens + len(f))]
-        self.draft.extend_context(torch.cat([f for _, f in rows]), torch.tensor(positions), torch.tensor(slot_mapping))
+        positions = [p for _, start, rows in queued for p in range(start, start + len(rows))]
+        slot_mapping = [x for s, start, rows in queued
+                        for x in slots(s.block_table, self.block_size, start, start + len(rows))]
+        self.draft.extend_context(torch.cat([rows for *_, rows in queued]), torch.tensor(positions),
+                                  torch.tensor(slot_mapping))
+        for seq in seqs:
+            seq.pending_context = []
