@@ -17,7 +17,7 @@ model: $(VENV)/.installed
 	$(PY) -m engine.default_model
 
 kernels: $(VENV)/.installed
-	$(PY) -c "from kernels import cpu_linear as k; print('CPU bf16 kernel:', 'ready' if k.available() else k.load_error())"
+	$(PY) -c "from kernels import cpu_build as k; print('CPU kernels:', 'ready' if k.available() else k.load_error())"
 
 run: setup
 	$(PY) -m engine --prompt "$(PROMPT)"
