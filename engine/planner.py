@@ -7,7 +7,8 @@ from engine.sequence import Sequence
 from engine.sps import best_budget, drafting_pays, early_stop_lengths, top_k_lengths
 
 NEEDS_CONFIDENCE = ("threshold", "sps", "sps-lagged")
-PRIOR_SURVIVAL = 0.5  # per-position survival assumed for requests with no history yet (sps-lagged)
+PRIOR_SURVIVAL = 0.5  # per-position survival assumed before any request has drafted
+PRIOR_MOMENTUM = 0.9  # a request with no history of its own gets this running mean of all requests' past survivals
 REFRESH_STEPS = 16    # after this many steps without drafting, draft once anyway so the survivals stay current
 
 
@@ -19,6 +20,7 @@ class Planner:
         self.sps = sps  # SpsCurve; None: the sps policies verify the full block (the safe default)
         self.last_budget = 0
         self.last_theta = 0.0
+        self.prior = [PRIOR_SURVIVAL ** (j + 1) for j in range(draft_len)]
         self.steps_without_drafts = 0
         self.num_skipped_steps = 0  # steps the sps policies ran plainly because drafting would not pay
 
@@ -38,7 +40,13 @@ class Planner:
 
     def stale_survivals(self, seqs: list[Sequence]) -> list[list[float]]:
         rooms = [max(0, min(self.draft_len, self.room(s))) for s in seqs]
-        return [(s.last_survival or [PRIOR_SURVIVAL ** (j + 1) for j in range(n)])[:n] for s, n in zip(seqs, rooms)]
+        return [(s.last_survival or self.prior)[:n] for s, n in zip(seqs, rooms)]
+
+    def remember(self, survivals: list[list[float]]):
+        """Fold this step's live survivals into the prior that new requests start from (used from the next step)."""
+        for row in survivals:
+            for j, a in enumerate(row[:len(self.prior)]):
+                self.prior[j] = PRIOR_MOMENTUM * self.prior[j] + (1 - PRIOR_MOMENTUM) * a
 
     @property
     def needs_confidence(self) -> bool:
@@ -57,6 +65,7 @@ class Planner:
             lengths = self.plan_sps(seqs, live, rooms)
             for seq, row in zip(seqs, live):
                 seq.last_survival = row
+            self.remember(live)
             expected = sum(1 + sum(row[:n]) for row, n in zip(live, lengths))
             self.last_theta = expected * self.sps.steps_per_second(len(seqs) + sum(lengths), len(seqs))
         self.last_budget = sum(lengths)

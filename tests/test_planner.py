@@ -84,6 +84,15 @@ def test_skipped_drafting_refreshes_its_survivals_periodically():
     assert Planner("full", 1000).wants_drafts([Seq()])  # only the sps policies ever skip
 
 
+def test_new_requests_start_from_the_running_mean_of_past_survivals():
+    planner = Planner("sps-lagged", 1000, SpsCurve({1: 0.010, 2: 0.011}, {1: 0.002}), draft_len=2)
+    assert planner.prior == [0.5, 0.25]
+    for _ in range(100):
+        planner.remember([[0.1, 0.01], [0.1]])
+    assert planner.prior == pytest.approx([0.1, 0.01], abs=1e-3)
+    assert not drafting_pays([planner.prior], planner.sps)  # a new request would now skip drafting too
+
+
 # ------------------------------------------------------------------------------------------ Appendix A
 
 P_TARGET = torch.tensor([0.7, 0.3])
