@@ -81,6 +81,11 @@ def early_stop_lengths(survivals: list[list[float]], sps) -> list[int]:
 def best_budget(survivals: list[list[float]], sps) -> int:
     """The number of draft tokens K maximising Θ over the whole (possibly jagged) curve: a global argmax, which is
     only lossless when the survivals are older than the drafts they will be applied to."""
+    return best_point(survivals, sps)[0]
+
+
+def best_point(survivals: list[list[float]], sps) -> tuple[int, float]:
+    """best_budget's K and its Θ."""
     R = len(survivals)
     ranked = sorted((a for row in survivals for a in row if a > 0), reverse=True)
     best_k, best, expected = 0, R * sps(R), float(R)
@@ -89,17 +94,15 @@ def best_budget(survivals: list[list[float]], sps) -> int:
         theta = expected * sps(R + k)
         if theta > best:
             best_k, best = k, theta
-    return best_k
+    return best_k, best
 
 
 def drafting_pays(survivals: list[list[float]], curve: SpsCurve) -> bool:
     """Decided before drafting, from survivals at least one step old (so lossless): does the best budget's Θ, paying
     the draft's cost, beat a step that drafts nothing (Θ = R · SPS_plain(R))?"""
     R = len(survivals)
-    sps = curve.for_requests(R)
-    k = best_budget(survivals, sps)
-    expected = R + sum(sorted((a for row in survivals for a in row if a > 0), reverse=True)[:k])
-    return k > 0 and expected * sps(R + k) > R * curve.plain_steps_per_second(R)
+    k, theta = best_point(survivals, curve.for_requests(R))
+    return k > 0 and theta > R * curve.plain_steps_per_second(R)
 
 
 def top_k_lengths(survivals: list[list[float]], budget: int) -> list[int]:

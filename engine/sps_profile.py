@@ -8,18 +8,18 @@ from pathlib import Path
 
 import torch
 
+from engine.config import REPO_ROOT
 from engine.cost_model import measure_curve
 from engine.sps import SpsCurve
 
 CACHE_DIR = Path(os.environ.get("DSPARK_CACHE", Path.home() / ".cache" / "dspark")) / "sps"
-ROOT = Path(__file__).resolve().parent.parent
 TIMED_CODE = ("engine/models/*.py", "engine/drafts/*.py", "engine/model_runner.py", "engine/speculator.py",
               "engine/sampler.py", "kernels/*.py", "kernels/csrc/*")
 
 
 def code_version() -> str:
     """A hash of the code whose speed the profile measures: a faster kernel invalidates the cached profile."""
-    files = sorted(f for pattern in TIMED_CODE for f in ROOT.glob(pattern) if f.is_file())
+    files = sorted(f for pattern in TIMED_CODE for f in REPO_ROOT.glob(pattern) if f.is_file())
     return hashlib.sha1(b"".join(f.read_bytes() for f in files)).hexdigest()[:12]
 
 

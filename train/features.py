@@ -16,6 +16,8 @@ from engine.loader import load_model
 from engine.models.decoder import DecoderModel
 from engine.models.layers import pack_linears_for_cpu
 
+SHARD_SIZE = 64  # conversations per cache file
+
 
 def cache_key(target: str, layer_ids: list[int], data: str) -> str:
     blob = json.dumps([str(Path(target).resolve()), layer_ids, str(Path(data).resolve())])
@@ -42,11 +44,16 @@ def target_features(model: DecoderModel, sequences: list[list[int]], layer_ids: 
     return [(features[s:s + n].clone(), last[s:s + n].clone()) for s, n in zip(starts, lengths)]
 
 
+def shard_paths(num_rows: int, out_dir: Path, shard_size: int = SHARD_SIZE) -> list[Path]:
+    """The cache's shard files, in row order."""
+    return [out_dir / f"shard-{i:05d}.pt" for i in range((num_rows + shard_size - 1) // shard_size)]
+
+
 def build_feature_cache(rows: list[dict], target: str, layer_ids: list[int], out_dir: Path,
-                        shard_size: int = 64, batch_tokens: int = 2048) -> list[Path]:
+                        shard_size: int = SHARD_SIZE, batch_tokens: int = 2048) -> list[Path]:
     """Writes (once) shards of cached features for rows; returns the shard paths in row order."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    shards = [out_dir / f"shard-{i:05d}.pt" for i in range((len(rows) + shard_size - 1) // shard_size)]
+    shards = shard_paths(len(rows), out_dir, shard_size)
     if all(p.is_file() for p in shards):
         return shards
     model = load_model(target, torch.bfloat16)

@@ -64,12 +64,7 @@ def markov_bias(head, hidden: torch.Tensor, prev: torch.Tensor) -> torch.Tensor 
 
 def confidence_logits(draft: DSparkDraft, hidden: torch.Tensor, prev: torch.Tensor) -> torch.Tensor | None:
     """Pre-sigmoid confidence [A, G] from [h_k ; W1[x_{k-1}]] (teacher-forced prev), or None without the head."""
-    if draft.confidence_head is None:
-        return None
-    features = hidden
-    if draft.config.confidence_with_markov:
-        features = torch.cat([hidden, draft.markov_head.markov_w1(prev).to(hidden.dtype)], dim=-1)
-    return draft.confidence_head.proj(features).squeeze(-1).float()
+    return None if draft.confidence_head is None else draft.confidence_logits_from_prev(hidden, prev)
 
 
 def target_probs(lm_head, last_hidden: torch.Tensor, blocks: Blocks) -> torch.Tensor:

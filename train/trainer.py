@@ -19,7 +19,7 @@ from train.blocks import make_blocks, sample_anchors
 from train.config import TrainConfig
 from train.data import read_rows
 from train.export import save_draft
-from train.features import build_feature_cache, cache_key, load_feature_cache
+from train.features import build_feature_cache, cache_key, load_feature_cache, shard_paths
 from train.forward import backbone_hidden, confidence_logits, draft_logits, target_probs, teacher_forced_prev
 from train.init_draft import default_layer_ids, init_draft
 from train.losses import LossSums, combine, expected_acceptance_length, loss_sums, position_weights
@@ -77,7 +77,7 @@ def feature_records(cfg: TrainConfig, rank: int = 0) -> list[dict]:
         build_feature_cache(rows, cfg.target, layer_ids, cache)
     if dist.is_initialized():
         dist.barrier()
-    return load_feature_cache(build_feature_cache(rows, cfg.target, layer_ids, cache))
+    return load_feature_cache(shard_paths(len(rows), cache))
 
 
 class Trainer:

@@ -188,16 +188,16 @@ class DSparkDraft(nn.Module):
     def has_confidence(self) -> bool:
         return self.confidence_head is not None and self.use_sequential_head
 
-    def confidence(self, hidden: torch.Tensor, anchors: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor | None:
-        logits = self.confidence_logits(hidden, anchors, tokens)
-        return None if logits is None else self.confidence_head.calibrate(logits)
-
     def confidence_logits(self, hidden: torch.Tensor, anchors: torch.Tensor,
                           tokens: torch.Tensor) -> torch.Tensor | None:
         if not self.has_confidence:
             return None
+        return self.confidence_logits_from_prev(hidden, torch.cat([anchors[:, None], tokens[:, :-1]], dim=1))
+
+    def confidence_logits_from_prev(self, hidden: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+        """Uncalibrated confidence logits [B, G] from [h_k ; W1[prev_k]], prev [B, G] the token before each
+        position (training passes the ground truth: teacher forcing)."""
         features = hidden
         if self.config.confidence_with_markov:
-            prev = torch.cat([anchors[:, None], tokens[:, :-1]], dim=1)
             features = torch.cat([hidden, self.markov_head.markov_w1(prev).to(hidden.dtype)], dim=-1)
         return self.confidence_head.logits(features)

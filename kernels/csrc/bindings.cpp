@@ -5,8 +5,6 @@
 
 #include "decode_ops.h"
 
-at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias);
-
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace py = pybind11;
   m.def("bf16_linear", &bf16_linear, "y = x @ w.T (+ bias), bf16 weight, fp32 accumulation (AVX2/FMA)", py::arg("x"),

@@ -347,8 +347,6 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
   return out;
 }
 
-at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias);
-
 namespace {
 
 c10::optional<at::Tensor> optional(const at::Tensor& t) {  // empty = absent

@@ -1,9 +1,11 @@
-// Fused CPU decode ops (decode_ops.cpp) and the decoder stack that chains them.
+// The CPU kernels: the bf16 linear (bf16_linear.cpp), the fused decode ops and the decoder stack that chains them
+// (decode_ops.cpp).
 #pragma once
 #include <torch/extension.h>
 
 #include <vector>
 
+at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias);
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps);
 at::Tensor silu_mul(const at::Tensor& gate_up);
 std::vector<at::Tensor> norm_rope(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
