@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PROMPT ?= What is the capital of France?
 
-.PHONY: setup model kernels run serve test bench clean
+.PHONY: setup model kernels run serve test bench gpu-check clean
 
 setup: $(VENV)/.installed model kernels
 
@@ -30,6 +30,12 @@ test: setup
 
 bench: setup
 	$(PY) -m bench throughput
+
+# On a GPU machine: the Triton kernels and the engine's GPU path checked and benchmarked (report in bench_out/gpu_check).
+# Uses that machine's python (torch, triton, transformers, pytest), not this venv.
+GPU_PYTHON ?= python3
+gpu-check:
+	PYTHONPATH=. $(GPU_PYTHON) -m bench.gpu_check --out bench_out/gpu_check
 
 clean:
 	rm -rf $(VENV) models .cache

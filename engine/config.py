@@ -11,6 +11,8 @@ DEFAULT_DRAFT = REPO_ROOT / "drafts" / "dspark-smollm2-135m"  # trained by train
 # default model without it until a better-trained draft beats plain; set True to make it the default again.
 DEFAULT_MODEL_SPECULATES = False
 SPEC_METHODS = ("auto", "none", "dflash", "dspark")
+DEVICES = ("auto", "cpu", "cuda")
+KERNEL_BACKENDS = ("auto", "torch", "triton")
 
 
 def parse_verify_policy(text: str) -> tuple[str, float]:
@@ -49,6 +51,28 @@ def resolve_auto_spec(model: str, draft: str) -> tuple[str, str]:
     return "none", ""
 
 
+def resolve_device(device: str, kernels: str) -> tuple[str, str]:
+    """'auto' -> the GPU when torch sees one; kernels 'auto' -> Triton on the GPU, the torch twins on CPU. Triton on
+    CPU tensors only runs under its interpreter (TRITON_INTERPRET=1): slow, for tests."""
+    import torch
+    from kernels.triton_support import HAS_TRITON, INTERPRETING
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+    if kernels not in KERNEL_BACKENDS:
+        raise ValueError(f"kernels must be one of {KERNEL_BACKENDS}, got {kernels!r}")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' but torch sees no CUDA GPU")
+    if kernels == "auto":
+        kernels = "triton" if device == "cuda" and HAS_TRITON else "torch"
+    if kernels == "triton" and not HAS_TRITON:
+        raise ValueError("kernels='triton' needs Triton installed (pip install '.[gpu]')")
+    if kernels == "triton" and device == "cpu" and not INTERPRETING:
+        raise ValueError("kernels='triton' on CPU needs TRITON_INTERPRET=1 (Triton's interpreter, for tests)")
+    return device, kernels
+
+
 @dataclass
 class EngineConfig:
     """One flat set of options shared by the offline API, the server CLI and the benchmarks."""
@@ -57,7 +81,7 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 1024
     max_model_len: int = 0               # 0 = the model's own context length
-    kv_cache_gb: float = 0.0             # 0 = auto: a tenth of physical memory, between 0.5 and 8 GiB
+    kv_cache_gb: float = 0.0             # 0 = auto: CPU a tenth of RAM (0.5-8 GiB); GPU most of what is left free
     kv_block_size: int = 16
     num_threads: int = 0                 # 0 = leave torch's default
     seed: int = 0
@@ -66,6 +90,8 @@ class EngineConfig:
     num_draft_tokens: int = 0            # gamma: tokens drafted per step; 0 = the draft's block_size
     verify_policy: str = "full"          # full | fixed:k | threshold:c | sps | sps-lagged
     sps_profile: str = ""                # SPS(B) cost table JSON; "" = profile quickly at start-up (cached); none
+    device: str = "auto"                 # auto (cuda when present) | cpu | cuda
+    kernels: str = "auto"                # auto (triton on cuda, torch twins on cpu) | torch | triton
     hf_config: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -87,5 +113,6 @@ class EngineConfig:
         if self.num_draft_tokens < 0:
             raise ValueError(f"num_draft_tokens must be >= 0 (0 = the draft's block size), got {self.num_draft_tokens}")
         parse_verify_policy(self.verify_policy)
-        if self.kv_cache_gb == 0:
-            self.kv_cache_gb = auto_kv_cache_gb()
+        self.device, self.kernels = resolve_device(self.device, self.kernels)
+        if self.kv_cache_gb == 0 and self.device == "cpu":
+            self.kv_cache_gb = auto_kv_cache_gb()  # on a GPU the model runner sizes it after loading the weights

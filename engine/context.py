@@ -20,9 +20,20 @@ class AttentionGroup:
 
 
 @dataclass
+class VarlenBatch:
+    """The whole flat batch for one varlen attention call (the Triton path): sequence b owns query rows
+    cu_seqlens_q[b]:cu_seqlens_q[b+1] and its keys are kv_slots[b, :kv_lens[b]] in the paged cache."""
+    cu_seqlens_q: torch.Tensor  # [B+1] int32
+    kv_slots: torch.Tensor      # [B, Lmax] long
+    kv_lens: torch.Tensor       # [B] int32
+    max_q_len: int
+
+
+@dataclass
 class Context:
     slot_mapping: torch.Tensor | None = None
     groups: list[AttentionGroup] = field(default_factory=list)
+    varlen: VarlenBatch | None = None
 
 
 _CONTEXT = Context()
@@ -32,9 +43,9 @@ def get_context() -> Context:
     return _CONTEXT
 
 
-def set_context(slot_mapping: torch.Tensor, groups: list[AttentionGroup]):
+def set_context(slot_mapping: torch.Tensor, groups: list[AttentionGroup], varlen: VarlenBatch | None = None):
     global _CONTEXT
-    _CONTEXT = Context(slot_mapping, groups)
+    _CONTEXT = Context(slot_mapping, groups, varlen)
 
 
 def reset_context():

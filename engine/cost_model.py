@@ -3,6 +3,8 @@ number of requests): the points of the SPS(B) curve. Used at start-up in a quick
 import statistics
 import time
 
+import torch
+
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
 from engine.sps import SpsCurve
@@ -24,14 +26,21 @@ def fake_requests(engine, count: int, context_len: int) -> list[Sequence]:
     return seqs
 
 
+def clock(engine) -> float:
+    """Wall time once the device has finished what was queued (GPU work is asynchronous)."""
+    if engine.model_runner.device.type == "cuda":
+        torch.cuda.synchronize(engine.model_runner.device)
+    return time.perf_counter()
+
+
 def time_forward(engine, seqs: list[Sequence], sizes: list[int], repeats: int) -> float:
     times = []
     for _ in range(repeats + 1):
         for seq, n in zip(seqs, sizes):
             seq.num_scheduled_tokens = n
-        start = time.perf_counter()
+        start = clock(engine)
         engine.model_runner.forward(seqs, sizes, engine.model_runner.capture_layers)
-        times.append(time.perf_counter() - start)
+        times.append(clock(engine) - start)
     for seq in seqs:
         seq.num_scheduled_tokens = 0
     return statistics.median(times[1:])
@@ -41,9 +50,9 @@ def time_draft(engine, seqs: list[Sequence], repeats: int) -> float:
     speculator = engine.model_runner.speculator
     times = []
     for _ in range(repeats + 1):
-        start = time.perf_counter()
+        start = clock(engine)
         speculator.propose(seqs)
-        times.append(time.perf_counter() - start)
+        times.append(clock(engine) - start)
     for seq in seqs:
         seq.clear_draft()
     return statistics.median(times[1:])

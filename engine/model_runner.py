@@ -3,7 +3,7 @@ import torch
 
 from engine.block_manager import slots
 from engine.config import EngineConfig
-from engine.context import AttentionGroup, reset_context, set_context
+from engine.context import AttentionGroup, VarlenBatch, reset_context, set_context
 from engine.cpu import keep_freed_memory
 from engine.loader import load_model
 from engine.models.layers import pack_linears_for_cpu
@@ -11,25 +11,32 @@ from engine.sampler import SamplingTensors, sample
 from engine.sequence import Sequence
 from engine.speculator import Speculator
 from engine.timing import TIMINGS
+from kernels import triton_support
 from kernels.attention import attention_mask
 
 SHORT_QUERY = 16  # sequences with at most this many new tokens share one padded attention call
 
+GPU_KV_SHARE = 0.8  # of the GPU memory free after loading the weights
+
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
-KV_DTYPE = torch.float32  # on CPU attention math runs in fp32 (no fast bf16 batched matmul), so store it that way
+CPU_KV_DTYPE = torch.float32  # CPU attention math runs in fp32 (no fast bf16 batched matmul): store it so
 
 
 class ModelRunner:
     def __init__(self, config: EngineConfig):
         self.config = config
         keep_freed_memory()
+        triton_support.select(config.kernels)
+        self.device = torch.device(config.device)
         self.dtype = DTYPES[config.dtype]
-        self.model = load_model(config.model, self.dtype)
-        pack_linears_for_cpu(self.model)
+        self.kv_dtype = CPU_KV_DTYPE if self.device.type == "cpu" else self.dtype
+        self.model = load_model(config.model, self.dtype).to(self.device)
+        if self.device.type == "cpu":
+            pack_linears_for_cpu(self.model)
         self.block_size = config.kv_block_size
         self.speculator = (Speculator(config, self.model, self.dtype, self.block_size)
                            if config.spec_method != "none" else None)
-        self.num_blocks = self.allocate_kv_cache(config.kv_cache_gb)
+        self.num_blocks = self.allocate_kv_cache(config.kv_cache_gb or self.free_gpu_kv_gb())
 
     @property
     def capture_layers(self) -> tuple[int, ...]:
@@ -37,10 +44,17 @@ class ModelRunner:
 
     def kv_bytes_per_block(self) -> int:
         attn = self.model.layers[0].self_attn
-        per_token = 2 * len(self.model.layers) * attn.num_kv_heads * attn.head_dim * KV_DTYPE.itemsize
+        per_token = 2 * len(self.model.layers) * attn.num_kv_heads * attn.head_dim * self.kv_dtype.itemsize
         if self.speculator:
-            per_token += self.speculator.kv_bytes_per_token(KV_DTYPE)
+            per_token += self.speculator.kv_bytes_per_token(self.kv_dtype)
         return per_token * self.block_size
+
+    def free_gpu_kv_gb(self) -> float:
+        """GiB for the KV cache (target + draft) on the GPU: a share of the memory still free after loading both,
+        the rest left for activations, logits and CUDA graphs."""
+        torch.cuda.empty_cache()
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return GPU_KV_SHARE * free / 2**30
 
     def allocate_kv_cache(self, kv_cache_gb: float) -> int:
         num_blocks = int(kv_cache_gb * 2**30) // self.kv_bytes_per_block()
@@ -48,11 +62,11 @@ class ModelRunner:
             raise ValueError(f"kv_cache_gb={kv_cache_gb} is too small for even one KV block")
         attn = self.model.layers[0].self_attn
         shape = (2, len(self.model.layers), attn.num_kv_heads, num_blocks * self.block_size, attn.head_dim)
-        self.kv_cache = torch.zeros(shape, dtype=KV_DTYPE)
+        self.kv_cache = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
         for i, layer in enumerate(self.model.layers):
             layer.self_attn.k_cache, layer.self_attn.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
         if self.speculator:
-            self.speculator.allocate_kv_cache(num_blocks * self.block_size, KV_DTYPE)
+            self.speculator.allocate_kv_cache(num_blocks * self.block_size, self.kv_dtype)
         return num_blocks
 
     def prepare(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,8 +77,26 @@ class ModelRunner:
             input_ids += seq.scheduled_token_ids()
             positions += range(start, end)
             slot_mapping += slots(seq.block_table, self.block_size, start, end)
-        set_context(torch.tensor(slot_mapping), self.attention_groups(seqs))
-        return torch.tensor(input_ids), torch.tensor(positions)
+        if triton_support.enabled():
+            set_context(self.on_device(slot_mapping), [], self.varlen_batch(seqs))
+        else:
+            set_context(torch.tensor(slot_mapping), self.attention_groups(seqs))
+        return self.on_device(input_ids), self.on_device(positions)
+
+    def on_device(self, values: list, dtype: torch.dtype = torch.long) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype, pin_memory=self.device.type == "cuda").to(self.device,
+                                                                                          non_blocking=True)
+
+    def varlen_batch(self, seqs: list[Sequence]) -> VarlenBatch:
+        q_lens = [s.num_scheduled_tokens for s in seqs]
+        kv_lens = [s.num_computed_tokens + s.num_scheduled_tokens for s in seqs]
+        lmax = max(kv_lens)
+        kv_slots = [slots(s.block_table, self.block_size, 0, n) + [0] * (lmax - n) for s, n in zip(seqs, kv_lens)]
+        cu = [0]
+        for q in q_lens:
+            cu.append(cu[-1] + q)
+        return VarlenBatch(self.on_device(cu, torch.int32), self.on_device(kv_slots), self.on_device(kv_lens, torch.int32),
+                           max(q_lens))
 
     @staticmethod
     def is_short(seq: Sequence) -> bool:
@@ -175,5 +207,5 @@ class ModelRunner:
         params = [s.params for s in seqs]
         if all(p.greedy for p in params):
             return logits.argmax(-1).tolist()
-        probs = SamplingTensors.from_params(params).probs(logits)
+        probs = SamplingTensors.from_params(params, device=logits.device).probs(logits)
         return sample(probs, [s.generator for s in seqs]).tolist()

@@ -2,9 +2,13 @@
 full / fixed:k ignore confidences; threshold:c cuts at the first confidence below c; sps runs the paper's
 Algorithm 1 on live survivals (lossless by its early stop); sps-lagged picks the global budget K from survivals at
 least one step old and gives it to the live top-K (lossless because K does not depend on the current drafts)."""
+import torch
+
 from engine.config import parse_verify_policy
 from engine.sequence import Sequence
 from engine.sps import best_budget, drafting_pays, early_stop_lengths, top_k_lengths
+from kernels import triton_support
+from kernels.dispatch import allocate_budget
 
 NEEDS_CONFIDENCE = ("threshold", "sps", "sps-lagged")
 PRIOR_SURVIVAL = 0.5  # per-position survival assumed before any request has drafted
@@ -76,7 +80,11 @@ class Planner:
         if self.kind == "sps":
             return early_stop_lengths(live, sps)
         stale = [row[:n] for row, n in zip(self.stale_survivals(seqs), rooms)]
-        return top_k_lengths(live, best_budget(stale, sps))
+        budget = best_budget(stale, sps)
+        if triton_support.enabled():  # the GPU path: survivals and allocation in one kernel, beside the drafts
+            confidences = torch.stack([s.proposal.confidence for s in seqs])
+            return allocate_budget(confidences, torch.tensor(rooms, device=confidences.device), budget)[1].tolist()
+        return top_k_lengths(live, budget)
 
     @staticmethod
     def survival(confidences: list[float]) -> list[float]:

@@ -79,14 +79,11 @@ def _mask_by_full_sort(probs, use_k, top_k, use_p, top_p) -> torch.Tensor:
 
 
 def sample(probs: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
-    """Exponential race: argmax(p / E), E ~ Exp(1) drawn per row from that row's own generator."""
-    noise = torch.empty_like(probs)
-    for row, g in zip(noise, generators, strict=True):
-        if row.is_cuda:
-            row.exponential_(generator=g)
-        else:
-            row.uniform_(generator=g).neg_().log1p_().neg_()  # -log(1-U): finite Exp(1), ~4x faster
-    return probs.div(noise.clamp_min_(1e-30)).argmax(-1)
+    """Inverse-CDF sampling with one uniform per row from that row's own (CPU) generator: the same draws on CPU and
+    GPU for a seeded request, and only R numbers cross to the device."""
+    from kernels.sampling import sample_inverse_cdf
+    uniforms = torch.stack([torch.rand((), generator=g) for g in generators])
+    return sample_inverse_cdf(probs, uniforms.to(probs.device, non_blocking=True))
 
 
 def make_generator(seed: int | None, device: str | torch.device = "cpu") -> torch.Generator:
@@ -121,6 +118,11 @@ class SamplingTensors:
         """Each row's settings repeats times in a row (one request's several positions)."""
         return SamplingTensors(*(t.repeat_interleave(repeats) for t in
                                  (self.temperature, self.top_k, self.top_p, self.min_p)))
+
+    def temperature_only(self, vocab_size: int) -> bool:
+        """No row uses top-k, top-p or min-p."""
+        k_off = (self.top_k <= 0) | (self.top_k >= vocab_size)
+        return bool((k_off & (self.top_p >= 1) & (self.min_p <= 0)).all())
 
     def probs(self, logits: torch.Tensor) -> torch.Tensor:
         return probs_from_logits(logits, self.temperature, self.top_k, self.top_p, self.min_p)

@@ -10,13 +10,15 @@ from engine.models.layers import pack_linears_for_cpu
 from engine.sampler import SamplingTensors
 from engine.sequence import Sequence
 from engine.timing import TIMINGS
-from kernels.sampling import rejection_sample
+from kernels.dispatch import rejection_sample
 
 
 class Speculator:
     def __init__(self, config: EngineConfig, target: DecoderModel, dtype: torch.dtype, block_size: int):
-        self.draft = load_draft(config.draft, target, dtype, config.spec_method)
-        pack_linears_for_cpu(self.draft)
+        self.device = torch.device(config.device)
+        self.draft = load_draft(config.draft, target, dtype, config.spec_method).to(self.device)
+        if self.device.type == "cpu":
+            pack_linears_for_cpu(self.draft)
         block = self.draft.config.block_size
         if config.num_draft_tokens > block:
             raise ValueError(f"num_draft_tokens={config.num_draft_tokens} exceeds the draft's block_size {block}")
@@ -32,7 +34,8 @@ class Speculator:
     def allocate_kv_cache(self, num_slots: int, kv_dtype: torch.dtype):
         """Draft context K/V lives in the same slots as the target's, so one block table serves both."""
         c = self.draft.config
-        self.kv_cache = torch.zeros(2, c.num_layers, c.num_kv_heads, num_slots, c.head_dim, dtype=kv_dtype)
+        self.kv_cache = torch.zeros(2, c.num_layers, c.num_kv_heads, num_slots, c.head_dim, dtype=kv_dtype,
+                                    device=self.device)
         for i, layer in enumerate(self.draft.layers):
             layer.self_attn.k_cache, layer.self_attn.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
 
@@ -44,12 +47,14 @@ class Speculator:
             self.write_context(seqs)
         starts = [s.num_computed_tokens for s in seqs]
         longest = max(starts)
-        kv_slots = torch.tensor([slots(s.block_table, self.block_size, 0, n) + [0] * (longest - n)
-                                 for s, n in zip(seqs, starts)])
+        kv_slots = self.on_device([slots(s.block_table, self.block_size, 0, n) + [0] * (longest - n)
+                                   for s, n in zip(seqs, starts)])
         uniforms = torch.stack([torch.rand(self.num_draft_tokens, generator=s.generator) for s in seqs])
-        proposals = self.draft.propose(torch.tensor([s.token_ids[-1] for s in seqs]), torch.tensor(starts), kv_slots,
-                                       torch.tensor(starts), self.num_draft_tokens,
-                                       SamplingTensors.from_params([s.params for s in seqs]), uniforms)
+        starts = self.on_device(starts)
+        proposals = self.draft.propose(self.on_device([s.token_ids[-1] for s in seqs]), starts, kv_slots, starts,
+                                       self.num_draft_tokens,
+                                       SamplingTensors.from_params([s.params for s in seqs], device=self.device),
+                                       uniforms.to(self.device))
         for seq, proposal in zip(seqs, proposals):
             seq.proposal = proposal
 
@@ -57,17 +62,20 @@ class Speculator:
         """logits[i]: the target's [1 + l_i, V] rows for [anchor, d_1..d_l] of seqs[i] (l_i = its spec tokens).
         Returns (accepted drafts, next token) per seq."""
         num_drafts = [len(s.spec_token_ids) for s in seqs]
-        target_probs = SamplingTensors.from_params([s.params for s in seqs], [n + 1 for n in num_drafts]).probs(
-            torch.cat(logits))
+        target_probs = SamplingTensors.from_params([s.params for s in seqs], [n + 1 for n in num_drafts],
+                                                   self.device).probs(torch.cat(logits))
         drafted = [s for s, n in zip(seqs, num_drafts) if n]
         draft_probs = (torch.cat([s.proposal.probs[:len(s.spec_token_ids)] for s in drafted]) if drafted
                        else target_probs.new_zeros(0, self.vocab_size))
-        draft_tokens = torch.tensor([t for s in drafted for t in s.spec_token_ids], dtype=torch.long)
+        draft_tokens = self.on_device([t for s in drafted for t in s.spec_token_ids])
         uniforms = [torch.rand(n + 1, generator=s.generator) for s, n in zip(seqs, num_drafts)]
         accepted, next_tokens = rejection_sample(
-            target_probs, draft_probs, draft_tokens, torch.tensor(num_drafts),
-            torch.cat([u[:-1] for u in uniforms]), torch.stack([u[-1] for u in uniforms]))
+            target_probs, draft_probs, draft_tokens, self.on_device(num_drafts),
+            torch.cat([u[:-1] for u in uniforms]).to(self.device), torch.stack([u[-1] for u in uniforms]).to(self.device))
         return list(zip(accepted.tolist(), next_tokens.tolist()))
+
+    def on_device(self, values: list) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=True)
 
     def extend_context(self, seqs: list[Sequence], features: list[torch.Tensor], num_committed: list[int]):
         """Queue the first num_committed[i] scheduled rows of seqs[i] (whose target features are given) for the
@@ -84,7 +92,7 @@ class Speculator:
         positions = [p for _, start, rows in queued for p in range(start, start + len(rows))]
         slot_mapping = [x for s, start, rows in queued
                         for x in slots(s.block_table, self.block_size, start, start + len(rows))]
-        self.draft.extend_context(torch.cat([rows for *_, rows in queued]), torch.tensor(positions),
-                                  torch.tensor(slot_mapping))
+        self.draft.extend_context(torch.cat([rows for *_, rows in queued]), self.on_device(positions),
+                                  self.on_device(slot_mapping))
         for seq in seqs:
             seq.pending_context = []

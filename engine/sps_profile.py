@@ -29,8 +29,12 @@ def profile_key(engine) -> dict:
     return {"model": str(Path(c.model).resolve()), "draft": str(Path(c.draft).resolve()) if c.draft else "",
             "spec_method": c.spec_method, "num_draft_tokens": c.num_draft_tokens, "dtype": c.dtype,
             "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.machine(),
-            "cpu": platform.processor() or platform.node(), "device": "cpu",
+            "cpu": platform.processor() or platform.node(), "device": device_name(c.device), "kernels": c.kernels,
             "code": code_version()}
+
+
+def device_name(device: str) -> str:
+    return torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu"
 
 
 def load_sps_curve(engine, setting: str) -> SpsCurve | None:

@@ -27,6 +27,19 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     return grouped_attention(q, k, v, None if mask is None else mask.unsqueeze(2), scale)
 
 
+def varlen_paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                           kv_slots: torch.Tensor, kv_lens: torch.Tensor, non_causal_tail: torch.Tensor | None,
+                           scale: float) -> torch.Tensor:
+    """q [T, H, D] packed by cu_seqlens_q [B+1] (each sequence's newest tokens) against its kv_lens[b] keys
+    kv_slots[b, :kv_len]; visibility as in attention_mask -> [T, H, D]."""
+    q_lens = cu_seqlens_q.diff().tolist()
+    tail = None if non_causal_tail is None else non_causal_tail.tolist()
+    mask = attention_mask(q_lens, kv_lens.tolist(), tail)
+    padded = torch.nn.utils.rnn.pad_sequence(list(q.split(q_lens)), batch_first=True)
+    out = paged_attention(padded, k_cache, v_cache, kv_slots[:, :mask.shape[2]], mask, scale)
+    return torch.cat([rows[:n] for rows, n in zip(out, q_lens)])
+
+
 def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     kv_slots: torch.Tensor, ctx_lens: torch.Tensor, scale: float) -> torch.Tensor:
     """A draft block: q/k/v [B, G, H(kv), D] attend, without a causal mask, to their sequence's first ctx_lens[b]

@@ -8,6 +8,7 @@ from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from server.app import ServerOptions, build_app
 from server.engine_loop import EngineLoop
+from server.gpu_stats import GpuStats
 from server.metrics import Metrics
 from server.prompts import PromptBuilder
 
@@ -16,6 +17,10 @@ def create_app(config: EngineConfig, served_model_name: str = "", api_key: str =
                max_body_bytes: int = 1 << 20) -> FastAPI:
     engine = LLMEngine(config)
     name = served_model_name or Path(config.model).name
-    loop = EngineLoop(engine, Metrics(name), max_waiting)
+    metrics = Metrics(name)
+    gpu = GpuStats.for_engine(engine)
+    if gpu:
+        metrics.attach_gpu(gpu)
+    loop = EngineLoop(engine, metrics, max_waiting)
     prompts = PromptBuilder(engine, AutoTokenizer.from_pretrained(config.model), name)
     return build_app(loop, prompts, ServerOptions(name, api_key, max_body_bytes))

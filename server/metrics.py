@@ -65,9 +65,19 @@ class Metrics:
         self.skipped_steps = one(Counter("dspark:planner_skipped_draft_steps",
                                          "Steps run without drafting because the sps planner judged (from lagged "
                                          "survivals) that speculation would not pay.", name, registry=r))
+        self.gpu, self.gpu_gauges = None, ()  # an engine on CUDA adds its GPU's gauges (attach_gpu)
         self.seen = SpecStats()
         self.seen_preemptions = 0
         self.seen_skipped_steps = 0
+
+    def attach_gpu(self, gpu_stats):
+        """GPU gauges exist only when there is a GPU to read (server/gpu_stats.py)."""
+        r, name = self.registry, ["model_name"]
+        self.gpu = gpu_stats
+        self.gpu_gauges = tuple(Gauge(n, doc, name, registry=r).labels(self.model_name) for n, doc in (
+            ("dspark:gpu_utilization_ratio", "GPU busy fraction over NVML's last sample period."),
+            ("dspark:gpu_memory_used_bytes", "GPU memory in use (NVML)."),
+            ("dspark:gpu_memory_total_bytes", "GPU memory in all (NVML).")))
 
     def finished(self, reason: str):
         self.success.labels(self.model_name, reason).inc()
@@ -80,6 +90,10 @@ class Metrics:
         self.kv_usage.set(1 - blocks.num_free_blocks / blocks.num_blocks)
         self.preemptions.inc(scheduler.num_preemptions - self.seen_preemptions)
         self.seen_preemptions = scheduler.num_preemptions
+        reading = self.gpu.read() if self.gpu else None
+        if reading:
+            for gauge, value in zip(self.gpu_gauges, reading, strict=True):
+                gauge.set(value)
         if engine.model_runner.speculator:
             self.planner_budget.set(engine.planner.last_budget)
             self.planner_theta.set(engine.planner.last_theta)

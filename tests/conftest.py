@@ -1,8 +1,14 @@
+import os
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+# Without a GPU, Triton kernels run in Triton's interpreter (on CPU tensors); it must be chosen before they are
+# defined, i.e. before any kernels.triton_* module is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 sys.path.insert(0, str(Path(__file__).parent))
 torch.set_num_threads(2)
@@ -18,3 +24,9 @@ def tiny_model_dir(request, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("llama"), "llama")
+
+
+@pytest.fixture(scope="session")
+def kernel_device() -> torch.device:
+    """Where Triton kernel tests put their inputs: the GPU when there is one, else CPU (Triton's interpreter)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -125,3 +125,17 @@ def test_two_gloo_ranks_match_one_process(tmp_path, tiny_llama_dir, dataset):
         assert ranked.keys() == single.keys()
         for name, grad in single.items():
             assert torch.allclose(ranked[name], grad, rtol=1e-4, atol=1e-6), name
+
+
+def test_feature_cache_of_other_conversations_is_refused(tmp_path, tiny_llama_dir, dataset):
+    """The cache is keyed by the data file's path: a rewritten file must not silently reuse stale features."""
+    data = tmp_path / "train.jsonl"
+    rows = dataset[0].read_text().splitlines()
+    data.write_text("\n".join(rows[:8]) + "\n")
+    cfg = tiny_config(tiny_llama_dir, dataset, tmp_path, data=str(data))
+    assert len(feature_records(cfg)) == 8
+    changed = json.loads(rows[0])
+    changed["input_ids"][-1] = (changed["input_ids"][-1] + 1) % 300
+    data.write_text("\n".join([json.dumps(changed)] + rows[1:8]) + "\n")
+    with pytest.raises(ValueError, match="delete it to rebuild"):
+        feature_records(cfg)

@@ -77,7 +77,13 @@ def feature_records(cfg: TrainConfig, rank: int = 0) -> list[dict]:
         build_feature_cache(rows, cfg.target, layer_ids, cache)
     if dist.is_initialized():
         dist.barrier()
-    return load_feature_cache(shard_paths(len(rows), cache))
+    records = load_feature_cache(shard_paths(len(rows), cache))
+    stale = next((i for i, (r, rec) in enumerate(zip(rows, records)) if rec["input_ids"].tolist() != r["input_ids"]),
+                 None)
+    if stale is not None or len(records) != len(rows):
+        raise ValueError(f"the feature cache {cache} was built from other conversations than {cfg.data} "
+                         f"(first mismatch at row {stale}); delete it to rebuild")
+    return records
 
 
 class Trainer:

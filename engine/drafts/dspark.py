@@ -6,12 +6,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from engine.drafts.heads import SEQUENTIAL_HEADS, ConfidenceHead
+from engine.drafts.heads import SEQUENTIAL_HEADS, ConfidenceHead, VanillaMarkov
 from engine.models.decoder import MLP
 from engine.models.layers import Linear, RMSNorm, RotaryEmbedding, apply_rotary, rope_inv_freq
 from engine.sampler import SamplingTensors
 from engine.timing import TIMINGS
-from kernels.attention import block_attention, store_kvcache
+from kernels import triton_support
+from kernels.dispatch import block_attention, markov_sample, store_kvcache
 from kernels.sampling import sample_inverse_cdf
 
 
@@ -134,10 +135,10 @@ class DSparkDraft(nn.Module):
         """Final-normed hidden states [B, block_size, h] of the blocks [anchor, mask...] at starts[b] + 0.."""
         embed = self.target[0]
         G = self.config.block_size
-        ids = torch.full((anchors.shape[0], G), self.config.mask_token_id)
+        ids = torch.full((anchors.shape[0], G), self.config.mask_token_id, device=anchors.device)
         ids[:, 0] = anchors
         x = embed(ids)
-        positions = starts[:, None] + torch.arange(G)
+        positions = starts[:, None] + torch.arange(G, device=starts.device)
         cos, sin = self.rotary.cos_sin_at(positions.reshape(-1), x.dtype)
         cos, sin = cos.view(*positions.shape, 1, -1), sin.view(*positions.shape, 1, -1)
         for layer in self.layers:
@@ -165,7 +166,12 @@ class DSparkDraft(nn.Module):
         return [Proposal(t, probs[b], conf[b], logits[b]) for b, t in enumerate(tokens.tolist())]
 
     def sample_sequentially(self, hidden, base_logits, anchors, sampling, uniforms):
-        B, G, _ = base_logits.shape
+        B, G, V = base_logits.shape
+        if self.fused_markov_applies(sampling, V):
+            with TIMINGS.section("sequential_head"):
+                head = self.markov_head
+                return markov_sample(base_logits.contiguous(), anchors, head.markov_w1.weight,
+                                     head.markov_w2.weight, sampling.temperature, uniforms.contiguous())
         prev, state = anchors, self.markov_head.init_state(B, hidden)
         tokens, probs = [], []
         for k in range(G):
@@ -178,6 +184,11 @@ class DSparkDraft(nn.Module):
             tokens.append(prev)
             probs.append(q)
         return torch.stack(tokens, 1), torch.stack(probs, 1)
+
+    def fused_markov_applies(self, sampling: SamplingTensors, vocab_size: int) -> bool:
+        """The fused Triton loop covers a vanilla head with temperature-only sampling."""
+        return (triton_support.enabled() and type(self.markov_head) is VanillaMarkov
+                and sampling.temperature_only(vocab_size))
 
     def sample_independently(self, base_logits, sampling, uniforms):
         B, G, V = base_logits.shape

@@ -3,7 +3,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.context import get_context
-from kernels import cpu_linear, cpu_ops
+from kernels import cpu_linear, cpu_ops, dispatch
 from kernels.attention import causal_attention, paged_attention, store_kvcache
 
 BF16_GEMV_MAX_ROWS = 2   # torch's bf16 GEMV beats fp32 GEMM only for a row or two on CPUs without native bf16
@@ -95,6 +95,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Ten
            scale: float) -> torch.Tensor:
     """q [T, H, D], k/v [T, Hkv, D] of the flat batch -> [T, H, D], through the paged cache."""
     ctx = get_context()
+    if ctx.varlen is not None:
+        return varlen_attend(q, k, v, k_cache, v_cache, scale, ctx)
     fused = cpu_ops.usable(q)
     if fused:
         cpu_ops.store_kv(k, v, k_cache, v_cache, ctx.slot_mapping)
@@ -113,3 +115,12 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Ten
         out = paged_attention(gq, k_cache, v_cache, g.kv_slots, g.mask, scale).reshape(-1, *q.shape[1:])
         outs.append(out if g.out_rows is None else out[g.out_rows])
     return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+def varlen_attend(q, k, v, k_cache, v_cache, scale: float, ctx) -> torch.Tensor:
+    """The Triton path: store the step's K/V, then one varlen paged attention call over every row."""
+    from kernels.triton_attention import varlen_paged_attention
+    dispatch.store_kvcache(k, v, k_cache, v_cache, ctx.slot_mapping)
+    b = ctx.varlen
+    return varlen_paged_attention(q, k_cache, v_cache, b.cu_seqlens_q, b.kv_slots, b.kv_lens, None, scale,
+                                  b.max_q_len)

@@ -1,0 +1,150 @@
+"""`make gpu-check`: the GPU path checked and measured in one run on a machine with an NVIDIA GPU and no internet,
+needing only torch, triton, transformers and pytest besides this repository (run from its root).
+
+1. The Triton kernel tests on CUDA against their torch twins, and the engine's Triton path on CUDA against the torch
+   path on CPU (greedy and seeded tokens identical).
+2. A Qwen3-4B-shaped target with random bf16 weights and a DSpark-shaped draft (5 layers, gamma 7, Markov rank 256)
+   through the engine's own model runner: verify step time vs tokens and draft step time vs requests (the SPS(B)
+   points the planner would use), and the issue's batch-1 ratios.
+Writes report.json and report.md to --out. CUDA graphs are not captured yet, so graph-vs-eager is reported as such."""
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+KERNEL_TESTS = ["tests/test_triton_kv_budget.py", "tests/test_triton_attention.py",
+                "tests/test_triton_sampling_kernels.py", "tests/test_triton_engine.py"]
+QWEN3_4B = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": 2560,
+            "intermediate_size": 9728, "num_hidden_layers": 36, "num_attention_heads": 32, "num_key_value_heads": 8,
+            "head_dim": 128, "rms_norm_eps": 1e-6, "rope_theta": 1_000_000.0, "max_position_embeddings": 40960,
+            "vocab_size": 151936, "tie_word_embeddings": True, "attention_bias": False, "hidden_act": "silu",
+            "torch_dtype": "bfloat16"}
+DSPARK_4B = QWEN3_4B | {"architectures": ["Qwen3DSparkModel"], "num_target_layers": 36, "num_hidden_layers": 5,
+                        "block_size": 7, "mask_token_id": 151669, "target_layer_ids": [1, 9, 17, 25, 33],
+                        "enable_confidence_head": True, "confidence_head_with_markov": True, "markov_rank": 256,
+                        "markov_head_type": "vanilla", "tie_word_embeddings": False,
+                        "layer_types": ["full_attention"] * 5, "num_anchors": 512}
+VERIFY_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+DRAFT_REQUESTS = (1, 2, 4, 8, 16, 32, 64)
+GOALS = {"draft_over_verify_b1": 0.15, "verify8_over_decode_b1": 1.15, "graphs_over_eager_b1": 1.3}
+
+
+def run_kernel_tests() -> dict:
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *KERNEL_TESTS],
+                          capture_output=True, text=True)
+    summary = (proc.stdout.strip().splitlines() or ["(no output)"])[-1]
+    return {"passed": proc.returncode == 0, "summary": summary, "seconds": round(time.perf_counter() - start, 1),
+            "output_tail": (proc.stdout + proc.stderr)[-4000:]}
+
+
+def random_target(model_dir, dtype, device="cuda"):
+    from engine.loader import read_config
+    from engine.models.decoder import DecoderModel
+    with torch.device(device):
+        model = DecoderModel(read_config(model_dir)).to(dtype)
+    model.lm_head.weight = model.embed_tokens.weight
+    return model.eval().requires_grad_(False)
+
+
+def random_draft(draft_dir, target, dtype, method):
+    from engine.drafts.dspark import DSparkDraft
+    from engine.drafts.loader import read_draft_config
+    with torch.device(target.embed_tokens.weight.device):
+        draft = DSparkDraft(read_draft_config(Path(draft_dir), target.config)).to(dtype)
+    draft.attach_target(target.embed_tokens, target.lm_head)
+    return draft.eval().requires_grad_(False)
+
+
+def build_engine(root: Path, kv_cache_gb: float, target=QWEN3_4B, draft=DSPARK_4B, device="cuda", kernels="triton",
+                 dtype="bfloat16"):
+    """The engine's model runner and block manager around random weights (no checkpoint to read)."""
+    from engine import model_runner, speculator
+    from engine.block_manager import BlockManager
+    from engine.config import EngineConfig
+    for name, cfg in (("target", target), ("draft", draft)):
+        (root / name).mkdir(exist_ok=True)
+        (root / name / "config.json").write_text(json.dumps(cfg))
+    config = EngineConfig(model=str(root / "target"), draft=str(root / "draft"), spec_method="dspark", dtype=dtype,
+                          device=device, kernels=kernels, kv_cache_gb=kv_cache_gb, max_num_seqs=64)
+    loaders = model_runner.load_model, speculator.load_draft
+    model_runner.load_model = lambda model_dir, dtype: random_target(model_dir, dtype, device)
+    speculator.load_draft = random_draft
+    try:
+        runner = model_runner.ModelRunner(config)
+    finally:
+        model_runner.load_model, speculator.load_draft = loaders
+    return SimpleNamespace(model_runner=runner, block_manager=BlockManager(runner.num_blocks, config.kv_block_size))
+
+
+def measure(engine, context_len: int, repeats: int, tokens=VERIFY_TOKENS, requests=DRAFT_REQUESTS) -> dict:
+    from engine.cost_model import measure_curve
+    curve = measure_curve(engine, tokens, requests, context_len, repeats)
+    step = dict(zip(*curve.step_cost))
+    draft = dict(zip(*curve.draft_cost))
+    return {"context_len": context_len, "verify_ms": {b: step[b] * 1e3 for b in step},
+            "draft_ms": {r: draft[r] * 1e3 for r in draft},
+            "draft_over_verify_b1": draft[1] / step[8], "verify8_over_decode_b1": step[8] / step[1],
+            "graphs_over_eager_b1": None}
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# gpu-check on {report['device']}", "",
+             f"torch {report['torch']}, triton {report['triton']}; {report['seconds']} s in all", "",
+             f"## Kernel and engine tests on CUDA: {'PASSED' if report['tests']['passed'] else 'FAILED'}", "",
+             f"`{report['tests']['summary']}` ({report['tests']['seconds']} s)", ""]
+    bench = report.get("bench")
+    if bench:
+        title = (f"## Qwen3-4B-shaped target + DSpark-shaped draft (random bf16 weights, context "
+                 f"{bench['context_len']}, eager)")
+        lines += [title, "", "| verify tokens B | step ms |", "|---:|---:|"]
+        lines += [f"| {b} | {ms:.2f} |" for b, ms in bench["verify_ms"].items()]
+        lines += ["", "| requests R | draft step ms |", "|---:|---:|"]
+        lines += [f"| {r} | {ms:.2f} |" for r, ms in bench["draft_ms"].items()]
+        lines += ["", "| batch-1 goal | measured | goal |", "|---|---:|---:|"]
+        for name, goal in GOALS.items():
+            value = bench[name]
+            shown = "not captured yet" if value is None else f"{value:.2f}"
+            lines.append(f"| {name} | {shown} | {'>=' if name.startswith('graphs') else '<='} {goal} |")
+    if report.get("bench_error"):
+        lines += ["", f"Benchmark failed: `{report['bench_error']}`"]
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    parser = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__)
+    parser.add_argument("--out", type=Path, default=Path("bench_out/gpu_check"))
+    parser.add_argument("--context-len", type=int, default=1024)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--kv-cache-gb", type=float, default=16.0)
+    parser.add_argument("--skip-tests", action="store_true")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("gpu-check needs an NVIDIA GPU that torch can see")
+    import triton
+    start = time.perf_counter()
+    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+              "tests": {"passed": None, "summary": "skipped", "seconds": 0} if args.skip_tests else run_kernel_tests()}
+    print(f"tests: {report['tests']['summary']}", flush=True)
+    try:
+        with tempfile.TemporaryDirectory() as root:
+            report["bench"] = measure(build_engine(Path(root), args.kv_cache_gb), args.context_len, args.repeats)
+    except Exception as e:  # noqa: BLE001 - the report still says what passed before the benchmark broke
+        report["bench_error"] = f"{type(e).__name__}: {e}"
+    report["seconds"] = round(time.perf_counter() - start, 1)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "report.json").write_text(json.dumps(report, indent=2))
+    (args.out / "report.md").write_text(markdown(report))
+    print(markdown(report))
+    ok = report["tests"]["passed"] is not False and "bench_error" not in report
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""The engine's entry points to the kernels it has in two versions: Triton (the GPU path) when selected, else the
+plain-torch twins (the CPU path). Triton modules are imported only when used, so CPU installs need no Triton."""
+import torch
+
+from kernels import attention, sampling, triton_support
+
+
+def store_kvcache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  slot_mapping: torch.Tensor):
+    if triton_support.enabled():
+        from kernels import triton_kv
+        return triton_kv.store_kvcache(k, v, k_cache, v_cache, slot_mapping)
+    return attention.store_kvcache(k, v, k_cache, v_cache, slot_mapping)
+
+
+def block_attention(q, k, v, k_cache, v_cache, kv_slots, ctx_lens, scale: float) -> torch.Tensor:
+    if triton_support.enabled():
+        from kernels import triton_attention
+        return triton_attention.block_attention(q, k, v, k_cache, v_cache, kv_slots, ctx_lens, scale)
+    return attention.block_attention(q, k, v, k_cache, v_cache, kv_slots, ctx_lens, scale)
+
+
+def rejection_sample(target_probs, draft_probs, draft_tokens, num_drafts, uniforms, bonus_uniforms):
+    if triton_support.enabled():
+        from kernels import triton_rejection
+        return triton_rejection.rejection_sample(target_probs, draft_probs, draft_tokens, num_drafts, uniforms,
+                                                 bonus_uniforms)
+    return sampling.rejection_sample(target_probs, draft_probs, draft_tokens, num_drafts, uniforms, bonus_uniforms)
+
+
+def markov_sample(base_logits, anchors, w1, w2, temperature, uniforms):
+    """Only for a vanilla Markov head and temperature-only sampling (no top-k / top-p / min-p)."""
+    if triton_support.enabled():
+        from kernels import triton_markov
+        return triton_markov.markov_sample(base_logits, anchors, w1, w2, temperature, uniforms)
+    from kernels import markov
+    return markov.markov_sample(base_logits, anchors, w1, w2, temperature, uniforms)
+
+
+def allocate_budget(confidences: torch.Tensor, rooms: torch.Tensor, budget: int):
+    if triton_support.enabled():
+        from kernels import triton_budget
+        return triton_budget.allocate_budget(confidences, rooms, budget)
+    from kernels import budget as twin
+    return twin.allocate_budget(confidences, rooms, budget)
