@@ -39,6 +39,11 @@ class Context:
 _CONTEXT = Context()
 
 
+def device_tensor(values: list, device: torch.device, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """A step's host-built indices on the device (pinned and non-blocking when that is a GPU)."""
+    return torch.tensor(values, dtype=dtype, pin_memory=device.type == "cuda").to(device, non_blocking=True)
+
+
 def get_context() -> Context:
     return _CONTEXT
 

@@ -3,7 +3,7 @@ import torch
 
 from engine.block_manager import slots
 from engine.config import EngineConfig
-from engine.context import AttentionGroup, VarlenBatch, reset_context, set_context
+from engine.context import AttentionGroup, VarlenBatch, device_tensor, reset_context, set_context
 from engine.cpu import keep_freed_memory
 from engine.loader import load_model
 from engine.models.layers import pack_linears_for_cpu
@@ -84,17 +84,14 @@ class ModelRunner:
         return self.on_device(input_ids), self.on_device(positions)
 
     def on_device(self, values: list, dtype: torch.dtype = torch.long) -> torch.Tensor:
-        return torch.tensor(values, dtype=dtype, pin_memory=self.device.type == "cuda").to(self.device,
-                                                                                          non_blocking=True)
+        return device_tensor(values, self.device, dtype)
 
     def varlen_batch(self, seqs: list[Sequence]) -> VarlenBatch:
         q_lens = [s.num_scheduled_tokens for s in seqs]
         kv_lens = [s.num_computed_tokens + s.num_scheduled_tokens for s in seqs]
         lmax = max(kv_lens)
         kv_slots = [slots(s.block_table, self.block_size, 0, n) + [0] * (lmax - n) for s, n in zip(seqs, kv_lens)]
-        cu = [0]
-        for q in q_lens:
-            cu.append(cu[-1] + q)
+        cu = [0] + self.cumulative_ends(seqs)
         return VarlenBatch(self.on_device(cu, torch.int32), self.on_device(kv_slots), self.on_device(kv_lens, torch.int32),
                            max(q_lens))
 

@@ -8,7 +8,6 @@ from engine.config import parse_verify_policy
 from engine.sequence import Sequence
 from engine.sps import best_budget, drafting_pays, early_stop_lengths, top_k_lengths
 from kernels import triton_support
-from kernels.dispatch import allocate_budget
 
 NEEDS_CONFIDENCE = ("threshold", "sps", "sps-lagged")
 PRIOR_SURVIVAL = 0.5  # per-position survival assumed before any request has drafted
@@ -82,6 +81,7 @@ class Planner:
         stale = [row[:n] for row, n in zip(self.stale_survivals(seqs), rooms)]
         budget = best_budget(stale, sps)
         if triton_support.enabled():  # the GPU path: survivals and allocation in one kernel, beside the drafts
+            from kernels.triton_budget import allocate_budget
             confidences = torch.stack([s.proposal.confidence for s in seqs])
             return allocate_budget(confidences, torch.tensor(rooms, device=confidences.device), budget)[1].tolist()
         return top_k_lengths(live, budget)

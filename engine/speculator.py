@@ -4,6 +4,7 @@ import torch
 
 from engine.block_manager import slots
 from engine.config import EngineConfig
+from engine.context import device_tensor
 from engine.drafts.loader import load_draft
 from engine.models.decoder import DecoderModel
 from engine.models.layers import pack_linears_for_cpu
@@ -75,7 +76,7 @@ class Speculator:
         return list(zip(accepted.tolist(), next_tokens.tolist()))
 
     def on_device(self, values: list) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=True)
+        return device_tensor(values, self.device)
 
     def extend_context(self, seqs: list[Sequence], features: list[torch.Tensor], num_committed: list[int]):
         """Queue the first num_committed[i] scheduled rows of seqs[i] (whose target features are given) for the

@@ -1,5 +1,7 @@
 """The engine's entry points to the kernels it has in two versions: Triton (the GPU path) when selected, else the
-plain-torch twins (the CPU path). Triton modules are imported only when used, so CPU installs need no Triton."""
+plain-torch twins (the CPU path). Triton modules are imported only when used, so CPU installs need no Triton.
+(The fused Markov loop and the budget kernel have no CPU counterpart in the engine: their callers use them only on
+the Triton path; their twins kernels/markov.py and kernels/budget.py are the test oracles.)"""
 import torch
 
 from kernels import attention, sampling, triton_support
@@ -26,20 +28,3 @@ def rejection_sample(target_probs, draft_probs, draft_tokens, num_drafts, unifor
         return triton_rejection.rejection_sample(target_probs, draft_probs, draft_tokens, num_drafts, uniforms,
                                                  bonus_uniforms)
     return sampling.rejection_sample(target_probs, draft_probs, draft_tokens, num_drafts, uniforms, bonus_uniforms)
-
-
-def markov_sample(base_logits, anchors, w1, w2, temperature, uniforms):
-    """Only for a vanilla Markov head and temperature-only sampling (no top-k / top-p / min-p)."""
-    if triton_support.enabled():
-        from kernels import triton_markov
-        return triton_markov.markov_sample(base_logits, anchors, w1, w2, temperature, uniforms)
-    from kernels import markov
-    return markov.markov_sample(base_logits, anchors, w1, w2, temperature, uniforms)
-
-
-def allocate_budget(confidences: torch.Tensor, rooms: torch.Tensor, budget: int):
-    if triton_support.enabled():
-        from kernels import triton_budget
-        return triton_budget.allocate_budget(confidences, rooms, budget)
-    from kernels import budget as twin
-    return twin.allocate_budget(confidences, rooms, budget)

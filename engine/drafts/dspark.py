@@ -12,7 +12,7 @@ from engine.models.layers import Linear, RMSNorm, RotaryEmbedding, apply_rotary,
 from engine.sampler import SamplingTensors
 from engine.timing import TIMINGS
 from kernels import triton_support
-from kernels.dispatch import block_attention, markov_sample, store_kvcache
+from kernels.dispatch import block_attention, store_kvcache
 from kernels.sampling import sample_inverse_cdf
 
 
@@ -168,10 +168,11 @@ class DSparkDraft(nn.Module):
     def sample_sequentially(self, hidden, base_logits, anchors, sampling, uniforms):
         B, G, V = base_logits.shape
         if self.fused_markov_applies(sampling, V):
+            from kernels import triton_markov
             with TIMINGS.section("sequential_head"):
                 head = self.markov_head
-                return markov_sample(base_logits.contiguous(), anchors, head.markov_w1.weight,
-                                     head.markov_w2.weight, sampling.temperature, uniforms.contiguous())
+                return triton_markov.markov_sample(base_logits.contiguous(), anchors, head.markov_w1.weight,
+                                                   head.markov_w2.weight, sampling.temperature, uniforms.contiguous())
         prev, state = anchors, self.markov_head.init_state(B, hidden)
         tokens, probs = [], []
         for k in range(G):
