@@ -13,7 +13,8 @@ from bench.datasets import load_prompts
 from engine import LLM, SamplingParams
 from engine.timing import TIMINGS
 
-DRAFT_PARTS = ("draft_backbone", "draft_lm_head", "sequential_head", "draft_sampling", "confidence_head")
+DRAFT_PARTS = ("draft_backbone", "draft_lm_head", "sequential_head", "draft_sampling", "confidence_head",
+               "draft_fused")  # draft_fused: the whole step on the Triton path (graph or eager)
 PARTS = ("target", "verify", "sampling", "draft_context") + DRAFT_PARTS
 
 

@@ -15,6 +15,10 @@ DEVICES = ("auto", "cpu", "cuda")
 KERNEL_BACKENDS = ("auto", "torch", "triton")
 
 
+def uses_cuda_graphs(config: "EngineConfig") -> bool:
+    return config.device == "cuda" and config.kernels == "triton" and not config.enforce_eager
+
+
 def parse_verify_policy(text: str) -> tuple[str, float]:
     """'full', 'sps', 'sps-lagged' -> (kind, 0); 'fixed:k' -> ('fixed', k); 'threshold:c' -> ('threshold', c)."""
     kind, _, arg = text.partition(":")
@@ -92,6 +96,7 @@ class EngineConfig:
     sps_profile: str = ""                # SPS(B) cost table JSON; "" = profile quickly at start-up (cached); none
     device: str = "auto"                 # auto (cuda when present) | cpu | cuda
     kernels: str = "auto"                # auto (triton on cuda, torch twins on cpu) | torch | triton
+    enforce_eager: bool = False          # no CUDA graphs (they are captured on cuda + triton otherwise)
     hf_config: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -114,5 +119,7 @@ class EngineConfig:
             raise ValueError(f"num_draft_tokens must be >= 0 (0 = the draft's block size), got {self.num_draft_tokens}")
         parse_verify_policy(self.verify_policy)
         self.device, self.kernels = resolve_device(self.device, self.kernels)
+        if not isinstance(self.enforce_eager, bool):
+            raise TypeError(f"enforce_eager must be True or False, got {self.enforce_eager!r}")
         if self.kv_cache_gb == 0 and self.device == "cpu":
             self.kv_cache_gb = auto_kv_cache_gb()  # on a GPU the model runner sizes it after loading the weights

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoTokenizer
 
 from engine.block_manager import BlockManager
-from engine.config import EngineConfig
+from engine.config import EngineConfig, uses_cuda_graphs
 from engine.detokenizer import IncrementalDetokenizer
 from engine.model_runner import ModelRunner
 from engine.planner import Planner
@@ -44,6 +44,8 @@ class LLMEngine:
         self.eos_token_ids = self.read_eos_ids(Path(self.config.model))
         model_len = self.model_runner.model.config.get("max_position_embeddings", 4096)
         self.max_model_len = min(self.config.max_model_len or model_len, model_len)
+        if uses_cuda_graphs(self.config):
+            self.model_runner.capture_graphs(self.max_model_len)
         self.block_manager = BlockManager(self.model_runner.num_blocks, self.config.kv_block_size)
         self.scheduler = Scheduler(self.config, self.block_manager)
         self.planner = self.make_planner()

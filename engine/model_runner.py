@@ -3,7 +3,7 @@ import torch
 
 from engine.block_manager import slots
 from engine.config import EngineConfig
-from engine.context import AttentionGroup, VarlenBatch, device_tensor, reset_context, set_context
+from engine.context import AttentionGroup, VarlenBatch, device_tensor, get_context, reset_context, set_context
 from engine.cpu import keep_freed_memory
 from engine.loader import load_model
 from engine.models.layers import pack_linears_for_cpu
@@ -37,6 +37,7 @@ class ModelRunner:
         self.speculator = (Speculator(config, self.model, self.dtype, self.block_size)
                            if config.spec_method != "none" else None)
         self.num_blocks = self.allocate_kv_cache(config.kv_cache_gb or self.free_gpu_kv_gb())
+        self.graphs = None  # engine/graphs.TargetGraphs once captured
 
     @property
     def capture_layers(self) -> tuple[int, ...]:
@@ -130,6 +131,26 @@ class ModelRunner:
             group.row_limit = torch.tensor([n - q + i + 1 for q, n in zip(q_lens, kv_lens) for i in range(q)])
         return group
 
+    def capture_graphs(self, max_model_len: int):
+        """CUDA graphs of the decode/verify forward per token tier and of the draft step per request bucket
+        (engine/graphs.py); steps they do not cover run eagerly."""
+        from engine.graphs import TargetGraphs
+        if not triton_support.enabled():
+            raise ValueError("CUDA graphs need the Triton kernels (kernels='triton')")
+        max_q_len = 1 + (self.speculator.num_draft_tokens if self.speculator else 0)
+        max_tokens = min(self.config.max_num_batched_tokens, self.config.max_num_seqs * max_q_len)
+        self.graphs = TargetGraphs(self.model, self.device, self.config.max_num_seqs, max_q_len, max_model_len,
+                                   max_tokens, self.capture_layers)
+        if self.speculator:
+            self.speculator.capture_graphs(self.config.max_num_seqs, max_model_len)
+
+    def graph_tier(self, seqs: list[Sequence], capture_layers: tuple[int, ...]) -> int | None:
+        if self.graphs is None:
+            return None
+        q_lens = [s.num_scheduled_tokens for s in seqs]
+        kv_lens = [s.num_computed_tokens + n for s, n in zip(seqs, q_lens)]
+        return self.graphs.tier_for(sum(q_lens), q_lens, kv_lens, capture_layers)
+
     def execute(self, seqs: list[Sequence], num_logits: list[int]) -> list[torch.Tensor]:
         """One forward over the scheduled tokens of seqs; for each seq the fp32 logits of its last
         num_logits[i] scheduled tokens ([num_logits[i], V], in input order)."""
@@ -141,7 +162,13 @@ class ModelRunner:
         order = sorted(range(len(seqs)), key=lambda i: not self.is_short(seqs[i]))
         ordered = [seqs[i] for i in order]
         input_ids, positions = self.prepare(ordered)
-        hidden, captured = self.model(input_ids, positions, capture_layers)
+        tier = self.graph_tier(ordered, capture_layers)
+        if tier is None:
+            hidden, captured = self.model(input_ids, positions, capture_layers)
+        else:
+            ctx = get_context()
+            hidden, captured = self.graphs.run(tier, input_ids, positions, ctx.slot_mapping, ctx.varlen)
+            captured = captured if capture_layers else []
         reset_context()
         ends = self.cumulative_ends(ordered)
         rows = [r for i, end in zip(order, ends) for r in range(end - num_logits[i], end)]

@@ -25,28 +25,42 @@ class Planner:
         self.last_theta = 0.0
         self.prior = [PRIOR_SURVIVAL ** (j + 1) for j in range(draft_len)]
         self.steps_without_drafts = 0
-        self.num_skipped_steps = 0  # steps the sps policies ran plainly because drafting would not pay
+        self.num_skipped_steps = 0  # steps run plainly because drafting looked futile (sps, threshold)
 
     def wants_drafts(self, seqs: list[Sequence]) -> bool:
-        """Whether this step should draft at all. The sps policies skip drafting when the lagged survivals say even
-        the best budget cannot pay for the draft; the choice never looks at this step's drafts, so it is lossless."""
-        if not self.kind.startswith("sps") or self.sps is None or self.steps_without_drafts >= REFRESH_STEPS:
-            self.steps_without_drafts = 0
-            return True
-        if drafting_pays(self.stale_survivals(seqs), self.sps):
+        """Whether this step should draft at all (skipped steps decode plainly). The choice never looks at this step's
+        drafts, only at survivals at least one step old, so it is lossless."""
+        if self.steps_without_drafts >= REFRESH_STEPS or not self.drafting_futile(seqs):
             self.steps_without_drafts = 0
             return True
         self.steps_without_drafts += 1
         self.num_skipped_steps += 1
-        self.last_budget, self.last_theta = 0, len(seqs) * self.sps.plain_steps_per_second(len(seqs))
+        self.last_budget = 0
+        self.last_theta = len(seqs) * self.sps.plain_steps_per_second(len(seqs)) if self.sps else 0.0
+        return False
+
+    def drafting_futile(self, seqs: list[Sequence]) -> bool:
+        """sps: even the best budget cannot pay for the draft; threshold:c: every request's last first-position
+        confidence was below c, so its block would likely be cut to nothing."""
+        if self.kind == "threshold":
+            return all(not row or row[0] < self.arg for row in self.stale_survivals(seqs))
+        if self.kind.startswith("sps") and self.sps is not None:
+            return not drafting_pays(self.stale_survivals(seqs), self.sps)
         return False
 
     def stale_survivals(self, seqs: list[Sequence]) -> list[list[float]]:
         rooms = [max(0, min(self.draft_len, self.room(s))) for s in seqs]
         return [(s.last_survival or self.prior)[:n] for s, n in zip(seqs, rooms)]
 
+    def keep_survivals(self, seqs: list[Sequence], survivals: list[list[float]]):
+        """This step's live survivals become each request's lagged ones from the next step on, and are folded into the
+        prior that requests with no history of their own start from."""
+        for seq, row in zip(seqs, survivals):
+            seq.last_survival = row
+        self.remember(survivals)
+
     def remember(self, survivals: list[list[float]]):
-        """Fold this step's live survivals into the prior that new requests start from (used from the next step)."""
+        """Fold live survivals into the prior that new requests start from (used from the next step)."""
         for row in survivals:
             for j, a in enumerate(row[:len(self.prior)]):
                 self.prior[j] = PRIOR_MOMENTUM * self.prior[j] + (1 - PRIOR_MOMENTUM) * a
@@ -62,13 +76,13 @@ class Planner:
         elif self.kind == "fixed":
             lengths = [min(int(self.arg), n) for n in rooms]
         elif self.kind == "threshold":
-            lengths = [self.first_below(s.proposal.confidence.tolist()[:n], self.arg) for s, n in zip(seqs, rooms)]
+            confidences = [s.proposal.confidence.tolist()[:n] for s, n in zip(seqs, rooms)]
+            lengths = [self.first_below(c, self.arg) for c in confidences]
+            self.keep_survivals(seqs, [self.survival(c) for c in confidences])
         else:
             live = [self.survival(s.proposal.confidence.tolist()[:n]) for s, n in zip(seqs, rooms)]
             lengths = self.plan_sps(seqs, live, rooms)
-            for seq, row in zip(seqs, live):
-                seq.last_survival = row
-            self.remember(live)
+            self.keep_survivals(seqs, live)
             expected = sum(1 + sum(row[:n]) for row, n in zip(live, lengths))
             self.last_theta = expected * self.sps.steps_per_second(len(seqs) + sum(lengths), len(seqs))
         self.last_budget = sum(lengths)

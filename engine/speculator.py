@@ -27,6 +27,7 @@ class Speculator:
         self.capture_layers = tuple(self.draft.config.target_layer_ids)
         self.block_size = block_size
         self.vocab_size = target.config["vocab_size"]
+        self.graphs = None  # engine/graphs.DraftGraphs once captured
 
     def kv_bytes_per_token(self, kv_dtype: torch.dtype) -> int:
         c = self.draft.config
@@ -51,13 +52,31 @@ class Speculator:
         kv_slots = self.on_device([slots(s.block_table, self.block_size, 0, n) + [0] * (longest - n)
                                    for s, n in zip(seqs, starts)])
         uniforms = torch.stack([torch.rand(self.num_draft_tokens, generator=s.generator) for s in seqs])
-        starts = self.on_device(starts)
-        proposals = self.draft.propose(self.on_device([s.token_ids[-1] for s in seqs]), starts, kv_slots, starts,
-                                       self.num_draft_tokens,
-                                       SamplingTensors.from_params([s.params for s in seqs], device=self.device),
-                                       uniforms.to(self.device))
-        for seq, proposal in zip(seqs, proposals):
+        anchors, starts = self.on_device([s.token_ids[-1] for s in seqs]), self.on_device(starts)
+        sampling = SamplingTensors.from_params([s.params for s in seqs], device=self.device)
+        uniforms = uniforms.to(self.device, non_blocking=True)
+        bucket = self.graph_bucket(len(seqs), longest, sampling)
+        if bucket is None:
+            outputs = self.draft.draft_block(anchors, starts, kv_slots, starts, self.num_draft_tokens, sampling,
+                                             uniforms)
+        else:
+            with TIMINGS.section("draft_fused"):
+                outputs = self.graphs.run(bucket, anchors, starts, kv_slots, sampling.temperature, uniforms)
+        for seq, proposal in zip(seqs, self.draft.proposals(*outputs)):
             seq.proposal = proposal
+
+    def capture_graphs(self, max_num_seqs: int, max_ctx_len: int):
+        """CUDA graphs of the draft step per request-count bucket (the fused Triton path of a vanilla-Markov DSpark
+        draft; other drafts and sampling settings run eagerly)."""
+        from engine.graphs import DraftGraphs
+        from engine.drafts.heads import VanillaMarkov
+        if self.draft.use_sequential_head and type(self.draft.markov_head) is VanillaMarkov:
+            self.graphs = DraftGraphs(self.draft, self.device, max_num_seqs, max_ctx_len, self.num_draft_tokens)
+
+    def graph_bucket(self, num_requests: int, ctx_width: int, sampling: SamplingTensors) -> int | None:
+        if self.graphs is None or not self.draft.fused_markov_applies(sampling, self.vocab_size):
+            return None
+        return self.graphs.bucket_for(num_requests, ctx_width)
 
     def verify(self, seqs: list[Sequence], logits: list[torch.Tensor]) -> list[tuple[int, int]]:
         """logits[i]: the target's [1 + l_i, V] rows for [anchor, d_1..d_l] of seqs[i] (l_i = its spec tokens).

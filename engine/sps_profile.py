@@ -8,12 +8,12 @@ from pathlib import Path
 
 import torch
 
-from engine.config import REPO_ROOT
+from engine.config import REPO_ROOT, uses_cuda_graphs
 from engine.cost_model import measure_curve
 from engine.sps import SpsCurve
 
 CACHE_DIR = Path(os.environ.get("DSPARK_CACHE", Path.home() / ".cache" / "dspark")) / "sps"
-TIMED_CODE = ("engine/models/*.py", "engine/drafts/*.py", "engine/model_runner.py", "engine/speculator.py",
+TIMED_CODE = ("engine/models/*.py", "engine/drafts/*.py", "engine/model_runner.py", "engine/speculator.py", "engine/graphs.py",
               "engine/sampler.py", "kernels/*.py", "kernels/csrc/*")
 
 
@@ -30,7 +30,7 @@ def profile_key(engine) -> dict:
             "spec_method": c.spec_method, "num_draft_tokens": c.num_draft_tokens, "dtype": c.dtype,
             "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.machine(),
             "cpu": platform.processor() or platform.node(), "device": device_name(c.device), "kernels": c.kernels,
-            "code": code_version()}
+            "cuda_graphs": uses_cuda_graphs(c), "code": code_version()}
 
 
 def device_name(device: str) -> str:

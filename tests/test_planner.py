@@ -81,7 +81,27 @@ def test_skipped_drafting_refreshes_its_survivals_periodically():
     decisions = [planner.wants_drafts([Seq()]) for _ in range(2 * REFRESH_STEPS + 2)]
     assert decisions.count(True) == 2 and decisions[REFRESH_STEPS] and decisions[2 * REFRESH_STEPS + 1]
     assert planner.num_skipped_steps == 2 * REFRESH_STEPS
-    assert Planner("full", 1000).wants_drafts([Seq()])  # only the sps policies ever skip
+    assert Planner("full", 1000).wants_drafts([Seq()])  # full and fixed:k never skip
+
+
+def test_threshold_skips_drafting_when_every_lagged_first_confidence_is_below_it():
+    planner = Planner("threshold:0.5", 1000, draft_len=3)
+
+    class Seq:
+        params = SamplingParams(max_tokens=100)
+        num_completion_tokens = 0
+
+        def __init__(self, last):
+            self.last_survival = last
+
+        def __len__(self):
+            return 10
+    assert not planner.wants_drafts([Seq([0.3, 0.2, 0.1]), Seq([0.49, 0.4, 0.3])])
+    assert planner.wants_drafts([Seq([0.3, 0.2, 0.1]), Seq([0.6, 0.1, 0.01])])  # one request would verify a token
+    assert planner.wants_drafts([Seq(None)])  # no history: the prior 0.5 is not below 0.5
+    planner.remember([[0.2, 0.1, 0.05]] * 50)
+    assert not planner.wants_drafts([Seq(None)])  # ... until the running mean says blocks get cut to nothing
+    assert planner.num_skipped_steps == 2 and planner.last_budget == 0
 
 
 def test_new_requests_start_from_the_running_mean_of_past_survivals():

@@ -78,6 +78,9 @@ def llms(tmp_path_factory, target_dir):
                       verify_policy=policy, sps_profile=str(profile), kv_cache_gb=0.15, kv_block_size=8,
                       max_num_seqs=NUM_SAMPLES, max_num_batched_tokens=100_000)
             for name, (m, d, policy) in engines.items()}
+    # threshold:c skips drafting once the lagged confidences are all below c (tests/test_planner.py); here every step
+    # drafts so that its cut is what gets verified ("dspark-skipping" covers steps without drafts)
+    llms["dspark-threshold:0.5"].planner.drafting_futile = lambda seqs: False
     steps = iter(range(10**9))  # every other step plain, as when the planner judges that drafting would not pay
     llms["dspark-skipping"].planner.wants_drafts = lambda seqs: next(steps) % 2 == 0
     return llms

@@ -149,6 +149,16 @@ class DSparkDraft(nn.Module):
     def propose(self, anchors: torch.Tensor, starts: torch.Tensor, kv_slots: torch.Tensor, ctx_lens: torch.Tensor,
                 num_tokens: int, sampling: SamplingTensors, uniforms: torch.Tensor) -> list[Proposal]:
         """Draft num_tokens (<= block_size) tokens per request; uniforms [B, num_tokens] drive the sampling."""
+        return self.proposals(*self.draft_block(anchors, starts, kv_slots, ctx_lens, num_tokens, sampling, uniforms))
+
+    @torch.inference_mode()
+    def draft_block(self, anchors, starts, kv_slots, ctx_lens, num_tokens: int, sampling: SamplingTensors,
+                    uniforms: torch.Tensor):
+        """propose() as tensors: tokens [B, G], probs [B, G, V], confidence and its logits [B, G] (or None)."""
+        if self.use_sequential_head and self.fused_markov_applies(sampling, self.config.hf["vocab_size"]):
+            with TIMINGS.section("draft_fused"):
+                return self.fused_block(anchors, starts, kv_slots, ctx_lens, num_tokens, sampling.temperature,
+                                        uniforms)
         with TIMINGS.section("draft_backbone"):
             hidden = self.backbone(anchors, starts, kv_slots, ctx_lens)[:, :num_tokens]
         with TIMINGS.section("draft_lm_head"):
@@ -159,20 +169,34 @@ class DSparkDraft(nn.Module):
             with TIMINGS.section("draft_sampling"):
                 tokens, probs = self.sample_independently(base_logits, sampling, uniforms)
         with TIMINGS.section("confidence_head"):
-            logits = self.confidence_logits(hidden, anchors, tokens)
-            conf = None if logits is None else self.confidence_head.calibrate(logits)
+            return (tokens, probs, *self.confidence(hidden, anchors, tokens))
+
+    def fused_block(self, anchors, starts, kv_slots, ctx_lens, num_tokens: int, temperature: torch.Tensor,
+                    uniforms: torch.Tensor):
+        """The Triton path's whole draft step, with no host synchronisation (engine/graphs.py captures it): backbone,
+        LM head, the fused Markov sampling loop, confidence."""
+        from kernels import triton_markov
+        hidden = self.backbone(anchors, starts, kv_slots, ctx_lens)[:, :num_tokens]
+        base_logits = self.target[1](hidden).float()
+        head = self.markov_head
+        tokens, probs = triton_markov.markov_sample(base_logits.contiguous(), anchors, head.markov_w1.weight,
+                                                    head.markov_w2.weight, temperature, uniforms.contiguous())
+        return (tokens, probs, *self.confidence(hidden, anchors, tokens))
+
+    def confidence(self, hidden, anchors, tokens) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(calibrated confidences, their logits) [B, G], or (None, None) without the head."""
+        logits = self.confidence_logits(hidden, anchors, tokens)
+        return (None, None) if logits is None else (self.confidence_head.calibrate(logits), logits)
+
+    @staticmethod
+    def proposals(tokens: torch.Tensor, probs: torch.Tensor, conf: torch.Tensor | None,
+                  conf_logits: torch.Tensor | None) -> list[Proposal]:
         if conf is None:
             return [Proposal(t, probs[b], None) for b, t in enumerate(tokens.tolist())]
-        return [Proposal(t, probs[b], conf[b], logits[b]) for b, t in enumerate(tokens.tolist())]
+        return [Proposal(t, probs[b], conf[b], conf_logits[b]) for b, t in enumerate(tokens.tolist())]
 
     def sample_sequentially(self, hidden, base_logits, anchors, sampling, uniforms):
-        B, G, V = base_logits.shape
-        if self.fused_markov_applies(sampling, V):
-            from kernels import triton_markov
-            with TIMINGS.section("sequential_head"):
-                head = self.markov_head
-                return triton_markov.markov_sample(base_logits.contiguous(), anchors, head.markov_w1.weight,
-                                                   head.markov_w2.weight, sampling.temperature, uniforms.contiguous())
+        B, G = base_logits.shape[:2]
         prev, state = anchors, self.markov_head.init_state(B, hidden)
         tokens, probs = [], []
         for k in range(G):

@@ -1,0 +1,164 @@
+"""CUDA graphs for the two passes every decoding step makes (nano-vllm's capture, vLLM's padding): the target's
+decode/verify forward, one graph per token tier, and the draft step, one graph per request-count bucket. Each graph
+reads fixed (static) input buffers; a step is copied into the smallest graph that holds it, padded so that padding
+rows store no KV (slot -1) and padding requests have no queries or context, and replayed. Prefill chunks, steps past
+the largest graph and `--enforce-eager` run eagerly. Graphs are captured largest first into one shared memory pool.
+The uniforms that drive sampling are inputs too, drawn on the host from each request's own generator, so a seeded
+request samples the same tokens with graphs as without."""
+import torch
+
+from engine.context import VarlenBatch, reset_context, set_context
+
+TOKEN_TIERS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+REQUEST_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+
+
+class StepGraph:
+    """fn() over static buffers, captured once. On CUDA a torch.cuda.CUDAGraph; elsewhere (the CPU tests, under
+    Triton's interpreter) replay re-runs fn on the same buffers, which checks all the padding and buffer logic the GPU
+    relies on, but not the capture itself."""
+
+    def __init__(self, fn, device: torch.device, pool=None):
+        self.fn = fn
+        fn()  # warm-up: compiles the Triton kernels and settles the allocator before capture
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph, pool=pool):
+                self.outputs = fn()
+        else:
+            self.graph, self.outputs = None, fn()
+
+    @property
+    def pool(self):
+        return self.graph.pool() if self.graph is not None else None
+
+    def replay(self):
+        if self.graph is None:
+            self.outputs = self.fn()
+        else:
+            self.graph.replay()
+        return self.outputs
+
+
+def smallest_at_least(sizes: list[int], n: int) -> int | None:
+    return next((s for s in sizes if s >= n), None)
+
+
+class TargetGraphs:
+    """The target forward for steps whose requests all bring at most max_q_len tokens (decode: 1, verify: 1 + drafts).
+    A graph for T tokens serves up to min(T, max_num_seqs) requests."""
+
+    @torch.inference_mode()
+    def __init__(self, model, device: torch.device, max_num_seqs: int, max_q_len: int, max_kv_len: int,
+                 max_tokens: int, capture_layers: tuple[int, ...], tiers=TOKEN_TIERS):
+        self.model, self.device, self.capture_layers = model, device, capture_layers
+        self.max_num_seqs, self.max_q_len, self.max_kv_len = max_num_seqs, max_q_len, max_kv_len
+        self.tiers = sorted(t for t in tiers if t <= max_tokens) or [1]
+        T, B = self.tiers[-1], self.seats(self.tiers[-1])
+        on = {"device": device}
+        self.input_ids = torch.zeros(T, dtype=torch.long, **on)
+        self.positions = torch.zeros(T, dtype=torch.long, **on)
+        self.slot_mapping = torch.full((T,), -1, dtype=torch.long, **on)
+        self.cu_seqlens_q = torch.zeros(B + 1, dtype=torch.int32, **on)
+        self.kv_lens = torch.zeros(B, dtype=torch.int32, **on)
+        self.kv_slots = torch.zeros(B, max_kv_len, dtype=torch.long, **on)
+        self.graphs: dict[int, StepGraph] = {}
+        pool = None
+        for t in reversed(self.tiers):
+            self.graphs[t] = StepGraph(self.forward_fn(t), device, pool)
+            pool = self.graphs[t].pool
+
+    def seats(self, tokens: int) -> int:
+        return min(tokens, self.max_num_seqs)
+
+    def forward_fn(self, t: int):
+        b = self.seats(t)
+        batch = VarlenBatch(self.cu_seqlens_q[:b + 1], self.kv_slots[:b], self.kv_lens[:b], min(t, self.max_q_len))
+
+        def forward():
+            set_context(self.slot_mapping[:t], [], batch)
+            try:
+                return self.model(self.input_ids[:t], self.positions[:t], self.capture_layers)
+            finally:
+                reset_context()
+        return forward
+
+    def tier_for(self, num_tokens: int, q_lens: list[int], kv_lens: list[int],
+                 capture_layers: tuple[int, ...]) -> int | None:
+        """The graph that can run this step, or None (eager)."""
+        if max(q_lens) > self.max_q_len or max(kv_lens) > self.max_kv_len:
+            return None
+        if capture_layers and capture_layers != self.capture_layers:
+            return None
+        return smallest_at_least(self.tiers, num_tokens)
+
+    @torch.inference_mode()
+    def run(self, tier: int, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
+            batch: VarlenBatch) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Copy the step into graph `tier`'s buffers, replay, and return its rows (features copied out of the graph's
+        memory, which the next replay overwrites)."""
+        n, b, width = input_ids.shape[0], batch.kv_lens.shape[0], batch.kv_slots.shape[1]
+        for static, live in ((self.input_ids, input_ids), (self.positions, positions),
+                             (self.slot_mapping, slot_mapping)):
+            static[:n].copy_(live, non_blocking=True)
+        self.input_ids[n:tier].zero_()
+        self.positions[n:tier].zero_()
+        self.slot_mapping[n:tier].fill_(-1)
+        seats = self.seats(tier)
+        self.cu_seqlens_q[:b + 1].copy_(batch.cu_seqlens_q, non_blocking=True)
+        self.cu_seqlens_q[b + 1:seats + 1].fill_(n)  # padding requests: no queries
+        self.kv_lens[:b].copy_(batch.kv_lens, non_blocking=True)
+        self.kv_lens[b:seats].zero_()
+        self.kv_slots[:b, :width].copy_(batch.kv_slots, non_blocking=True)
+        hidden, captured = self.graphs[tier].replay()
+        return hidden[:n], [c[:n].clone() for c in captured]
+
+
+class DraftGraphs:
+    """The draft step (backbone, LM head, fused Markov sampling, confidence) for requests sampling with temperature
+    only (DSparkDraft.fused_markov_applies); one graph per request-count bucket."""
+
+    @torch.inference_mode()
+    def __init__(self, draft, device: torch.device, max_num_seqs: int, max_ctx_len: int, num_tokens: int,
+                 buckets=REQUEST_BUCKETS):
+        self.draft, self.device, self.num_tokens, self.max_ctx_len = draft, device, num_tokens, max_ctx_len
+        self.buckets = sorted(b for b in buckets if b <= max_num_seqs) or [1]
+        B = self.buckets[-1]
+        on = {"device": device}
+        self.anchors = torch.zeros(B, dtype=torch.long, **on)
+        self.starts = torch.zeros(B, dtype=torch.long, **on)
+        self.kv_slots = torch.zeros(B, max_ctx_len, dtype=torch.long, **on)
+        self.temperature = torch.ones(B, dtype=torch.float32, **on)
+        self.uniforms = torch.full((B, num_tokens), 0.5, dtype=torch.float32, **on)
+        self.graphs: dict[int, StepGraph] = {}
+        pool = None
+        for b in reversed(self.buckets):
+            self.graphs[b] = StepGraph(self.step_fn(b), device, pool)
+            pool = self.graphs[b].pool
+
+    def step_fn(self, b: int):
+        def step():
+            starts = self.starts[:b]
+            return self.draft.fused_block(self.anchors[:b], starts, self.kv_slots[:b], starts, self.num_tokens,
+                                          self.temperature[:b], self.uniforms[:b])
+        return step
+
+    def bucket_for(self, num_requests: int, ctx_width: int) -> int | None:
+        return None if ctx_width > self.max_ctx_len else smallest_at_least(self.buckets, num_requests)
+
+    @torch.inference_mode()
+    def run(self, bucket: int, anchors: torch.Tensor, starts: torch.Tensor, kv_slots: torch.Tensor,
+            temperature: torch.Tensor, uniforms: torch.Tensor):
+        """Copy the requests into graph `bucket`'s buffers (padding requests: anchor 0 at position 0 with no context)
+        and replay -> (tokens, probs, confidence, confidence logits) of the real requests, copied out."""
+        n, width = anchors.shape[0], kv_slots.shape[1]
+        self.anchors[:n].copy_(anchors, non_blocking=True)
+        self.anchors[n:bucket].zero_()
+        self.starts[:n].copy_(starts, non_blocking=True)
+        self.starts[n:bucket].zero_()
+        self.kv_slots[:n, :width].copy_(kv_slots, non_blocking=True)
+        self.temperature[:n].copy_(temperature, non_blocking=True)
+        self.uniforms[:n].copy_(uniforms, non_blocking=True)
+        outputs = self.graphs[bucket].replay()
+        return tuple(None if t is None else t[:n].clone() for t in outputs)
