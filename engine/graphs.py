@@ -64,10 +64,10 @@ class TargetGraphs:
         self.kv_lens = torch.zeros(B, dtype=torch.int32, **on)
         self.kv_slots = torch.zeros(B, max_kv_len, dtype=torch.long, **on)
         self.graphs: dict[int, StepGraph] = {}
-        pool = None
+        self.pool = None  # shared by every graph, the draft's too: they replay one at a time
         for t in reversed(self.tiers):
-            self.graphs[t] = StepGraph(self.forward_fn(t), device, pool)
-            pool = self.graphs[t].pool
+            self.graphs[t] = StepGraph(self.forward_fn(t), device, self.pool)
+            self.pool = self.graphs[t].pool
 
     def seats(self, tokens: int) -> int:
         return min(tokens, self.max_num_seqs)
@@ -91,13 +91,14 @@ class TargetGraphs:
             return None
         if capture_layers and capture_layers != self.capture_layers:
             return None
-        return smallest_at_least(self.tiers, num_tokens)
+        tier = smallest_at_least(self.tiers, num_tokens)
+        return None if tier is None or len(q_lens) > self.seats(tier) else tier
 
     @torch.inference_mode()
     def run(self, tier: int, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
-            batch: VarlenBatch) -> tuple[torch.Tensor, list[torch.Tensor]]:
+            batch: VarlenBatch, want_features: bool = True) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Copy the step into graph `tier`'s buffers, replay, and return its rows (features copied out of the graph's
-        memory, which the next replay overwrites)."""
+        memory, which the next replay overwrites; [] unless wanted)."""
         n, b, width = input_ids.shape[0], batch.kv_lens.shape[0], batch.kv_slots.shape[1]
         for static, live in ((self.input_ids, input_ids), (self.positions, positions),
                              (self.slot_mapping, slot_mapping)):
@@ -112,7 +113,7 @@ class TargetGraphs:
         self.kv_lens[b:seats].zero_()
         self.kv_slots[:b, :width].copy_(batch.kv_slots, non_blocking=True)
         hidden, captured = self.graphs[tier].replay()
-        return hidden[:n], [c[:n].clone() for c in captured]
+        return hidden[:n], [c[:n].clone() for c in captured] if want_features else []
 
 
 class DraftGraphs:
@@ -121,7 +122,7 @@ class DraftGraphs:
 
     @torch.inference_mode()
     def __init__(self, draft, device: torch.device, max_num_seqs: int, max_ctx_len: int, num_tokens: int,
-                 buckets=REQUEST_BUCKETS):
+                 pool=None, buckets=REQUEST_BUCKETS):
         self.draft, self.device, self.num_tokens, self.max_ctx_len = draft, device, num_tokens, max_ctx_len
         self.buckets = sorted(b for b in buckets if b <= max_num_seqs) or [1]
         B = self.buckets[-1]
@@ -132,7 +133,6 @@ class DraftGraphs:
         self.temperature = torch.ones(B, dtype=torch.float32, **on)
         self.uniforms = torch.full((B, num_tokens), 0.5, dtype=torch.float32, **on)
         self.graphs: dict[int, StepGraph] = {}
-        pool = None
         for b in reversed(self.buckets):
             self.graphs[b] = StepGraph(self.step_fn(b), device, pool)
             pool = self.graphs[b].pool

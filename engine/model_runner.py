@@ -142,7 +142,7 @@ class ModelRunner:
         self.graphs = TargetGraphs(self.model, self.device, self.config.max_num_seqs, max_q_len, max_model_len,
                                    max_tokens, self.capture_layers)
         if self.speculator:
-            self.speculator.capture_graphs(self.config.max_num_seqs, max_model_len)
+            self.speculator.capture_graphs(self.config.max_num_seqs, max_model_len, self.graphs.pool)
 
     def graph_tier(self, seqs: list[Sequence], capture_layers: tuple[int, ...]) -> int | None:
         if self.graphs is None:
@@ -167,8 +167,8 @@ class ModelRunner:
             hidden, captured = self.model(input_ids, positions, capture_layers)
         else:
             ctx = get_context()
-            hidden, captured = self.graphs.run(tier, input_ids, positions, ctx.slot_mapping, ctx.varlen)
-            captured = captured if capture_layers else []
+            hidden, captured = self.graphs.run(tier, input_ids, positions, ctx.slot_mapping, ctx.varlen,
+                                               want_features=bool(capture_layers))
         reset_context()
         ends = self.cumulative_ends(ordered)
         rows = [r for i, end in zip(order, ends) for r in range(end - num_logits[i], end)]

@@ -42,3 +42,7 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_EPS
+
+    def temperature_only(self, vocab_size: int) -> bool:
+        """No top-k, top-p or min-p (what the fused Markov sampler covers), decided on the host."""
+        return (self.top_k <= 0 or self.top_k >= vocab_size) and self.top_p >= 1 and self.min_p <= 0

@@ -55,7 +55,7 @@ class Speculator:
         anchors, starts = self.on_device([s.token_ids[-1] for s in seqs]), self.on_device(starts)
         sampling = SamplingTensors.from_params([s.params for s in seqs], device=self.device)
         uniforms = uniforms.to(self.device, non_blocking=True)
-        bucket = self.graph_bucket(len(seqs), longest, sampling)
+        bucket = self.graph_bucket(seqs, longest)
         if bucket is None:
             outputs = self.draft.draft_block(anchors, starts, kv_slots, starts, self.num_draft_tokens, sampling,
                                              uniforms)
@@ -65,18 +65,19 @@ class Speculator:
         for seq, proposal in zip(seqs, self.draft.proposals(*outputs)):
             seq.proposal = proposal
 
-    def capture_graphs(self, max_num_seqs: int, max_ctx_len: int):
+    def capture_graphs(self, max_num_seqs: int, max_ctx_len: int, pool=None):
         """CUDA graphs of the draft step per request-count bucket (the fused Triton path of a vanilla-Markov DSpark
         draft; other drafts and sampling settings run eagerly)."""
         from engine.graphs import DraftGraphs
         from engine.drafts.heads import VanillaMarkov
         if self.draft.use_sequential_head and type(self.draft.markov_head) is VanillaMarkov:
-            self.graphs = DraftGraphs(self.draft, self.device, max_num_seqs, max_ctx_len, self.num_draft_tokens)
+            self.graphs = DraftGraphs(self.draft, self.device, max_num_seqs, max_ctx_len, self.num_draft_tokens, pool)
 
-    def graph_bucket(self, num_requests: int, ctx_width: int, sampling: SamplingTensors) -> int | None:
-        if self.graphs is None or not self.draft.fused_markov_applies(sampling, self.vocab_size):
+    def graph_bucket(self, seqs: list[Sequence], ctx_width: int) -> int | None:
+        """The draft graph for these requests, or None (eager); decided from host-side settings, without a sync."""
+        if self.graphs is None or not all(s.params.temperature_only(self.vocab_size) for s in seqs):
             return None
-        return self.graphs.bucket_for(num_requests, ctx_width)
+        return self.graphs.bucket_for(len(seqs), ctx_width)
 
     def verify(self, seqs: list[Sequence], logits: list[torch.Tensor]) -> list[tuple[int, int]]:
         """logits[i]: the target's [1 + l_i, V] rows for [anchor, d_1..d_l] of seqs[i] (l_i = its spec tokens).

@@ -83,6 +83,8 @@ def test_top_k_batches_draft_eagerly(tiny_llama_dir, drafts, monkeypatch):
                                                   monkeypatch)
     assert got == expected
     assert calls.get("TargetGraphs", 0) > 5 and "DraftGraphs" not in calls
+    assert SETTINGS[1].temperature_only(320) and not TOP_K.temperature_only(320)
+    assert SamplingParams(top_k=320).temperature_only(320) and not SamplingParams(min_p=0.1).temperature_only(320)
 
 
 def test_graph_tiers_cover_the_step_shapes(tiny_llama_dir, drafts):
@@ -95,6 +97,7 @@ def test_graph_tiers_cover_the_step_shapes(tiny_llama_dir, drafts):
     assert graphs.tier_for(17, [5, 5, 5, 2], [9, 9, 9, 9], graphs.capture_layers) is None  # past the largest tier
     assert graphs.tier_for(6, [6], [40], graphs.capture_layers) is None  # a prefill chunk longer than a verify row
     assert graphs.tier_for(2, [1, 1], [9, llm.max_model_len + 1], ()) is None
+    assert graphs.tier_for(5, [1] * 5, [9] * 5, ()) is None  # more requests than a graph has seats (max_num_seqs)
     assert graphs.tier_for(2, [1, 1], [9, 9], (0,)) is None  # other captured layers than the graphs return
     assert llm.model_runner.speculator.graphs.buckets == [1, 2, 4]
 
