@@ -90,6 +90,8 @@ ROWS_PER_REQUEST = 8
 def measure(engine, context_len: int, repeats: int, tokens=VERIFY_TOKENS, requests=DRAFT_REQUESTS) -> dict:
     """Step times eager, then with CUDA graphs captured (the serving path); the batch-1 ratios of the latter."""
     from engine.cost_model import measure_curve
+    from engine.graphs import TOKEN_TIERS
+    tokens = sorted(set(tokens) | {t for t in TOKEN_TIERS if t <= max(tokens)})  # the same grid for both
     eager = measure_curve(engine, tokens, requests, context_len, repeats)
     engine.model_runner.capture_graphs(context_len + 2 * ROWS_PER_REQUEST)
     graphs = measure_curve(engine, tokens, requests, context_len, repeats)

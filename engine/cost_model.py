@@ -58,10 +58,20 @@ def time_draft(engine, seqs: list[Sequence], repeats: int) -> float:
     return statistics.median(times[1:])
 
 
+def token_grid(engine, token_counts) -> list[int]:
+    """The token counts to time: the given ones, plus the CUDA-graph tiers up to the largest."""
+    graphs = engine.model_runner.graphs
+    tiers = [] if graphs is None else [t for t in graphs.tiers if t <= max(token_counts)]
+    return sorted(set(token_counts) | set(tiers))
+
+
 def measure_curve(engine, token_counts=QUICK_TOKENS, request_counts=QUICK_REQUESTS, context_len: int = 256,
                   repeats: int = 3, progress=None) -> SpsCurve:
     """Step cost of a target forward carrying B tokens (as verify rows of up to 8 tokens per request, each with
-    context_len cached tokens) and draft cost for R requests; the KV used is freed afterwards."""
+    context_len cached tokens) and draft cost for R requests; the KV used is freed afterwards. With CUDA graphs the
+    grid also gets every graph tier up to its largest B, and the curve becomes the step function the graphs give."""
+    graphs = engine.model_runner.graphs
+    token_counts = token_grid(engine, token_counts)
     most = max(-(-max(token_counts) // ROWS_PER_REQUEST), max(request_counts))
     bm = engine.block_manager
     fits = bm.num_free_blocks // most * bm.block_size - ROWS_PER_REQUEST
@@ -80,7 +90,7 @@ def measure_curve(engine, token_counts=QUICK_TOKENS, request_counts=QUICK_REQUES
             for r in request_counts:
                 draft[r] = time_draft(engine, seqs[:r], repeats)
                 progress and progress.update(1)
-        return SpsCurve(step, draft)
+        return SpsCurve(step, draft, step_function=graphs is not None)
     finally:
         for seq in seqs:
             engine.block_manager.free(seq)

@@ -8,29 +8,39 @@ from pathlib import Path
 class SpsCurve:
     """Step cost (seconds) measured at some token counts, plus the draft's cost at some request counts; between points
     costs are interpolated linearly and beyond the last point extrapolated along the last segment. Costs are made
-    non-decreasing, so SPS is monotone in B."""
+    non-decreasing, so SPS is monotone in B. A step_function curve (measured at the CUDA-graph tiers) charges B tokens
+    what the smallest measured point >= B costs: a step is padded up to its graph."""
 
-    def __init__(self, step_cost: dict[int, float], draft_cost: dict[int, float] | None = None):
+    def __init__(self, step_cost: dict[int, float], draft_cost: dict[int, float] | None = None,
+                 step_function: bool = False):
         if not step_cost:
             raise ValueError("an SPS curve needs at least one measured point")
         self.step_cost = monotone(step_cost)
         self.draft_cost = monotone(draft_cost or {1: 0.0})
+        self.step_function = step_function
 
     @classmethod
     def load(cls, path: str | Path) -> "SpsCurve":
         data = json.loads(Path(path).read_text())
         return cls({int(b): c for b, c in data["step_cost_s"].items()},
-                   {int(r): c for r, c in data.get("draft_cost_s", {}).items()})
+                   {int(r): c for r, c in data.get("draft_cost_s", {}).items()}, data.get("step_function", False))
 
     def to_json(self) -> dict:
-        return {"step_cost_s": dict(zip(*self.step_cost)), "draft_cost_s": dict(zip(*self.draft_cost))}
+        return {"step_cost_s": dict(zip(*self.step_cost)), "draft_cost_s": dict(zip(*self.draft_cost)),
+                "step_function": self.step_function}
+
+    def step_seconds(self, num_tokens: int) -> float:
+        xs, ys = self.step_cost
+        if self.step_function and num_tokens <= xs[-1]:
+            return ys[bisect.bisect_left(xs, num_tokens)]
+        return interpolate(self.step_cost, num_tokens)
 
     def steps_per_second(self, num_tokens: int, num_requests: int) -> float:
-        return 1.0 / (interpolate(self.draft_cost, num_requests) + interpolate(self.step_cost, num_tokens))
+        return 1.0 / (interpolate(self.draft_cost, num_requests) + self.step_seconds(num_tokens))
 
     def plain_steps_per_second(self, num_tokens: int) -> float:
         """A step that drafts nothing (its requests decode one token each): no draft cost."""
-        return 1.0 / interpolate(self.step_cost, num_tokens)
+        return 1.0 / self.step_seconds(num_tokens)
 
     def for_requests(self, num_requests: int):
         """SPS as a function of the step's token count B, for a step with this many requests."""

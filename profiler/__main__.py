@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 
 from engine import LLM
 from engine.cli import add_engine_args, config_from_args
-from engine.cost_model import measure_curve
+from engine.cost_model import measure_curve, token_grid
 from engine.sps_profile import profile_key
 
 TOKENS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128)
@@ -28,7 +28,8 @@ def main():
     config.sps_profile, config.verify_policy = "none", "full"
     llm = LLM(config)
     curves = {}
-    total = len(args.context_lens) * (len(args.tokens) + (len(args.requests) if config.spec_method != "none" else 0))
+    num_tokens = len(token_grid(llm, args.tokens))
+    total = len(args.context_lens) * (num_tokens + (len(args.requests) if config.spec_method != "none" else 0))
     with tqdm(total=total, desc="profiling") as bar:
         for ctx in args.context_lens:
             curves[ctx] = measure_curve(llm, args.tokens, args.requests, ctx, args.repeats, bar)
@@ -62,7 +63,8 @@ def plot(curves, path: Path, key: dict):
     fig, ax = plt.subplots(figsize=(6, 4))
     for ctx, curve in sorted(curves.items()):
         tokens, costs = curve.step_cost
-        ax.plot(tokens, [1 / c for c in costs], marker="o", label=f"context {ctx}")
+        ax.plot(tokens, [1 / c for c in costs], marker="o", label=f"context {ctx}",
+                drawstyle="steps-pre" if curve.step_function else "default")  # graphs: B costs its tier
     ax.set_xlabel("target tokens per step B")
     ax.set_ylabel("steps per second SPS(B) (target only)")
     ax.set_xscale("log", base=2)
