@@ -7,7 +7,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODELS_DIR = Path(os.environ.get("DSPARK_MODELS_DIR", REPO_ROOT / "models"))
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_DRAFT = REPO_ROOT / "drafts" / "dspark-smollm2-135m"  # trained by train/configs/dspark_smollm2.json
-# The committed draft runs at 0.54x plain decoding at batch 1 (tau ~1.2, docs/benchmarks.md), so `auto` serves the
+# The committed draft runs at 0.67x plain decoding at batch 1 (tau ~1.3, docs/benchmarks.md), so `auto` serves the
 # default model without it until a better-trained draft beats plain; set True to make it the default again.
 DEFAULT_MODEL_SPECULATES = False
 SPEC_METHODS = ("auto", "none", "dflash", "dspark")
