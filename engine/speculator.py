@@ -55,10 +55,11 @@ class Speculator:
         anchors, starts = self.on_device([s.token_ids[-1] for s in seqs]), self.on_device(starts)
         sampling = SamplingTensors.from_params([s.params for s in seqs], device=self.device)
         uniforms = uniforms.to(self.device, non_blocking=True)
-        bucket = self.graph_bucket(seqs, longest)
+        temperature_only = all(s.params.temperature_only(self.vocab_size) for s in seqs)  # host-side: no sync
+        bucket = self.graph_bucket(len(seqs), longest, temperature_only)
         if bucket is None:
             outputs = self.draft.draft_block(anchors, starts, kv_slots, starts, self.num_draft_tokens, sampling,
-                                             uniforms)
+                                             uniforms, temperature_only)
         else:
             with TIMINGS.section("draft_fused"):
                 outputs = self.graphs.run(bucket, anchors, starts, kv_slots, sampling.temperature, uniforms)
@@ -73,11 +74,11 @@ class Speculator:
         if self.draft.use_sequential_head and type(self.draft.markov_head) is VanillaMarkov:
             self.graphs = DraftGraphs(self.draft, self.device, max_num_seqs, max_ctx_len, self.num_draft_tokens, pool)
 
-    def graph_bucket(self, seqs: list[Sequence], ctx_width: int) -> int | None:
-        """The draft graph for these requests, or None (eager); decided from host-side settings, without a sync."""
-        if self.graphs is None or not all(s.params.temperature_only(self.vocab_size) for s in seqs):
+    def graph_bucket(self, num_requests: int, ctx_width: int, temperature_only: bool) -> int | None:
+        """The draft graph for these requests, or None (eager): the graphs hold the fused temperature-only loop."""
+        if self.graphs is None or not temperature_only:
             return None
-        return self.graphs.bucket_for(len(seqs), ctx_width)
+        return self.graphs.bucket_for(num_requests, ctx_width)
 
     def verify(self, seqs: list[Sequence], logits: list[torch.Tensor]) -> list[tuple[int, int]]:
         """logits[i]: the target's [1 + l_i, V] rows for [anchor, d_1..d_l] of seqs[i] (l_i = its spec tokens).

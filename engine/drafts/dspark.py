@@ -153,9 +153,11 @@ class DSparkDraft(nn.Module):
 
     @torch.inference_mode()
     def draft_block(self, anchors, starts, kv_slots, ctx_lens, num_tokens: int, sampling: SamplingTensors,
-                    uniforms: torch.Tensor):
-        """propose() as tensors: tokens [B, G], probs [B, G, V], confidence and its logits [B, G] (or None)."""
-        if self.use_sequential_head and self.fused_markov_applies(sampling, self.config.hf["vocab_size"]):
+                    uniforms: torch.Tensor, temperature_only: bool | None = None):
+        """propose() as tensors: tokens [B, G], probs [B, G, V], confidence and its logits [B, G] (or None).
+        temperature_only: whether no request uses top-k/top-p/min-p, when the caller knows (None: read `sampling`)."""
+        vocab = self.config.hf["vocab_size"]
+        if self.use_sequential_head and self.fused_markov_applies(sampling, vocab, temperature_only):
             with TIMINGS.section("draft_fused"):
                 return self.fused_block(anchors, starts, kv_slots, ctx_lens, num_tokens, sampling.temperature,
                                         uniforms)
@@ -210,10 +212,13 @@ class DSparkDraft(nn.Module):
             probs.append(q)
         return torch.stack(tokens, 1), torch.stack(probs, 1)
 
-    def fused_markov_applies(self, sampling: SamplingTensors, vocab_size: int) -> bool:
-        """The fused Triton loop covers a vanilla head with temperature-only sampling."""
-        return (triton_support.enabled() and type(self.markov_head) is VanillaMarkov
-                and sampling.temperature_only(vocab_size))
+    def fused_markov_applies(self, sampling: SamplingTensors, vocab_size: int,
+                             temperature_only: bool | None = None) -> bool:
+        """The fused Triton loop covers a vanilla head with temperature-only sampling (judged on the device tensors,
+        a sync on the GPU, unless the caller already knows)."""
+        if not (triton_support.enabled() and type(self.markov_head) is VanillaMarkov):
+            return False
+        return sampling.temperature_only(vocab_size) if temperature_only is None else temperature_only
 
     def sample_independently(self, base_logits, sampling, uniforms):
         B, G, V = base_logits.shape
