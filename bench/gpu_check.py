@@ -84,12 +84,9 @@ def build_engine(root: Path, kv_cache_gb: float, target=QWEN3_4B, draft=DSPARK_4
     return SimpleNamespace(model_runner=runner, block_manager=BlockManager(runner.num_blocks, config.kv_block_size))
 
 
-ROWS_PER_REQUEST = 8
-
-
 def measure(engine, context_len: int, repeats: int, tokens=VERIFY_TOKENS, requests=DRAFT_REQUESTS) -> dict:
     """Step times eager, then with CUDA graphs captured (the serving path); the batch-1 ratios of the latter."""
-    from engine.cost_model import measure_curve
+    from engine.cost_model import ROWS_PER_REQUEST, measure_curve
     from engine.graphs import TOKEN_TIERS
     tokens = sorted(set(tokens) | {t for t in TOKEN_TIERS if t <= max(tokens)})  # the same grid for both
     eager = measure_curve(engine, tokens, requests, context_len, repeats)
@@ -98,7 +95,7 @@ def measure(engine, context_len: int, repeats: int, tokens=VERIFY_TOKENS, reques
     step, draft = dict(zip(*graphs.step_cost)), dict(zip(*graphs.draft_cost))
     eager_step, eager_draft = dict(zip(*eager.step_cost)), dict(zip(*eager.draft_cost))
     return {"context_len": context_len,
-            "verify_ms": {b: {"eager": eager_step[b] * 1e3, "graphs": step[b] * 1e3} for b in step},
+            "verify_ms": {b: {"eager": eager_step[b] * 1e3, "graphs": step[b] * 1e3} for b in step if b in eager_step},
             "draft_ms": {r: {"eager": eager_draft[r] * 1e3, "graphs": draft[r] * 1e3} for r in draft},
             "draft_over_verify_b1": draft[1] / step[8], "verify8_over_decode_b1": step[8] / step[1],
             "graphs_over_eager_b1": eager_step[1] / step[1]}

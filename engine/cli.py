@@ -11,7 +11,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
             continue
         flag = "--" + f.name.replace("_", "-")
         if isinstance(f.default, bool):  # --enforce-eager / --no-enforce-eager
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
+                                help=f"(default: {f.default!r})")
             continue
         parser.add_argument(flag, type=type(f.default), default=f.default, help=f"(default: {f.default!r})")
     return parser

@@ -69,19 +69,21 @@ def measure_curve(engine, token_counts=QUICK_TOKENS, request_counts=QUICK_REQUES
                   repeats: int = 3, progress=None) -> SpsCurve:
     """Step cost of a target forward carrying B tokens (as verify rows of up to 8 tokens per request, each with
     context_len cached tokens) and draft cost for R requests; the KV used is freed afterwards. With CUDA graphs the
-    grid also gets every graph tier up to its largest B, and the curve becomes the step function the graphs give."""
+    rows are at most the graphs' verify row, the grid also gets every graph tier up to its largest B, and up to the
+    largest graph the curve is the step function the graphs give."""
     graphs = engine.model_runner.graphs
     token_counts = token_grid(engine, token_counts)
-    most = max(-(-max(token_counts) // ROWS_PER_REQUEST), max(request_counts))
+    rows = ROWS_PER_REQUEST if graphs is None else min(ROWS_PER_REQUEST, graphs.max_q_len)
+    most = max(-(-max(token_counts) // rows), max(request_counts))
     bm = engine.block_manager
-    fits = bm.num_free_blocks // most * bm.block_size - ROWS_PER_REQUEST
+    fits = bm.num_free_blocks // most * bm.block_size - rows
     if fits < 1:
         raise ValueError(f"the KV cache is too small to profile {most} requests; raise kv_cache_gb")
     seqs = fake_requests(engine, most, min(context_len, fits))
     try:
         step = {}
         for b in token_counts:
-            n = -(-b // ROWS_PER_REQUEST)
+            n = -(-b // rows)
             sizes = [b // n + (i < b % n) for i in range(n)]
             step[b] = time_forward(engine, seqs[:n], sizes, repeats)
             progress and progress.update(1)
@@ -90,7 +92,8 @@ def measure_curve(engine, token_counts=QUICK_TOKENS, request_counts=QUICK_REQUES
             for r in request_counts:
                 draft[r] = time_draft(engine, seqs[:r], repeats)
                 progress and progress.update(1)
-        return SpsCurve(step, draft, step_function=graphs is not None)
+        graph_tokens = 0 if graphs is None else max(t for t in token_counts if t <= graphs.tiers[-1])
+        return SpsCurve(step, draft, graph_tokens)
     finally:
         for seq in seqs:
             engine.block_manager.free(seq)

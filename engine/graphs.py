@@ -1,8 +1,8 @@
 """CUDA graphs for the two passes every decoding step makes (nano-vllm's capture, vLLM's padding): the target's
 decode/verify forward, one graph per token tier, and the draft step, one graph per request-count bucket. Each graph
 reads fixed (static) input buffers; a step is copied into the smallest graph that holds it, padded so that padding
-rows store no KV (slot -1) and padding requests have no queries or context, and replayed. Prefill chunks, steps past
-the largest graph and `--enforce-eager` run eagerly. Graphs are captured largest first into one shared memory pool.
+rows store no KV (slot -1) and padding requests have no queries or context, and replayed. Prefill chunks longer than
+a verify row, steps past the largest graph and `--enforce-eager` run eagerly. Graphs are captured largest first into one shared memory pool.
 The uniforms that drive sampling are inputs too, drawn on the host from each request's own generator, so a seeded
 request samples the same tokens with graphs as without."""
 import torch
@@ -15,8 +15,8 @@ REQUEST_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
 class StepGraph:
     """fn() over static buffers, captured once. On CUDA a torch.cuda.CUDAGraph; elsewhere (the CPU tests, under
-    Triton's interpreter) replay re-runs fn on the same buffers, which checks all the padding and buffer logic the GPU
-    relies on, but not the capture itself."""
+    Triton's interpreter) replay re-runs fn on the same buffers and copies its results into the same output tensors,
+    as a graph would, which checks the padding and buffer logic the GPU relies on, but not the capture itself."""
 
     def __init__(self, fn, device: torch.device, pool=None):
         self.fn = fn
@@ -35,10 +35,19 @@ class StepGraph:
 
     def replay(self):
         if self.graph is None:
-            self.outputs = self.fn()
+            copy_into(self.outputs, self.fn())
         else:
             self.graph.replay()
         return self.outputs
+
+
+def copy_into(outputs, results):
+    """Write results into the tensors of outputs (the same nesting of tuples / lists; None stays None)."""
+    if isinstance(outputs, torch.Tensor):
+        outputs.copy_(results)
+    elif isinstance(outputs, (tuple, list)):
+        for out, result in zip(outputs, results, strict=True):
+            copy_into(out, result)
 
 
 def smallest_at_least(sizes: list[int], n: int) -> int | None:
@@ -54,7 +63,7 @@ class TargetGraphs:
                  max_tokens: int, capture_layers: tuple[int, ...], tiers=TOKEN_TIERS):
         self.model, self.device, self.capture_layers = model, device, capture_layers
         self.max_num_seqs, self.max_q_len, self.max_kv_len = max_num_seqs, max_q_len, max_kv_len
-        self.tiers = sorted(t for t in tiers if t <= max_tokens) or [1]
+        self.tiers = sorted({t for t in tiers if t < max_tokens} | {max_tokens})
         T, B = self.tiers[-1], self.seats(self.tiers[-1])
         on = {"device": device}
         self.input_ids = torch.zeros(T, dtype=torch.long, **on)
@@ -124,7 +133,7 @@ class DraftGraphs:
     def __init__(self, draft, device: torch.device, max_num_seqs: int, max_ctx_len: int, num_tokens: int,
                  pool=None, buckets=REQUEST_BUCKETS):
         self.draft, self.device, self.num_tokens, self.max_ctx_len = draft, device, num_tokens, max_ctx_len
-        self.buckets = sorted(b for b in buckets if b <= max_num_seqs) or [1]
+        self.buckets = sorted({b for b in buckets if b < max_num_seqs} | {max_num_seqs})
         B = self.buckets[-1]
         on = {"device": device}
         self.anchors = torch.zeros(B, dtype=torch.long, **on)

@@ -119,10 +119,5 @@ class SamplingTensors:
         return SamplingTensors(*(t.repeat_interleave(repeats) for t in
                                  (self.temperature, self.top_k, self.top_p, self.min_p)))
 
-    def temperature_only(self, vocab_size: int) -> bool:
-        """No row uses top-k, top-p or min-p."""
-        k_off = (self.top_k <= 0) | (self.top_k >= vocab_size)
-        return bool((k_off & (self.top_p >= 1) & (self.min_p <= 0)).all())
-
     def probs(self, logits: torch.Tensor) -> torch.Tensor:
         return probs_from_logits(logits, self.temperature, self.top_k, self.top_p, self.min_p)

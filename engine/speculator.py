@@ -70,8 +70,7 @@ class Speculator:
         """CUDA graphs of the draft step per request-count bucket (the fused Triton path of a vanilla-Markov DSpark
         draft; other drafts and sampling settings run eagerly)."""
         from engine.graphs import DraftGraphs
-        from engine.drafts.heads import VanillaMarkov
-        if self.draft.use_sequential_head and type(self.draft.markov_head) is VanillaMarkov:
+        if self.draft.has_fused_markov:
             self.graphs = DraftGraphs(self.draft, self.device, max_num_seqs, max_ctx_len, self.num_draft_tokens, pool)
 
     def graph_bucket(self, num_requests: int, ctx_width: int, temperature_only: bool) -> int | None:

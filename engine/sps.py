@@ -8,30 +8,31 @@ from pathlib import Path
 class SpsCurve:
     """Step cost (seconds) measured at some token counts, plus the draft's cost at some request counts; between points
     costs are interpolated linearly and beyond the last point extrapolated along the last segment. Costs are made
-    non-decreasing, so SPS is monotone in B. A step_function curve (measured at the CUDA-graph tiers) charges B tokens
-    what the smallest measured point >= B costs: a step is padded up to its graph."""
+    non-decreasing, so SPS is monotone in B. Up to graph_tokens (the largest CUDA graph measured; its tiers are all
+    measured points) a step of B tokens costs what the smallest measured point >= B costs: it is padded up to that
+    graph. Past it (eager steps) the costs are interpolated as usual."""
 
     def __init__(self, step_cost: dict[int, float], draft_cost: dict[int, float] | None = None,
-                 step_function: bool = False):
+                 graph_tokens: int = 0):
         if not step_cost:
             raise ValueError("an SPS curve needs at least one measured point")
         self.step_cost = monotone(step_cost)
         self.draft_cost = monotone(draft_cost or {1: 0.0})
-        self.step_function = step_function
+        self.graph_tokens = graph_tokens
 
     @classmethod
     def load(cls, path: str | Path) -> "SpsCurve":
         data = json.loads(Path(path).read_text())
         return cls({int(b): c for b, c in data["step_cost_s"].items()},
-                   {int(r): c for r, c in data.get("draft_cost_s", {}).items()}, data.get("step_function", False))
+                   {int(r): c for r, c in data.get("draft_cost_s", {}).items()}, data.get("graph_tokens", 0))
 
     def to_json(self) -> dict:
         return {"step_cost_s": dict(zip(*self.step_cost)), "draft_cost_s": dict(zip(*self.draft_cost)),
-                "step_function": self.step_function}
+                "graph_tokens": self.graph_tokens}
 
     def step_seconds(self, num_tokens: int) -> float:
         xs, ys = self.step_cost
-        if self.step_function and num_tokens <= xs[-1]:
+        if num_tokens <= self.graph_tokens:
             return ys[bisect.bisect_left(xs, num_tokens)]
         return interpolate(self.step_cost, num_tokens)
 

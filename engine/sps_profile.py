@@ -8,13 +8,13 @@ from pathlib import Path
 
 import torch
 
-from engine.config import REPO_ROOT, uses_cuda_graphs
+from engine.config import REPO_ROOT
 from engine.cost_model import measure_curve
 from engine.sps import SpsCurve
 
 CACHE_DIR = Path(os.environ.get("DSPARK_CACHE", Path.home() / ".cache" / "dspark")) / "sps"
-TIMED_CODE = ("engine/models/*.py", "engine/drafts/*.py", "engine/model_runner.py", "engine/speculator.py", "engine/graphs.py",
-              "engine/sampler.py", "kernels/*.py", "kernels/csrc/*")
+TIMED_CODE = ("engine/models/*.py", "engine/drafts/*.py", "engine/model_runner.py", "engine/speculator.py",
+              "engine/graphs.py", "engine/sampler.py", "kernels/*.py", "kernels/csrc/*")
 
 
 def code_version() -> str:
@@ -30,7 +30,12 @@ def profile_key(engine) -> dict:
             "spec_method": c.spec_method, "num_draft_tokens": c.num_draft_tokens, "dtype": c.dtype,
             "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.machine(),
             "cpu": platform.processor() or platform.node(), "device": device_name(c.device), "kernels": c.kernels,
-            "cuda_graphs": uses_cuda_graphs(c), "code": code_version()}
+            "graph_tiers": graph_tiers(engine), "code": code_version()}
+
+
+def graph_tiers(engine) -> list[int]:
+    graphs = engine.model_runner.graphs
+    return [] if graphs is None else list(graphs.tiers)
 
 
 def device_name(device: str) -> str:

@@ -64,7 +64,7 @@ def plot(curves, path: Path, key: dict):
     for ctx, curve in sorted(curves.items()):
         tokens, costs = curve.step_cost
         ax.plot(tokens, [1 / c for c in costs], marker="o", label=f"context {ctx}",
-                drawstyle="steps-pre" if curve.step_function else "default")  # graphs: B costs its tier
+                drawstyle="steps-pre" if curve.graph_tokens else "default")  # graphs: B costs its tier
     ax.set_xlabel("target tokens per step B")
     ax.set_ylabel("steps per second SPS(B) (target only)")
     ax.set_xscale("log", base=2)

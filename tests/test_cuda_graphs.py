@@ -90,11 +90,12 @@ def test_top_k_batches_draft_eagerly(tiny_llama_dir, drafts, monkeypatch):
 def test_graph_tiers_cover_the_step_shapes(tiny_llama_dir, drafts):
     llm = make_llm(tiny_llama_dir, drafts, "dspark-full", graphs=True)
     graphs = llm.model_runner.graphs
-    # max_num_seqs 4 x (1 + 4 drafts) = 20 tokens at most in a decode/verify step
-    assert graphs.tiers == [1, 2, 4, 8, 16]
+    # max_num_seqs 4 x (1 + 4 drafts) = 20 tokens at most in a decode/verify step: the largest graph
+    assert graphs.tiers == [1, 2, 4, 8, 16, 20]
     assert graphs.max_q_len == 5
     assert graphs.tier_for(3, [1, 1, 1], [9, 9, 9], graphs.capture_layers) == 4
-    assert graphs.tier_for(17, [5, 5, 5, 2], [9, 9, 9, 9], graphs.capture_layers) is None  # past the largest tier
+    assert graphs.tier_for(17, [5, 5, 5, 2], [9, 9, 9, 9], graphs.capture_layers) == 20
+    assert graphs.tier_for(21, [5, 5, 5, 5, 1], [9] * 5, graphs.capture_layers) is None  # past the largest tier
     assert graphs.tier_for(6, [6], [40], graphs.capture_layers) is None  # a prefill chunk longer than a verify row
     assert graphs.tier_for(2, [1, 1], [9, llm.max_model_len + 1], ()) is None
     assert graphs.tier_for(5, [1] * 5, [9] * 5, ()) is None  # more requests than a graph has seats (max_num_seqs)
@@ -117,8 +118,8 @@ def test_padding_rows_store_no_kv(tiny_llama_dir, drafts):
     seqs = list(llm.scheduler.running)
     for s in seqs:
         s.num_scheduled_tokens = 1
-    real = {slot for s in seqs for slot in range(s.num_computed_tokens, s.num_computed_tokens + 1)
-            for slot in [s.block_table[slot // runner.block_size] * runner.block_size + slot % runner.block_size]}
+    bs = runner.block_size
+    real = {s.block_table[s.num_computed_tokens // bs] * bs + s.num_computed_tokens % bs for s in seqs}
     before = runner.kv_cache.clone()
     assert runner.graph_tier(seqs, ()) == 4  # 3 rows padded to 4
     runner.forward(seqs, [1, 1, 1])

@@ -57,16 +57,17 @@ def test_sps_curve_is_monotone_and_reproduces_its_points(tmp_path):
 
 
 def test_a_graph_tier_curve_is_a_step_function(tmp_path):
-    """Measured at CUDA-graph tiers 8 and 16: 9..16 tokens pad to the 16-token graph and cost what it costs; past
-    the largest tier (eager) the last segment is extrapolated. It round-trips through its JSON."""
-    curve = SpsCurve({1: 0.010, 8: 0.012, 16: 0.020}, step_function=True)
+    """Graphs up to 16 tokens, measured at tiers 1, 8, 16 and eagerly at 32: 9..16 tokens pad to the 16-token graph
+    and cost what it costs; past the largest graph (eager) costs are interpolated. It round-trips through its JSON."""
+    curve = SpsCurve({1: 0.010, 8: 0.012, 16: 0.020, 32: 0.036}, graph_tokens=16)
     assert [curve.plain_steps_per_second(b) for b in (1, 2, 8, 9, 16)] == \
         pytest.approx([100, 1 / 0.012, 1 / 0.012, 50, 50])
-    assert curve.plain_steps_per_second(24) == pytest.approx(1 / 0.028)  # 0.020 + 8 x (0.020 - 0.012) / 8
+    assert curve.plain_steps_per_second(24) == pytest.approx(1 / 0.028)  # halfway from 16 to 32
+    assert curve.plain_steps_per_second(40) == pytest.approx(1 / 0.044)  # past the last point: its segment extended
     assert SpsCurve({1: 0.010, 8: 0.012, 16: 0.020}).plain_steps_per_second(12) == pytest.approx(1 / 0.016)
     path = tmp_path / "graphs.json"
     path.write_text(json.dumps(curve.to_json()))
-    assert SpsCurve.load(path).step_function and SpsCurve.load(path).plain_steps_per_second(9) == pytest.approx(50)
+    assert SpsCurve.load(path).graph_tokens == 16 and SpsCurve.load(path).plain_steps_per_second(9) == pytest.approx(50)
 
 
 def test_drafting_pays_only_when_the_best_budget_beats_a_plain_step():

@@ -143,7 +143,7 @@ def test_markov_twin_is_the_dspark_sequential_sampler(temperatures):
     torch.nn.init.normal_(head.markov_w2.weight, std=0.5)
     sampling_tensors = SamplingTensors(temperature, torch.zeros(B, dtype=torch.long), torch.ones(B), torch.zeros(B))
     with torch.no_grad():
-        torch_path = SimpleNamespace(markov_head=head, fused_markov_applies=lambda *_: False)
+        torch_path = SimpleNamespace(markov_head=head)
         want = DSparkDraft.sample_sequentially(torch_path, torch.zeros(B, G, 8), base, anchors, sampling_tensors,
                                                uniforms)
         tokens, probs = markov.markov_sample(base, anchors, head.markov_w1.weight, head.markov_w2.weight,

@@ -146,18 +146,12 @@ class DSparkDraft(nn.Module):
         return self.norm(x)
 
     @torch.inference_mode()
-    def propose(self, anchors: torch.Tensor, starts: torch.Tensor, kv_slots: torch.Tensor, ctx_lens: torch.Tensor,
-                num_tokens: int, sampling: SamplingTensors, uniforms: torch.Tensor) -> list[Proposal]:
-        """Draft num_tokens (<= block_size) tokens per request; uniforms [B, num_tokens] drive the sampling."""
-        return self.proposals(*self.draft_block(anchors, starts, kv_slots, ctx_lens, num_tokens, sampling, uniforms))
-
-    @torch.inference_mode()
     def draft_block(self, anchors, starts, kv_slots, ctx_lens, num_tokens: int, sampling: SamplingTensors,
-                    uniforms: torch.Tensor, temperature_only: bool | None = None):
-        """propose() as tensors: tokens [B, G], probs [B, G, V], confidence and its logits [B, G] (or None).
-        temperature_only: whether no request uses top-k/top-p/min-p, when the caller knows (None: read `sampling`)."""
-        vocab = self.config.hf["vocab_size"]
-        if self.use_sequential_head and self.fused_markov_applies(sampling, vocab, temperature_only):
+                    uniforms: torch.Tensor, temperature_only: bool):
+        """Draft num_tokens (<= block_size) tokens per request, driven by uniforms [B, num_tokens] -> tokens [B, G],
+        probs [B, G, V], confidence and its logits [B, G] (or None). temperature_only: no request uses
+        top-k/top-p/min-p (decided on the host from the requests' settings)."""
+        if temperature_only and self.has_fused_markov and triton_support.enabled():
             with TIMINGS.section("draft_fused"):
                 return self.fused_block(anchors, starts, kv_slots, ctx_lens, num_tokens, sampling.temperature,
                                         uniforms)
@@ -212,13 +206,11 @@ class DSparkDraft(nn.Module):
             probs.append(q)
         return torch.stack(tokens, 1), torch.stack(probs, 1)
 
-    def fused_markov_applies(self, sampling: SamplingTensors, vocab_size: int,
-                             temperature_only: bool | None = None) -> bool:
-        """The fused Triton loop covers a vanilla head with temperature-only sampling (judged on the device tensors,
-        a sync on the GPU, unless the caller already knows)."""
-        if not (triton_support.enabled() and type(self.markov_head) is VanillaMarkov):
-            return False
-        return sampling.temperature_only(vocab_size) if temperature_only is None else temperature_only
+    @property
+    def has_fused_markov(self) -> bool:
+        """A vanilla sequential head: the fused Triton loop (and the draft's CUDA graphs) cover it, for requests that
+        sample with temperature only."""
+        return self.use_sequential_head and type(self.markov_head) is VanillaMarkov
 
     def sample_independently(self, base_logits, sampling, uniforms):
         B, G, V = base_logits.shape
