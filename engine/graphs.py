@@ -50,6 +50,15 @@ def copy_into(outputs, results):
             copy_into(out, result)
 
 
+def capture_largest_first(sizes: list[int], make_fn, device: torch.device, pool=None) -> tuple[dict, object]:
+    """One StepGraph per size, largest first, all in one memory pool -> (graphs by size, the pool)."""
+    graphs = {}
+    for size in sorted(sizes, reverse=True):
+        graphs[size] = StepGraph(make_fn(size), device, pool)
+        pool = graphs[size].pool
+    return graphs, pool
+
+
 def smallest_at_least(sizes: list[int], n: int) -> int | None:
     return next((s for s in sizes if s >= n), None)
 
@@ -72,11 +81,8 @@ class TargetGraphs:
         self.cu_seqlens_q = torch.zeros(B + 1, dtype=torch.int32, **on)
         self.kv_lens = torch.zeros(B, dtype=torch.int32, **on)
         self.kv_slots = torch.zeros(B, max_kv_len, dtype=torch.long, **on)
-        self.graphs: dict[int, StepGraph] = {}
-        self.pool = None  # shared by every graph, the draft's too: they replay one at a time
-        for t in reversed(self.tiers):
-            self.graphs[t] = StepGraph(self.forward_fn(t), device, self.pool)
-            self.pool = self.graphs[t].pool
+        # one pool for every graph, the draft's too: they replay one at a time
+        self.graphs, self.pool = capture_largest_first(self.tiers, self.forward_fn, device)
 
     def seats(self, tokens: int) -> int:
         return min(tokens, self.max_num_seqs)
@@ -93,14 +99,13 @@ class TargetGraphs:
                 reset_context()
         return forward
 
-    def tier_for(self, num_tokens: int, q_lens: list[int], kv_lens: list[int],
-                 capture_layers: tuple[int, ...]) -> int | None:
-        """The graph that can run this step, or None (eager)."""
+    def tier_for(self, q_lens: list[int], kv_lens: list[int], capture_layers: tuple[int, ...]) -> int | None:
+        """The graph that can run a step of these requests' query / KV lengths, or None (eager)."""
         if max(q_lens) > self.max_q_len or max(kv_lens) > self.max_kv_len:
             return None
         if capture_layers and capture_layers != self.capture_layers:
             return None
-        tier = smallest_at_least(self.tiers, num_tokens)
+        tier = smallest_at_least(self.tiers, sum(q_lens))
         return None if tier is None or len(q_lens) > self.seats(tier) else tier
 
     @torch.inference_mode()
@@ -127,7 +132,7 @@ class TargetGraphs:
 
 class DraftGraphs:
     """The draft step (backbone, LM head, fused Markov sampling, confidence) for requests sampling with temperature
-    only (DSparkDraft.fused_markov_applies); one graph per request-count bucket."""
+    only (DSparkDraft.has_fused_markov); one graph per request-count bucket."""
 
     @torch.inference_mode()
     def __init__(self, draft, device: torch.device, max_num_seqs: int, max_ctx_len: int, num_tokens: int,
@@ -141,10 +146,7 @@ class DraftGraphs:
         self.kv_slots = torch.zeros(B, max_ctx_len, dtype=torch.long, **on)
         self.temperature = torch.ones(B, dtype=torch.float32, **on)
         self.uniforms = torch.full((B, num_tokens), 0.5, dtype=torch.float32, **on)
-        self.graphs: dict[int, StepGraph] = {}
-        for b in reversed(self.buckets):
-            self.graphs[b] = StepGraph(self.step_fn(b), device, pool)
-            pool = self.graphs[b].pool
+        self.graphs, _ = capture_largest_first(self.buckets, self.step_fn, device, pool)
 
     def step_fn(self, b: int):
         def step():

@@ -149,7 +149,7 @@ class ModelRunner:
             return None
         q_lens = [s.num_scheduled_tokens for s in seqs]
         kv_lens = [s.num_computed_tokens + n for s, n in zip(seqs, q_lens)]
-        return self.graphs.tier_for(sum(q_lens), q_lens, kv_lens, capture_layers)
+        return self.graphs.tier_for(q_lens, kv_lens, capture_layers)
 
     def execute(self, seqs: list[Sequence], num_logits: list[int]) -> list[torch.Tensor]:
         """One forward over the scheduled tokens of seqs; for each seq the fp32 logits of its last

@@ -93,13 +93,13 @@ def test_graph_tiers_cover_the_step_shapes(tiny_llama_dir, drafts):
     # max_num_seqs 4 x (1 + 4 drafts) = 20 tokens at most in a decode/verify step: the largest graph
     assert graphs.tiers == [1, 2, 4, 8, 16, 20]
     assert graphs.max_q_len == 5
-    assert graphs.tier_for(3, [1, 1, 1], [9, 9, 9], graphs.capture_layers) == 4
-    assert graphs.tier_for(17, [5, 5, 5, 2], [9, 9, 9, 9], graphs.capture_layers) == 20
-    assert graphs.tier_for(21, [5, 5, 5, 5, 1], [9] * 5, graphs.capture_layers) is None  # past the largest tier
-    assert graphs.tier_for(6, [6], [40], graphs.capture_layers) is None  # a prefill chunk longer than a verify row
-    assert graphs.tier_for(2, [1, 1], [9, llm.max_model_len + 1], ()) is None
-    assert graphs.tier_for(5, [1] * 5, [9] * 5, ()) is None  # more requests than a graph has seats (max_num_seqs)
-    assert graphs.tier_for(2, [1, 1], [9, 9], (0,)) is None  # other captured layers than the graphs return
+    assert graphs.tier_for([1, 1, 1], [9, 9, 9], graphs.capture_layers) == 4
+    assert graphs.tier_for([5, 5, 5, 2], [9, 9, 9, 9], graphs.capture_layers) == 20
+    assert graphs.tier_for([5, 5, 5, 5, 1], [9] * 5, graphs.capture_layers) is None  # past the largest tier
+    assert graphs.tier_for([6], [40], graphs.capture_layers) is None  # a prefill chunk longer than a verify row
+    assert graphs.tier_for([1, 1], [9, llm.max_model_len + 1], ()) is None
+    assert graphs.tier_for([1] * 5, [9] * 5, ()) is None  # more requests than a graph has seats (max_num_seqs)
+    assert graphs.tier_for([1, 1], [9, 9], (0,)) is None  # other captured layers than the graphs return
     assert llm.model_runner.speculator.graphs.buckets == [1, 2, 4]
 
 
