@@ -51,12 +51,12 @@ def run(args) -> dict:
     for method, draft in drafts:
         llm = LLM(**options, spec_method=method, draft=draft, verify_policy="full")
         label = f"{method} ({Path(draft).name})"
-        temps = sts.load_temperatures(Path(draft) / CALIBRATION_FILE)
+        scaling = sts.load_scaling(Path(draft) / CALIBRATION_FILE)
         prompts = {d: [encode_prompt(llm, t, args.max_prompt_tokens) for t in ts] for d, ts in texts.items()}
         for domain, ids in prompts.items():
             for temperature in args.temperatures:
                 bar.set_postfix_str(f"{method} {domain} T={temperature}")
-                row = measure(llm, ids, temperature, args.max_tokens, args.seed, temps)
+                row = measure(llm, ids, temperature, args.max_tokens, args.seed, scaling)
                 rows.append({"draft": label, "method": method, "domain": domain, **row})
                 bar.update()
         if args.speed:
@@ -75,7 +75,7 @@ def first(prompts: dict[str, list], n: int) -> list:
     return next(iter(prompts.values()))[:n]
 
 
-def measure(llm: LLM, prompts: list[list[int]], temperature: float, max_tokens: int, seed: int, temps) -> dict:
+def measure(llm: LLM, prompts: list[list[int]], temperature: float, max_tokens: int, seed: int, scaling) -> dict:
     llm.spec_stats = SpecStats()
     records = llm.record_confidences()
     llm.generate(prompts, SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=seed), use_tqdm=False)
@@ -83,7 +83,7 @@ def measure(llm: LLM, prompts: list[list[int]], temperature: float, max_tokens: 
     stats = llm.spec_stats.as_dict()
     row = {"temperature": temperature, "tau": stats["mean_acceptance_length"],
            "conditional_acceptance": conditional_acceptance(stats), "stats": stats}
-    return row | (calibration(records, temps) if records else {})
+    return row | (calibration(records, scaling) if records else {})
 
 
 def conditional_acceptance(stats: dict) -> list[float | None]:
@@ -93,14 +93,13 @@ def conditional_acceptance(stats: dict) -> list[float | None]:
     return [a / b if b else None for a, b in zip(accepted, before)]
 
 
-def calibration(records: list, temps) -> dict:
-    """ECE etc. of the cumulative product, per position and pooled: raw, and with the sts.json temperatures."""
+def calibration(records: list, scaling) -> dict:
+    """ECE etc. of the cumulative product, per position and pooled: raw, and with the sts.json scaling."""
     rounds = sts.rounds_from_records(records)
     out = {"confidence_before": sts.position_metrics(rounds), "pooled_before": sts.pooled_metrics(rounds)}
-    if temps is not None:
-        temps = temps[:rounds.num_positions]
-        out["confidence_after"] = sts.position_metrics(rounds, temps)
-        out["pooled_after"] = sts.pooled_metrics(rounds, temps)
+    if scaling is not None:
+        out["confidence_after"] = sts.position_metrics(rounds, scaling)
+        out["pooled_after"] = sts.pooled_metrics(rounds, scaling)
     return out
 
 

@@ -1,4 +1,6 @@
-from collections import deque
+import hashlib
+from array import array
+from collections import OrderedDict
 
 from engine.sequence import Sequence
 
@@ -8,13 +10,28 @@ def slots(block_table: list[int], block_size: int, start: int, end: int) -> list
     return [block_table[p // block_size] * block_size + p % block_size for p in range(start, end)]
 
 
-class BlockManager:
-    """Paged KV bookkeeping: fixed-size blocks, one block table per sequence, rollback by truncation."""
+def chain_hash(previous: bytes, token_ids: list[int]) -> bytes:
+    """Content key of a full block: a collision-resistant digest of the block's tokens and every token before it."""
+    return hashlib.blake2b(previous + array("q", token_ids).tobytes(), digest_size=16).digest()
 
-    def __init__(self, num_blocks: int, block_size: int):
+
+class BlockManager:
+    """Paged KV bookkeeping: fixed-size blocks, one block table per sequence, rollback by truncation.
+
+    With prefix caching, every full block whose K/V is complete is filed under the hash of its token prefix. A new
+    request starts from the longest run of filed blocks matching its prompt; blocks are reference-counted, and a
+    freed block keeps its K/V (and its entry) until the free list hands it out again, least recently freed first."""
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = False):
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self.free_block_ids: deque[int] = deque(range(num_blocks))
+        self.enable_prefix_caching = enable_prefix_caching
+        self.free_block_ids: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self.ref_counts = [0] * num_blocks
+        self.cached_blocks: dict[bytes, int] = {}  # prefix hash -> block holding that prefix's last full block
+        self.block_hash: dict[int, bytes] = {}     # the inverse, for eviction
+        self.num_queried_tokens = 0  # prompt tokens looked up in the prefix cache
+        self.num_hit_tokens = 0      # of which found
 
     @property
     def num_free_blocks(self) -> int:
@@ -34,13 +51,30 @@ class BlockManager:
         missing = self.num_missing_blocks(seq, num_tokens)
         if missing > self.num_free_blocks:
             raise RuntimeError(f"KV cache exhausted: need {missing} blocks, {self.num_free_blocks} free")
-        seq.block_table.extend(self.free_block_ids.popleft() for _ in range(missing))
+        for _ in range(missing):
+            block_id, _ = self.free_block_ids.popitem(last=False)
+            self.evict(block_id)
+            self.ref_counts[block_id] = 1
+            seq.block_table.append(block_id)
+
+    def evict(self, block_id: int):
+        key = self.block_hash.pop(block_id, None)
+        if key is not None:
+            del self.cached_blocks[key]
+
+    def release(self, block_id: int):
+        self.ref_counts[block_id] -= 1
+        if self.ref_counts[block_id] == 0:
+            self.free_block_ids[block_id] = None
 
     def truncate(self, seq: Sequence, num_tokens: int):
-        """Keep only the blocks covering the first num_tokens tokens (speculative rollback, shrinking)."""
+        """Keep only the blocks covering the first num_tokens tokens (speculative rollback, shrinking). Blocks are
+        released last first, so a sequence's deepest blocks are reused before its shareable prefix."""
         keep = self.blocks_for(num_tokens)
-        self.free_block_ids.extend(seq.block_table[keep:])
+        for block_id in reversed(seq.block_table[keep:]):
+            self.release(block_id)
         del seq.block_table[keep:]
+        seq.num_filed_blocks = min(seq.num_filed_blocks, keep)
 
     def free(self, seq: Sequence):
         self.truncate(seq, 0)
@@ -49,3 +83,44 @@ class BlockManager:
         """Forget the KV of seq's last num_tokens computed tokens (rejected speculative positions)."""
         seq.num_computed_tokens -= num_tokens
         self.truncate(seq, seq.num_computed_tokens)
+
+    def prefix_hashes(self, seq: Sequence, num_blocks: int) -> list[bytes]:
+        """Hashes of seq's first num_blocks full blocks (memoised on the sequence)."""
+        bs, hashes = self.block_size, seq.block_hashes
+        while len(hashes) < num_blocks:
+            i = len(hashes)
+            hashes.append(chain_hash(hashes[-1] if hashes else b"", seq.token_ids[i * bs:(i + 1) * bs]))
+        return hashes[:num_blocks]
+
+    def match_prefix(self, seq: Sequence) -> int:
+        """Give a sequence that holds no blocks the filed blocks of its longest cached prefix (always leaving its last
+        token to compute, so the step yields its logits); returns the number of tokens they cover."""
+        if not self.enable_prefix_caching or seq.block_table:
+            return 0
+        self.num_queried_tokens += len(seq) - 1
+        for key in self.prefix_hashes(seq, (len(seq) - 1) // self.block_size):
+            block_id = self.cached_blocks.get(key)
+            if block_id is None:
+                break
+            if self.ref_counts[block_id] == 0:
+                del self.free_block_ids[block_id]
+            self.ref_counts[block_id] += 1
+            seq.block_table.append(block_id)
+        seq.num_filed_blocks = len(seq.block_table)
+        seq.num_computed_tokens = len(seq.block_table) * self.block_size
+        seq.num_cached_tokens = min(seq.num_computed_tokens, seq.num_prompt_tokens)
+        self.num_hit_tokens += seq.num_computed_tokens
+        return seq.num_computed_tokens
+
+    def cache_blocks(self, seq: Sequence):
+        """File seq's full blocks whose K/V is complete in every cache (seq.num_complete_tokens)."""
+        if not self.enable_prefix_caching:
+            return
+        full = min(seq.num_complete_tokens // self.block_size, len(seq.block_table))
+        hashes = self.prefix_hashes(seq, full)
+        for i in range(seq.num_filed_blocks, full):
+            block_id, key = seq.block_table[i], hashes[i]
+            if block_id not in self.block_hash and key not in self.cached_blocks:
+                self.cached_blocks[key] = block_id
+                self.block_hash[block_id] = key
+        seq.num_filed_blocks = max(seq.num_filed_blocks, full)

@@ -87,6 +87,7 @@ class EngineConfig:
     max_model_len: int = 0               # 0 = the model's own context length
     kv_cache_gb: float = 0.0             # 0 = auto: CPU a tenth of RAM (0.5-8 GiB); GPU most of what is left free
     kv_block_size: int = 16
+    enable_prefix_caching: bool = True   # reuse the K/V of full blocks whose token prefix was computed before
     num_threads: int = 0                 # 0 = leave torch's default
     seed: int = 0
     spec_method: str = "auto"            # auto | none | dflash | dspark (auto: see resolve_auto_spec)
@@ -119,7 +120,8 @@ class EngineConfig:
             raise ValueError(f"num_draft_tokens must be >= 0 (0 = the draft's block size), got {self.num_draft_tokens}")
         parse_verify_policy(self.verify_policy)
         self.device, self.kernels = resolve_device(self.device, self.kernels)
-        if not isinstance(self.enforce_eager, bool):
-            raise TypeError(f"enforce_eager must be True or False, got {self.enforce_eager!r}")
+        for name in ("enforce_eager", "enable_prefix_caching"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.kv_cache_gb == 0 and self.device == "cpu":
             self.kv_cache_gb = auto_kv_cache_gb()  # on a GPU the model runner sizes it after loading the weights

@@ -15,6 +15,7 @@ class Completion:
     token_ids: list[int]
     text: str
     finish_reason: str | None
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
 
 
 class LLM(LLMEngine):
@@ -40,6 +41,7 @@ class LLM(LLMEngine):
         result.token_ids += out.delta_token_ids
         result.text += out.delta_text
         result.finish_reason = out.finish_reason
+        result.num_cached_tokens = out.num_cached_tokens
 
     def chat_prompt(self, messages: list[dict]) -> list[int]:
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

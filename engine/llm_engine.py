@@ -28,6 +28,7 @@ class RequestOutput:
     finish_reason: str | None
     num_prompt_tokens: int
     num_completion_tokens: int
+    num_cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
 
 
 class LLMEngine:
@@ -46,7 +47,8 @@ class LLMEngine:
         self.max_model_len = min(self.config.max_model_len or model_len, model_len)
         if uses_cuda_graphs(self.config):
             self.model_runner.capture_graphs(self.max_model_len)
-        self.block_manager = BlockManager(self.model_runner.num_blocks, self.config.kv_block_size)
+        self.block_manager = BlockManager(self.model_runner.num_blocks, self.config.kv_block_size,
+                                          self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.config, self.block_manager)
         self.planner = self.make_planner()
         self.spec_stats = SpecStats()
@@ -127,6 +129,7 @@ class LLMEngine:
                 continue
             tokens, accepted = results[seq.seq_id]
             self.block_manager.rollback(seq, len(seq.spec_token_ids) - accepted)
+            self.block_manager.cache_blocks(seq)
             if seq.proposal is not None:
                 self.record_round(seq, accepted)
             seq.clear_draft()
@@ -169,11 +172,17 @@ class LLMEngine:
             reason = self.finish_reason(seq, token)
             if reason:
                 text += "" if seq.detokenizer.finished_by_stop else seq.detokenizer.flush()
+                self.complete_draft_context(seq)
                 self.scheduler.finish(seq, reason)
                 self.sequences.pop(seq.request_id, None)
                 break
         return RequestOutput(seq.request_id, text, added, seq.is_finished, seq.finish_reason,
-                             seq.num_prompt_tokens, seq.num_completion_tokens)
+                             seq.num_prompt_tokens, seq.num_completion_tokens, seq.num_cached_tokens)
+
+    def complete_draft_context(self, seq: Sequence):
+        """Write a finishing request's queued draft context, so its blocks enter the prefix cache whole."""
+        if self.block_manager.enable_prefix_caching and seq.pending_context:
+            self.model_runner.speculator.write_context([seq])
 
     def finish_reason(self, seq: Sequence, token: int) -> str | None:
         p = seq.params

@@ -56,8 +56,11 @@ class Scheduler:
         scheduled = []
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            self.block_manager.match_prefix(seq)
             num_tokens = min(seq.num_uncomputed_tokens, budget)
             if not self.block_manager.can_allocate(seq, seq.num_computed_tokens + num_tokens):
+                self.block_manager.free(seq)  # hand back the prefix it matched; it retries on a later step
+                seq.num_computed_tokens = 0
                 break
             self.waiting.popleft()
             self.block_manager.allocate(seq, seq.num_computed_tokens + num_tokens)
@@ -68,8 +71,10 @@ class Scheduler:
         return scheduled
 
     def preempt(self, seq: Sequence):
-        """Free seq's KV; it goes back to the front of the queue and its tokens are recomputed later."""
+        """Free seq's KV; it goes back to the front of the queue and its tokens are recomputed later (those in the
+        prefix cache are found there again, unless evicted meanwhile)."""
         self.running.remove(seq)
+        self.block_manager.cache_blocks(seq)
         self.block_manager.free(seq)
         seq.status, seq.num_computed_tokens, seq.num_scheduled_tokens = SequenceStatus.WAITING, 0, 0
         seq.clear_draft()
@@ -80,6 +85,7 @@ class Scheduler:
 
     def finish(self, seq: Sequence, reason: str):
         seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason
+        self.block_manager.cache_blocks(seq)
         self.block_manager.free(seq)
         if seq in self.running:
             self.running.remove(seq)

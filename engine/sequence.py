@@ -29,6 +29,9 @@ class Sequence:
         self.num_computed_tokens = 0
         self.num_scheduled_tokens = 0
         self.block_table: list[int] = []
+        self.block_hashes: list[bytes] = []  # prefix hashes of its full blocks (prefix caching), memoised
+        self.num_filed_blocks = 0            # leading blocks of block_table already in the prefix cache
+        self.num_cached_tokens = 0           # prompt tokens found in the prefix cache when last admitted
         self.num_preemptions = 0
         self.finish_reason: str | None = None
         self.detokenizer = None
@@ -44,6 +47,12 @@ class Sequence:
     @property
     def num_uncomputed_tokens(self) -> int:
         return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def num_complete_tokens(self) -> int:
+        """Leading tokens whose K/V is in every cache: computed by the target and, when drafting, in the draft's
+        context too (queued draft context rows are not written yet)."""
+        return min([self.num_computed_tokens] + [start for start, _ in self.pending_context])
 
     @property
     def num_pending_tokens(self) -> int:

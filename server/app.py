@@ -22,6 +22,7 @@ from server.schemas import (
     CompletionChoice,
     CompletionRequest,
     Delta,
+    PromptTokensDetails,
     Usage,
     encoder,
     new_id,
@@ -201,7 +202,8 @@ async def read_body(request: Request, schema: type, limit: int):
 
 
 def usage(out: RequestOutput) -> Usage:
-    return Usage(out.num_prompt_tokens, out.num_completion_tokens, out.num_prompt_tokens + out.num_completion_tokens)
+    return Usage(out.num_prompt_tokens, out.num_completion_tokens, out.num_prompt_tokens + out.num_completion_tokens,
+                 PromptTokensDetails(out.num_cached_tokens))
 
 
 def json_response(obj) -> Response:

@@ -31,6 +31,10 @@ class Metrics:
         self.prompt_tokens = one(Counter("vllm:prompt_tokens", "Prefill tokens processed.", name, registry=r))
         self.generation_tokens = one(Counter("vllm:generation_tokens", "Tokens generated.", name, registry=r))
         self.preemptions = one(Counter("vllm:num_preemptions", "Preemptions (KV ran out).", name, registry=r))
+        self.prefix_queries = one(Counter("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+                                          name, registry=r))
+        self.prefix_hits = one(Counter("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.", name,
+                                       registry=r))
         self.success = Counter("vllm:request_success", "Finished requests.", name + ["finished_reason"], registry=r)
         self.ttft = one(Histogram("vllm:time_to_first_token_seconds", "Time to first token.", name,
                                   buckets=TTFT_BUCKETS, registry=r))
@@ -68,6 +72,7 @@ class Metrics:
         self.gpu, self.gpu_gauges = None, ()  # an engine on CUDA adds its GPU's gauges (attach_gpu)
         self.seen = SpecStats()
         self.seen_preemptions = 0
+        self.seen_prefix = (0, 0)
         self.seen_skipped_steps = 0
 
     def attach_gpu(self, gpu_stats):
@@ -90,6 +95,10 @@ class Metrics:
         self.kv_usage.set(1 - blocks.num_free_blocks / blocks.num_blocks)
         self.preemptions.inc(scheduler.num_preemptions - self.seen_preemptions)
         self.seen_preemptions = scheduler.num_preemptions
+        queried, hit = blocks.num_queried_tokens, blocks.num_hit_tokens
+        self.prefix_queries.inc(queried - self.seen_prefix[0])
+        self.prefix_hits.inc(hit - self.seen_prefix[1])
+        self.seen_prefix = (queried, hit)
         reading = self.gpu.read() if self.gpu else None
         if reading:
             for gauge, value in zip(self.gpu_gauges, reading, strict=True):

@@ -64,10 +64,15 @@ class ChatRequest(SamplingFields, kw_only=True):
     logprobs: bool = False
 
 
+class PromptTokensDetails(Struct):
+    cached_tokens: int
+
+
 class Usage(Struct):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class Delta(Struct, omit_defaults=True):

@@ -42,8 +42,8 @@ def test_calibrate_cli(tiny, tmp_path, monkeypatch, capsys):
     common = ["--draft", draft, "--model", target, "--dtype", "float32", "--kv-cache-gb", "0.01", "--out", out]
     run_cli(monkeypatch, "train", ["calibrate", *common, "--prompts", f"jsonl:{prompts}", "--num-prompts", 4,
                                    "--max-tokens", 24, "--save-records", records])
-    temps = read_calibration(draft, 4)
-    assert temps is not None and (temps > 0).all()
+    temps, biases = read_calibration(draft, 4)
+    assert (temps > 0).all() and biases.abs().max() > 0  # the default affine fit moves the tiny head's logits
     metrics = json.loads((out / "sts_metrics.json").read_text())
     assert metrics["num_rounds"] == len(records.read_text().splitlines()) > 0
     assert len(metrics["before"]) == len(metrics["after"]) == 4
@@ -51,7 +51,7 @@ def test_calibrate_cli(tiny, tmp_path, monkeypatch, capsys):
     assert "ECE before" in capsys.readouterr().out
     (draft / CALIBRATION_FILE).unlink()
     run_cli(monkeypatch, "train", ["calibrate", *common, "--from-records", records])  # refit without rolling out
-    assert read_calibration(draft, 4).tolist() == temps.tolist()
+    assert [t.tolist() for t in read_calibration(draft, 4)] == [temps.tolist(), biases.tolist()]
 
 
 def test_bench_accept_cli(tiny, tmp_path, monkeypatch, capsys):

@@ -31,8 +31,9 @@ class FakeNvml:
 
 def fake_engine(device: str):
     scheduler = SimpleNamespace(running=[], waiting=[], num_preemptions=0)
+    blocks = SimpleNamespace(num_free_blocks=8, num_blocks=8, num_queried_tokens=0, num_hit_tokens=0)
     return SimpleNamespace(model_runner=SimpleNamespace(device=torch.device(device), speculator=None),
-                           scheduler=scheduler, block_manager=SimpleNamespace(num_free_blocks=8, num_blocks=8))
+                           scheduler=scheduler, block_manager=blocks)
 
 
 def gauges(metrics: Metrics) -> dict:

@@ -218,6 +218,23 @@ def test_metrics_parse_and_counters_move(server, client, offline):
         assert (gauge, (key,)) in after
 
 
+def test_a_resent_conversation_is_served_from_the_prefix_cache(server, client):
+    """The second turn of a chat resends the first: its prompt's full KV blocks come from the cache, and usage and
+    /metrics say how many tokens that was."""
+    messages = [{"role": "user", "content": "Tell me everything about the quick brown fox " * 4}]
+    first = client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=0,
+                                           extra_body=NO_EOS)
+    messages += [{"role": "assistant", "content": first.choices[0].message.content},
+                 {"role": "user", "content": "And then?"}]
+    before = metric(server, "vllm:prefix_cache_hits_total"), metric(server, "vllm:prefix_cache_queries_total")
+    second = client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=0,
+                                            extra_body=NO_EOS)
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert first.usage.prompt_tokens // 16 * 16 <= cached < second.usage.prompt_tokens and cached % 16 == 0
+    assert metric(server, "vllm:prefix_cache_hits_total") - before[0] == cached
+    assert metric(server, "vllm:prefix_cache_queries_total") - before[1] == second.usage.prompt_tokens - 1
+
+
 BAD_INPUTS = [
     # (route, raw body or dict, status, param, words in the message)
     ("completions", b"{not json", 400, None, "malformed"),

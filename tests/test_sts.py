@@ -34,37 +34,51 @@ def test_brier():
     assert sts.brier([0.25, 1.0], [0, 1]) == pytest.approx((0.0625 + 1e-16) / 2)
 
 
-def synthetic_rounds(n: int, scales: list[float], seed: int = 0) -> sts.Rounds:
-    """True conditional logits z; the head reports z * scale_k. A round accepts its drafts up to the first failure
-    of independent Bernoulli(σ(z_k)) draws; verified lengths vary so some positions carry no label."""
+def synthetic_rounds(n: int, scales: list[float], seed: int = 0, shifts: list[float] | None = None) -> sts.Rounds:
+    """True conditional logits z; the head reports z * scale_k + shift_k. A round accepts its drafts up to the first
+    failure of independent Bernoulli(σ(z_k)) draws; verified lengths vary so some positions carry no label."""
     rng = np.random.default_rng(seed)
     G = len(scales)
     z = rng.normal(1.0, 1.5, size=(n, G))
     ok = rng.random((n, G)) < sts.sigmoid(z)
     verified = rng.integers(1, G + 1, size=n)
     first_fail = np.where(ok.all(1), G, np.argmin(ok, axis=1))
-    return sts.Rounds(z * np.array(scales), verified, np.minimum(first_fail, verified))
+    shift = np.zeros(G) if shifts is None else np.array(shifts)
+    return sts.Rounds(z * np.array(scales) + shift, verified, np.minimum(first_fail, verified))
 
 
 def test_sts_recovers_known_miscalibration():
     scales = [3.0, 0.5, 1.0]
     rounds = synthetic_rounds(30000, scales)
-    before, temps = sts.position_metrics(rounds), sts.fit_sts(rounds)
-    after = sts.position_metrics(rounds, temps)
-    assert temps == pytest.approx(scales, rel=0.15)
+    before, scaling = sts.position_metrics(rounds), sts.fit_sts(rounds)
+    after = sts.position_metrics(rounds, scaling)
+    assert scaling.temps == pytest.approx(scales, rel=0.15) and not scaling.biases.any()
     assert before[0]["ece"] > 0.05 and before[1]["ece"] > 0.02  # negative control: the raw head is off
     assert all(m["ece"] < 0.02 for m in after)
     assert after[0]["auroc"] == before[0]["auroc"]  # one position: temperature scaling keeps the order exactly
     assert all(a["auroc"] >= b["auroc"] - 0.005 for a, b in zip(after, before))
     assert [m["n"] for m in after] == [int((rounds.verified > k).sum()) for k in range(3)]
-    assert sts.pooled_metrics(rounds, temps)["ece"] < sts.pooled_metrics(rounds)["ece"]
+    assert sts.pooled_metrics(rounds, scaling)["ece"] < sts.pooled_metrics(rounds)["ece"]
+
+
+def test_affine_sts_recovers_a_shifted_head_that_temperatures_cannot():
+    rounds = synthetic_rounds(30000, [1.5, 1.0], shifts=[1.0, -0.8])
+    before, temperature_only, affine = sts.position_metrics(rounds), sts.fit_sts(rounds), sts.fit_sts(rounds, True)
+    assert affine.temps == pytest.approx([1.5, 1.0], rel=0.15)
+    assert affine.biases == pytest.approx([-1.0, 0.8], abs=0.2)
+    after = sts.position_metrics(rounds, affine)
+    assert all(m["ece"] < 0.015 for m in after)
+    assert sts.position_metrics(rounds, temperature_only)[0]["ece"] > 0.03  # negative control: a shift stays
+    assert after[0]["auroc"] == before[0]["auroc"]  # an increasing map keeps the order
+    held_out = sts.cross_validated(rounds, with_bias=True)
+    assert [m["n"] for m in held_out] == [m["n"] for m in after] and all(m["ece"] < 0.02 for m in held_out)
 
 
 def test_positions_without_data_keep_unit_temperature():
     rounds = sts.rounds_from_records([{"logits": [2.0, 1.0, 0.0], "drafted": 3, "verified": 1, "accepted": 1}] * 50,
                                      num_positions=4)
-    temps = sts.fit_sts(rounds)
-    assert len(temps) == 4 and list(temps[1:]) == [1.0, 1.0, 1.0]
+    scaling = sts.fit_sts(rounds, with_bias=True)
+    assert len(scaling.temps) == 4 and list(scaling.temps[1:]) == [1.0, 1.0, 1.0] and list(scaling.biases[1:]) == [0] * 3
 
 
 @pytest.fixture(scope="module")
@@ -90,13 +104,16 @@ def test_sts_json_round_trip_and_engine_applies_it(tiny, tmp_path):
     calibrated.mkdir()
     for f in draft.iterdir():
         (calibrated / f.name).write_bytes(f.read_bytes())
-    temps = [2.0, 0.5, 1.0, 4.0]
-    sts.save_sts(calibrated / CALIBRATION_FILE, temps, ece_before=[0.1] * 4, num_rounds=7)
-    assert sts.load_temperatures(calibrated / CALIBRATION_FILE).tolist() == temps
-    assert read_calibration(calibrated, 4).tolist() == temps
+    temps, biases = [2.0, 0.5, 1.0, 4.0], [-1.0, 0.0, 0.5, 0.25]
+    sts.save_sts(calibrated / CALIBRATION_FILE, sts.Scaling(np.array(temps), np.array(biases)), ece_before=[0.1] * 4,
+                 num_rounds=7)
+    loaded = sts.load_scaling(calibrated / CALIBRATION_FILE)
+    assert (loaded.temps.tolist(), loaded.biases.tolist()) == (temps, biases)
+    assert [t.tolist() for t in read_calibration(calibrated, 4)] == [temps, biases]
     assert json.loads((calibrated / CALIBRATION_FILE).read_text())["num_rounds"] == 7
     llm = spec_llm(target, calibrated)
-    assert llm.model_runner.speculator.draft.confidence_head.temperatures.tolist() == temps
+    head = llm.model_runner.speculator.draft.confidence_head
+    assert (head.temperatures.tolist(), head.biases.tolist()) == (temps, biases)
     seen = []
     record_round = llm.record_round
     llm.record_round = lambda seq, accepted: (seen.append(seq.proposal), record_round(seq, accepted))
@@ -104,7 +121,8 @@ def test_sts_json_round_trip_and_engine_applies_it(tiny, tmp_path):
     llm.generate(prompts(), SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
     assert seen and len(records) == len(seen)
     for p, r in zip(seen, records):
-        expected = torch.sigmoid(p.confidence_logits / torch.tensor(temps[:len(p.tokens)]))
+        g = len(p.tokens)
+        expected = torch.sigmoid((p.confidence_logits + torch.tensor(biases[:g])) / torch.tensor(temps[:g]))
         torch.testing.assert_close(p.confidence, expected)
         assert r.logits == p.confidence_logits.tolist()  # records hold the uncalibrated logits
     uncalibrated = spec_llm(target, draft)
@@ -126,7 +144,7 @@ def test_recorder_matches_spec_stats(tiny, policy):
     assert all(len(r.logits) == r.drafted and 0 <= r.accepted <= r.verified <= r.drafted for r in records)
     rounds = sts.rounds_from_records(records)
     for k in range(rounds.num_positions):
-        _, label = sts.cumulative(rounds, np.ones(rounds.num_positions), k)
+        _, label = sts.cumulative(rounds, None, k)
         assert len(label) == (stats.verified_per_pos + [0] * 4)[k]
         assert int(label.sum()) == (stats.accepted_per_pos + [0] * 4)[k]
     if policy == "fixed:2":

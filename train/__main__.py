@@ -48,6 +48,8 @@ def main():
     cal.add_argument("--kv-cache-gb", type=float, default=1.0)
     cal.add_argument("--seed", type=int, default=0)
     cal.add_argument("--out", default="", help="where the metrics JSON and the reliability PNG go ('' = the draft)")
+    cal.add_argument("--scaling", default="affine", choices=["affine", "temperature"],
+                     help="per position a temperature and a bias (affine), or a temperature only (the paper's STS)")
     cal.add_argument("--save-records", default="", help="also write the confidence records (jsonl) here")
     cal.add_argument("--from-records", default="", help="refit from saved records instead of rolling out")
     args = parser.parse_args()

@@ -46,46 +46,49 @@ def calibrate(args) -> dict:
         Path(args.save_records).write_text("".join(json.dumps(r if isinstance(r, dict) else vars(r)) + "\n"
                                                     for r in records))
     rounds = sts.rounds_from_records(records, block_size)
-    temps = sts.fit_sts(rounds)[:block_size]
+    with_bias = args.scaling == "affine"
+    scaling = sts.fit_sts(rounds, with_bias)
     result = {"draft": str(draft), "prompts": args.prompts, "num_prompts": args.num_prompts,
               "temperature": args.temperature, "max_tokens": args.max_tokens, "num_rounds": len(records),
-              "temperatures": temps.tolist(),
-              "before": sts.position_metrics(rounds), "after": sts.position_metrics(rounds, temps),
-              "pooled_before": sts.pooled_metrics(rounds), "pooled_after": sts.pooled_metrics(rounds, temps)}
-    sts.save_sts(draft / CALIBRATION_FILE, temps, num_rounds=len(records), prompts=args.prompts,
+              "scaling": args.scaling, "temperatures": scaling.temps.tolist(), "biases": scaling.biases.tolist(),
+              "before": sts.position_metrics(rounds), "after": sts.position_metrics(rounds, scaling),
+              "held_out": sts.cross_validated(rounds, with_bias),
+              "pooled_before": sts.pooled_metrics(rounds), "pooled_after": sts.pooled_metrics(rounds, scaling)}
+    sts.save_sts(draft / CALIBRATION_FILE, scaling, num_rounds=len(records), prompts=args.prompts,
                  temperature=args.temperature, ece_before=[m["ece"] for m in result["before"]],
-                 ece_after=[m["ece"] for m in result["after"]])
+                 ece_after=[m["ece"] for m in result["after"]], ece_held_out=[m["ece"] for m in result["held_out"]])
     out = Path(args.out or draft)
     out.mkdir(parents=True, exist_ok=True)
     (out / "sts_metrics.json").write_text(json.dumps(result, indent=2))
     print_table(result)
-    plot(rounds, temps, result, out / "sts_reliability.png")
+    plot(rounds, scaling, result, out / "sts_reliability.png")
     print(f"wrote {draft / CALIBRATION_FILE}")
     return result
 
 
 def print_table(result: dict):
-    print(f"\nSTS on {result['num_rounds']} rounds ({result['prompts']}, T={result['temperature']}); "
-          "metrics of the cumulative product Π c_i vs prefix acceptance")
-    print("| pos | n | accept | T_k | mean pred before | ECE before | ECE after | AUROC before | AUROC after |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    rows = list(zip(result["before"], result["after"], result["temperatures"]))
-    rows.append((result["pooled_before"], result["pooled_after"], float("nan")))
-    for b, a, t in rows:
+    print(f"\nSTS ({result['scaling']}) on {result['num_rounds']} rounds ({result['prompts']}, "
+          f"T={result['temperature']}); metrics of the cumulative product Π c_i vs prefix acceptance; 'held out' = "
+          "fitted on one half of the rounds, measured on the other (both ways)")
+    print("| pos | n | accept | T_k | b_k | mean pred before | ECE before | ECE after | ECE held out | AUROC before "
+          "| AUROC after |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    rows = list(zip(result["before"], result["after"], result["held_out"], result["temperatures"], result["biases"]))
+    rows.append((result["pooled_before"], result["pooled_after"], {"ece": float("nan")}, float("nan"), float("nan")))
+    for b, a, h, t, bias in rows:
         pos = b.get("position", "all")
-        print(f"| {pos} | {b['n']} | {b['accept_rate']:.3f} | {t:.3f} | {b['mean_pred']:.3f} | {b['ece']:.4f} | "
-              f"{a['ece']:.4f} | {b['auroc']:.3f} | {a['auroc']:.3f} |")
+        print(f"| {pos} | {b['n']} | {b['accept_rate']:.3f} | {t:.3f} | {bias:.2f} | {b['mean_pred']:.3f} | "
+              f"{b['ece']:.4f} | {a['ece']:.4f} | {h['ece']:.4f} | {b['auroc']:.3f} | {a['auroc']:.3f} |")
 
 
-def plot(rounds: sts.Rounds, temps: np.ndarray, result: dict, path: Path):
+def plot(rounds: sts.Rounds, scaling: sts.Scaling, result: dict, path: Path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.2))
     left.plot([0, 1], [0, 1], "k:", lw=1)
-    for name, t in (("before", None), ("after STS", temps)):
-        pairs = [sts.cumulative(rounds, np.ones(rounds.num_positions) if t is None else t, k)
-                 for k in range(rounds.num_positions)]
+    for name, fitted in (("before", None), ("after STS", scaling)):
+        pairs = [sts.cumulative(rounds, fitted, k) for k in range(rounds.num_positions)]
         count, pred, label = sts.bin_stats(np.concatenate([p for p, _ in pairs]), np.concatenate([y for _, y in pairs]))
         full = count > 0
         left.plot(pred[full], label[full], "o-", label=name)

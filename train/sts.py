@@ -1,5 +1,7 @@
 """Confidence-head calibration (paper §3.2.1): ECE / AUROC / Brier of the cumulative product Π_{i<=k} c_i against
-prefix acceptance, and Sequential Temperature Scaling (one temperature per position, fitted left to right).
+prefix acceptance, and Sequential Temperature Scaling (one temperature per position, fitted left to right), optionally
+with a per-position bias as well (c_k = σ((z_k + b_k) / T_k)): a temperature alone can only sharpen or flatten
+confidences around 1/2, not move them all down, which is what a head that is overconfident on unseen text needs.
 
 Data are the engine's ConfidenceRecords (engine.record_confidences): the uncalibrated logits of each drafted block and
 how many of its tokens were verified / accepted. Position k (0-based) of a round is labelled accepted > k, and only
@@ -14,6 +16,7 @@ NUM_BINS = 20  # DeepSpec's CONFIDENCE_NUM_BINS
 EPS = 1e-8
 GRID = np.geomspace(0.05, 20.0, 121)  # coarse temperature grid; a finer one follows around its best point
 FINE_POINTS = 41
+BIAS_GRID = np.linspace(-3.0, 3.0, 61)  # logit shifts tried per position by the affine fit
 
 
 @dataclass
@@ -80,36 +83,77 @@ def brier(pred, label) -> float:
     return float(np.mean((pred - label) ** 2)) if pred.size else float("nan")
 
 
-def survival(logits: np.ndarray, temps: np.ndarray) -> np.ndarray:
-    """Π_i σ(z_i / T_i) over the last axis."""
-    return np.prod(sigmoid(logits / temps), axis=-1)
+@dataclass
+class Scaling:
+    """Per-position calibration c_k = σ((z_k + b_k) / T_k); zero biases are plain temperature scaling."""
+    temps: np.ndarray
+    biases: np.ndarray
+
+    @classmethod
+    def identity(cls, num_positions: int) -> "Scaling":
+        return cls(np.ones(num_positions), np.zeros(num_positions))
+
+    def confidences(self, logits: np.ndarray) -> np.ndarray:
+        """σ((z + b) / T) of logits [..., G'] (G' <= G positions)."""
+        g = logits.shape[-1]
+        return sigmoid((logits + self.biases[:g]) / self.temps[:g])
 
 
-def cumulative(rounds: Rounds, temps, k: int) -> tuple[np.ndarray, np.ndarray]:
+def scaling_or_identity(rounds: Rounds, scaling: Scaling | None) -> Scaling:
+    return Scaling.identity(rounds.num_positions) if scaling is None else scaling
+
+
+def cumulative(rounds: Rounds, scaling: Scaling | None, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Predicted and true survival of the first k+1 drafts, over the rounds that verified position k."""
     rows = rounds.verified > k
-    pred = survival(rounds.logits[rows, :k + 1], np.asarray(temps, dtype=np.float64)[:k + 1])
+    pred = np.prod(scaling_or_identity(rounds, scaling).confidences(rounds.logits[rows, :k + 1]), axis=-1)
     return pred, rounds.accepted[rows] > k
 
 
-def fit_sts(rounds: Rounds) -> np.ndarray:
-    """Temperatures T_1..T_G, each minimising the ECE of the cumulative product with earlier ones fixed."""
-    temps = np.ones(rounds.num_positions)
+def fit_sts(rounds: Rounds, with_bias: bool = False) -> Scaling:
+    """T_1..T_G (and b_1..b_G with_bias), each position minimising the ECE of the cumulative product with the earlier
+    positions' scaling fixed."""
+    scaling = Scaling.identity(rounds.num_positions)
     for k in range(rounds.num_positions):
         rows = rounds.verified > k
         if rows.any():
-            prefix = survival(rounds.logits[rows, :k], temps[:k])
-            temps[k] = search_temperature(prefix, rounds.logits[rows, k], rounds.accepted[rows] > k)
-    return temps
+            prefix = np.prod(scaling.confidences(rounds.logits[rows, :k]), axis=-1)
+            z, label = rounds.logits[rows, k], rounds.accepted[rows] > k
+            fits = [(b, *search_temperature(prefix, z + b, label)) for b in (BIAS_GRID if with_bias else [0.0])]
+            scaling.biases[k], scaling.temps[k], _ = min(fits, key=lambda f: (f[2], abs(f[0])))
+    return scaling
 
 
-def search_temperature(prefix: np.ndarray, z: np.ndarray, label: np.ndarray) -> float:
+def search_temperature(prefix: np.ndarray, z: np.ndarray, label: np.ndarray) -> tuple[float, float]:
+    """The temperature minimising the ECE of prefix · σ(z / T), and that ECE."""
     def loss(t: float) -> float:
         return ece(prefix * sigmoid(z / t), label)
     best = min(GRID, key=loss)
     step = GRID[1] / GRID[0]
     fine = np.clip(best * np.geomspace(1 / step, step, FINE_POINTS), GRID[0], GRID[-1])
-    return float(min(fine, key=loss))
+    t = float(min(fine, key=loss))
+    return t, loss(t)
+
+
+def cross_validated(rounds: Rounds, with_bias: bool, folds: int = 2, seed: int = 0) -> list[dict]:
+    """Per-position metrics of a scaling fitted on the other folds, pooled over folds: the calibration to expect on
+    rounds the fit has not seen."""
+    fold = np.random.default_rng(seed).integers(0, folds, size=len(rounds.verified))
+    preds = [[] for _ in range(rounds.num_positions)]
+    labels = [[] for _ in range(rounds.num_positions)]
+    for f in range(folds):
+        scaling = fit_sts(subset(rounds, fold != f), with_bias)
+        held_out = subset(rounds, fold == f)
+        for k in range(rounds.num_positions):
+            pred, label = cumulative(held_out, scaling, k)
+            preds[k].append(pred)
+            labels[k].append(label)
+    return [{"position": k + 1, **metrics(np.concatenate(p), np.concatenate(y))}
+            for k, (p, y) in enumerate(zip(preds, labels))]
+
+
+def subset(rounds: Rounds, rows: np.ndarray) -> Rounds:
+    return Rounds(rounds.logits[rows], rounds.verified[rows], rounds.accepted[rows])
 
 
 def metrics(pred, label) -> dict:
@@ -119,25 +163,31 @@ def metrics(pred, label) -> dict:
             "ece": ece(pred, label), "auroc": auroc(pred, label), "brier": brier(pred, label)}
 
 
-def position_metrics(rounds: Rounds, temps=None) -> list[dict]:
-    """Per position k = 1..G: the metrics of the cumulative product (temps None = uncalibrated)."""
-    temps = np.ones(rounds.num_positions) if temps is None else np.asarray(temps, dtype=np.float64)
-    return [{"position": k + 1, **metrics(*cumulative(rounds, temps, k))} for k in range(rounds.num_positions)]
+def position_metrics(rounds: Rounds, scaling: Scaling | None = None) -> list[dict]:
+    """Per position k = 1..G: the metrics of the cumulative product (scaling None = uncalibrated)."""
+    return [{"position": k + 1, **metrics(*cumulative(rounds, scaling, k))} for k in range(rounds.num_positions)]
 
 
-def pooled_metrics(rounds: Rounds, temps=None) -> dict:
+def pooled_metrics(rounds: Rounds, scaling: Scaling | None = None) -> dict:
     """The metrics over every (round, verified position) pair at once."""
-    temps = np.ones(rounds.num_positions) if temps is None else np.asarray(temps, dtype=np.float64)
-    pairs = [cumulative(rounds, temps, k) for k in range(rounds.num_positions)]
+    pairs = [cumulative(rounds, scaling, k) for k in range(rounds.num_positions)]
     return metrics(np.concatenate([p for p, _ in pairs]), np.concatenate([y for _, y in pairs]))
 
 
-def save_sts(path: Path, temps, **meta) -> Path:
+def save_sts(path: Path, scaling: Scaling, **meta) -> Path:
+    """sts.json: "temperatures" (what DeepSpec's STS writes) and, when any is non-zero, "biases"."""
     path = Path(path)
-    path.write_text(json.dumps({"temperatures": [float(t) for t in temps], **meta}, indent=2))
+    data = {"temperatures": [float(t) for t in scaling.temps]}
+    if np.any(scaling.biases):
+        data["biases"] = [float(b) for b in scaling.biases]
+    path.write_text(json.dumps(data | meta, indent=2))
     return path
 
 
-def load_temperatures(path: Path) -> np.ndarray | None:
+def load_scaling(path: Path) -> Scaling | None:
     path = Path(path)
-    return np.array(json.loads(path.read_text())["temperatures"], dtype=np.float64) if path.is_file() else None
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    temps = np.array(data["temperatures"], dtype=np.float64)
+    return Scaling(temps, np.array(data.get("biases", np.zeros(len(temps))), dtype=np.float64))

@@ -62,13 +62,14 @@ SEQUENTIAL_HEADS = {"vanilla": VanillaMarkov, "gated": GatedMarkov, "rnn": RNNHe
 
 
 class ConfidenceHead(nn.Module):
-    """c_k = σ(proj([h_k ; W1[x_{k-1}]]) / T_k): the conditional probability that draft k is accepted, with
-    optional per-position temperatures from Sequential Temperature Scaling."""
+    """c_k = σ((proj([h_k ; W1[x_{k-1}]]) + b_k) / T_k): the conditional probability that draft k is accepted, with
+    optional per-position temperatures (and biases) from Sequential Temperature Scaling."""
 
     def __init__(self, in_features: int):
         super().__init__()
         self.proj = Linear(in_features, 1, bias=True)
         self.register_buffer("temperatures", torch.ones(0), persistent=False)
+        self.register_buffer("biases", torch.zeros(0), persistent=False)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """features [B, G, in] -> [B, G] fp32 confidences."""
@@ -79,6 +80,9 @@ class ConfidenceHead(nn.Module):
         return self.proj(features).squeeze(-1).float()
 
     def calibrate(self, logits: torch.Tensor) -> torch.Tensor:
+        g = logits.shape[1]
+        if self.biases.numel():
+            logits = logits + self.biases[:g]
         if self.temperatures.numel():
-            logits = logits / self.temperatures[: logits.shape[1]]
+            logits = logits / self.temperatures[:g]
         return torch.sigmoid(logits)

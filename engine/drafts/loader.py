@@ -1,6 +1,7 @@
 """Read a DeepSpec-format draft directory (config.json + model.safetensors or a sharded index) and check that it fits
 the target it will draft for."""
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -86,17 +87,24 @@ def same_weights(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and (torch.equal(a.to(b.dtype), b) or torch.equal(b.to(a.dtype), a))
 
 
-def read_calibration(draft_dir: Path, block_size: int) -> torch.Tensor | None:
+def read_calibration(draft_dir: Path, block_size: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """sts.json's per-position temperatures and (optional, default 0) biases, or None without the file."""
     path = draft_dir / CALIBRATION_FILE
     if not path.is_file():
         return None
     data = json.loads(path.read_text())
-    temps = data.get("temperatures") if isinstance(data, dict) else None
-    ok = (isinstance(temps, list) and len(temps) == block_size
-          and all(isinstance(t, (int, float)) and 0 < t < float("inf") for t in temps))
-    if not ok:
+    data = data if isinstance(data, dict) else {}
+    temps, biases = data.get("temperatures"), data.get("biases", [0.0] * block_size)
+    if not numbers(temps, block_size) or not all(t > 0 for t in temps):
         raise ValueError(f"{path}: 'temperatures' must be {block_size} positive finite numbers, got {temps!r}")
-    return torch.tensor(temps, dtype=torch.float32)
+    if not numbers(biases, block_size):
+        raise ValueError(f"{path}: 'biases' must be {block_size} finite numbers, got {biases!r}")
+    return torch.tensor(temps, dtype=torch.float32), torch.tensor(biases, dtype=torch.float32)
+
+
+def numbers(values, length: int) -> bool:
+    return (isinstance(values, list) and len(values) == length
+            and all(isinstance(v, (int, float)) and math.isfinite(v) for v in values))
 
 
 def load_draft(draft_dir: str | Path, target: DecoderModel, dtype: torch.dtype, method: str) -> DSparkDraft:
@@ -119,8 +127,8 @@ def load_draft(draft_dir: str | Path, target: DecoderModel, dtype: torch.dtype, 
                          f"unexpected {sorted(unexpected)[:4]}, wrong shapes {wrong[:4]}")
     draft.load_state_dict(state, assign=True)
     draft.rotary = DSparkDraft.make_rotary(config)
-    temps = read_calibration(draft_dir, config.block_size)
+    calibration = read_calibration(draft_dir, config.block_size) or (torch.ones(0), torch.zeros(0))
     if draft.confidence_head is not None:
-        draft.confidence_head.temperatures = temps if temps is not None else torch.ones(0)
+        draft.confidence_head.temperatures, draft.confidence_head.biases = calibration
     draft.attach_target(target.embed_tokens, target.lm_head)
     return draft.eval().requires_grad_(False)
