@@ -12,7 +12,8 @@ from kernels import triton_support
 NEEDS_CONFIDENCE = ("threshold", "sps", "sps-lagged")
 PRIOR_SURVIVAL = 0.5  # per-position survival assumed before any request has drafted
 PRIOR_MOMENTUM = 0.9  # a request with no history of its own gets this running mean of all requests' past survivals
-REFRESH_STEPS = 16    # after this many steps without drafting, draft once anyway so the survivals stay current
+REFRESH_STEPS = 16    # after this many steps without drafting, draft once anyway so the survivals stay current;
+MAX_REFRESH_STEPS = 256  # the wait doubles after each refresh that still finds drafting futile, up to this
 
 
 class Planner:
@@ -25,13 +26,19 @@ class Planner:
         self.last_theta = 0.0
         self.prior = [PRIOR_SURVIVAL ** (j + 1) for j in range(draft_len)]
         self.steps_without_drafts = 0
+        self.refresh_steps = REFRESH_STEPS
         self.num_skipped_steps = 0  # steps run plainly because drafting looked futile (sps, threshold)
 
     def wants_drafts(self, seqs: list[Sequence]) -> bool:
         """Whether this step should draft at all (skipped steps decode plainly). The choice never looks at this step's
-        drafts, only at survivals at least one step old, so it is lossless."""
-        if self.steps_without_drafts >= REFRESH_STEPS or not self.drafting_futile(seqs):
+        drafts, only at survivals at least one step old, so it is lossless. A refresh that finds drafting still
+        futile doubles the wait for the next one: on a busy machine each refresh drafts for every request."""
+        if not self.drafting_futile(seqs):
+            self.steps_without_drafts, self.refresh_steps = 0, REFRESH_STEPS
+            return True
+        if self.steps_without_drafts >= self.refresh_steps:
             self.steps_without_drafts = 0
+            self.refresh_steps = min(2 * self.refresh_steps, MAX_REFRESH_STEPS)
             return True
         self.steps_without_drafts += 1
         self.num_skipped_steps += 1

@@ -92,9 +92,15 @@ def test_skipped_drafting_refreshes_its_survivals_periodically():
 
         def __len__(self):
             return 10
-    decisions = [planner.wants_drafts([Seq()]) for _ in range(2 * REFRESH_STEPS + 2)]
-    assert decisions.count(True) == 2 and decisions[REFRESH_STEPS] and decisions[2 * REFRESH_STEPS + 1]
-    assert planner.num_skipped_steps == 2 * REFRESH_STEPS
+    decisions = [planner.wants_drafts([Seq()]) for _ in range(200)]
+    refreshes = [REFRESH_STEPS, 3 * REFRESH_STEPS + 1, 7 * REFRESH_STEPS + 2]  # waits of 16, 32, 64 skipped steps
+    assert [i for i, d in enumerate(decisions) if d] == refreshes
+    assert planner.num_skipped_steps == 200 - len(refreshes)
+    paying = Seq()
+    paying.last_survival = [0.9, 0.8, 0.7, 0.6]
+    assert planner.wants_drafts([paying])  # drafting pays again: the wait goes back to 16
+    decisions = [planner.wants_drafts([Seq()]) for _ in range(REFRESH_STEPS + 1)]
+    assert decisions == [False] * REFRESH_STEPS + [True]
     assert Planner("full", 1000).wants_drafts([Seq()])  # full and fixed:k never skip
 
 
