@@ -97,7 +97,6 @@ class BlockManager:
         token to compute, so the step yields its logits); returns the number of tokens they cover."""
         if not self.enable_prefix_caching or seq.block_table:
             return 0
-        self.num_queried_tokens += len(seq) - 1
         for key in self.prefix_hashes(seq, (len(seq) - 1) // self.block_size):
             block_id = self.cached_blocks.get(key)
             if block_id is None:
@@ -109,8 +108,13 @@ class BlockManager:
         seq.num_filed_blocks = len(seq.block_table)
         seq.num_computed_tokens = len(seq.block_table) * self.block_size
         seq.num_cached_tokens = min(seq.num_computed_tokens, seq.num_prompt_tokens)
-        self.num_hit_tokens += seq.num_computed_tokens
         return seq.num_computed_tokens
+
+    def count_prefix_lookup(self, seq: Sequence):
+        """Count an admitted sequence's lookup (a lookup retried because KV was short is counted once)."""
+        if self.enable_prefix_caching:
+            self.num_queried_tokens += len(seq) - 1
+            self.num_hit_tokens += seq.num_computed_tokens
 
     def cache_blocks(self, seq: Sequence):
         """File seq's full blocks whose K/V is complete in every cache (seq.num_complete_tokens)."""

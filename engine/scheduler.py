@@ -63,6 +63,7 @@ class Scheduler:
                 seq.num_computed_tokens = 0
                 break
             self.waiting.popleft()
+            self.block_manager.count_prefix_lookup(seq)
             self.block_manager.allocate(seq, seq.num_computed_tokens + num_tokens)
             seq.status, seq.num_scheduled_tokens = SequenceStatus.RUNNING, num_tokens
             self.running.append(seq)

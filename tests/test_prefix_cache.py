@@ -43,6 +43,7 @@ def test_match_takes_whole_blocks_of_the_same_prefix_and_leaves_the_last_token()
         seq = Sequence(tokens, SamplingParams())
         assert bm.match_prefix(seq) == hit == seq.num_computed_tokens
         assert seq.block_table == first.block_table[:hit // BS]
+        bm.count_prefix_lookup(seq)
         bm.free(seq)
     assert bm.num_hit_tokens == 28 and bm.num_queried_tokens == 13 + 11 + 14 + 13 + 13
 
@@ -66,6 +67,20 @@ def test_only_blocks_complete_in_the_draft_context_too_are_filed():
     bm = BlockManager(NUM_BLOCKS, BS, enable_prefix_caching=True)
     computed(bm, list(range(1, 15)), pending_from=6)  # draft context from position 6 on is still queued
     assert bm.match_prefix(Sequence(list(range(1, 15)), SamplingParams())) == 4
+
+
+def test_a_lookup_retried_for_want_of_blocks_is_counted_once():
+    bm = BlockManager(6, BS, enable_prefix_caching=True)
+    sched = Scheduler(EngineConfig(model="unused", max_num_batched_tokens=64), bm)
+    bm.free(computed(bm, list(range(1, 15))))  # 3 filed blocks, now free but still cached
+    filler = Sequence([0] * 12, SamplingParams())
+    bm.allocate(filler, 12)  # leaves only the 3 cached blocks free
+    waiting = Sequence(list(range(1, 15)) + [50] * 8, SamplingParams())
+    sched.add(waiting)
+    assert sched.schedule() == [] and not waiting.block_table and bm.num_free_blocks == 3
+    bm.free(filler)
+    assert sched.schedule() == [waiting] and waiting.num_computed_tokens == 12
+    assert (bm.num_hit_tokens, bm.num_queried_tokens) == (12, 21)
 
 
 def test_caching_off_matches_nothing():
