@@ -38,6 +38,9 @@ def add_sweep_args(parser):
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
     parser.add_argument("--num-prompts-per-level", type=int, nargs="+", default=None,
                         help="one count for every level or one per level (default: max(8, 4 x concurrency))")
+    parser.add_argument("--fresh-prompts", action="store_true",
+                        help="every level sends prompts no earlier level sent, so prompt caches start cold (default: "
+                        "each level resends the first N prompts, which servers that cache prompts serve from cache)")
     parser.add_argument("--llama-server", action="store_true", help="also measure llama.cpp's llama-server")
     parser.add_argument("--model", default="", help="model directory ('' = the embedded default)")
     parser.add_argument("--spec-method", default="dspark", choices=["dspark", "dflash"])
@@ -137,15 +140,27 @@ def levels(args) -> list[tuple[int, int]]:
     return list(zip(args.concurrency, counts))
 
 
+def prompts_per_level(prompts: list[str], args) -> list[list[str]]:
+    """Each level's prompts: the first N of them, or with --fresh-prompts the next N no earlier level sent."""
+    counts, start = [n for _, n in levels(args)], 0
+    if not args.fresh_prompts:
+        return [prompts[:n] for n in counts]
+    chunks = []
+    for n in counts:
+        chunks.append(prompts[start:start + n])
+        start += n
+    return chunks
+
+
 def sweep_server(name: str, argv: list[str], port: int, prompts: list[str], warm: list[str], args, bar) -> list[dict]:
     """Starts one server, runs every load level on it, stops it; a server that fails to start gives one error row."""
     url, rows = f"http://127.0.0.1:{port}", []
     try:
         with ServerProcess(argv, url, args.out / "logs" / f"{name.replace(':', '_')}.log", args.startup_timeout):
-            for concurrency, n in levels(args):
+            for (concurrency, n), level_prompts in zip(levels(args), prompts_per_level(prompts, args)):
                 bar.set_description(f"{name} c={concurrency}")
                 opts = load_options(args, concurrency=concurrency, model="")
-                result = benchmark(url, prompts[:n], warm, opts, args.progress, f"{name} c={concurrency}")
+                result = benchmark(url, level_prompts, warm, opts, args.progress, f"{name} c={concurrency}")
                 rows.append({"config": name, "concurrency": concurrency, "num_prompts": n,
                              "summary": result["summary"], "server": result["server"]})
                 bar.update(1)
@@ -157,13 +172,14 @@ def sweep_server(name: str, argv: list[str], port: int, prompts: list[str], warm
 
 
 def run(args) -> dict:
-    n_max = max(n for _, n in levels(args))
-    prompts = load_prompts(args.dataset, n_max + args.warmup, seed=args.seed)
-    prompts, warm = prompts[:n_max], prompts[n_max:]
+    counts = [n for _, n in levels(args)]
+    needed = sum(counts) if args.fresh_prompts else max(counts)
+    prompts = load_prompts(args.dataset, needed + args.warmup, seed=args.seed)
+    prompts, warm = prompts[:needed], prompts[needed:]
     runs = list(args.configs) + ([LLAMA] if args.llama_server else [])
     results = {"command": shlex.join(["python", "-m", "bench", *sys.argv[1:]]), "dataset": args.dataset,
-               "max_tokens": args.max_tokens, "temperature": args.temperature, "threads": args.num_threads,
-               "max_num_seqs": max_num_seqs(args), "model": args.model or "default", "rows": [], "skipped": {}}
+               "max_tokens": args.max_tokens, "fresh_prompts": args.fresh_prompts, "temperature": args.temperature,
+               "threads": args.num_threads, "max_num_seqs": max_num_seqs(args), "model": args.model or "default", "rows": [], "skipped": {}}
     with tqdm(total=len(runs) * len(args.concurrency), desc="serve-sweep", dynamic_ncols=True) as bar:
         for name in runs:
             port = free_port()

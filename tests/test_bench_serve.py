@@ -275,6 +275,17 @@ def test_serve_sweep_starts_servers_skips_a_missing_peer_and_plots(tmp_path):
     assert "skipped llama-server" in (args.out / "serve_sweep.md").read_text()
 
 
+def test_levels_resend_the_first_prompts_or_take_fresh_ones():
+    from bench.serve import add_load_args
+    from bench.serve_sweep import add_sweep_args, prompts_per_level
+    parser = add_load_args(add_sweep_args(argparse.ArgumentParser()))
+    common = ["--concurrency", "1", "4", "--num-prompts-per-level", "2", "3"]
+    prompts = [f"p{i}" for i in range(5)]
+    assert prompts_per_level(prompts, parser.parse_args(common)) == [["p0", "p1"], ["p0", "p1", "p2"]]
+    assert prompts_per_level(prompts, parser.parse_args(common + ["--fresh-prompts"])) == [["p0", "p1"],
+                                                                                           ["p2", "p3", "p4"]]
+
+
 def test_serve_sweep_reports_a_server_that_cannot_start(tmp_path):
     from bench.serve import add_load_args
     from bench.serve_sweep import add_sweep_args, sweep_server
