@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from itertools import accumulate, repeat
 from pathlib import Path
 
 import httpx
@@ -142,14 +143,9 @@ def levels(args) -> list[tuple[int, int]]:
 
 def prompts_per_level(prompts: list[str], args) -> list[list[str]]:
     """Each level's prompts: the first N of them, or with --fresh-prompts the next N no earlier level sent."""
-    counts, start = [n for _, n in levels(args)], 0
-    if not args.fresh_prompts:
-        return [prompts[:n] for n in counts]
-    chunks = []
-    for n in counts:
-        chunks.append(prompts[start:start + n])
-        start += n
-    return chunks
+    counts = [n for _, n in levels(args)]
+    starts = accumulate(counts, initial=0) if args.fresh_prompts else repeat(0)
+    return [prompts[start:start + n] for start, n in zip(starts, counts)]
 
 
 def sweep_server(name: str, argv: list[str], port: int, prompts: list[str], warm: list[str], args, bar) -> list[dict]:
@@ -179,7 +175,8 @@ def run(args) -> dict:
     runs = list(args.configs) + ([LLAMA] if args.llama_server else [])
     results = {"command": shlex.join(["python", "-m", "bench", *sys.argv[1:]]), "dataset": args.dataset,
                "max_tokens": args.max_tokens, "fresh_prompts": args.fresh_prompts, "temperature": args.temperature,
-               "threads": args.num_threads, "max_num_seqs": max_num_seqs(args), "model": args.model or "default", "rows": [], "skipped": {}}
+               "threads": args.num_threads, "max_num_seqs": max_num_seqs(args), "model": args.model or "default",
+               "rows": [], "skipped": {}}
     with tqdm(total=len(runs) * len(args.concurrency), desc="serve-sweep", dynamic_ncols=True) as bar:
         for name in runs:
             port = free_port()

@@ -118,13 +118,13 @@ class BlockManager:
 
     def cache_blocks(self, seq: Sequence):
         """File seq's full blocks whose K/V is complete in every cache (seq.num_complete_tokens)."""
-        if not self.enable_prefix_caching:
-            return
         full = min(seq.num_complete_tokens // self.block_size, len(seq.block_table))
+        if not self.enable_prefix_caching or full <= seq.num_filed_blocks:
+            return
         hashes = self.prefix_hashes(seq, full)
         for i in range(seq.num_filed_blocks, full):
             block_id, key = seq.block_table[i], hashes[i]
             if block_id not in self.block_hash and key not in self.cached_blocks:
                 self.cached_blocks[key] = block_id
                 self.block_hash[block_id] = key
-        seq.num_filed_blocks = max(seq.num_filed_blocks, full)
+        seq.num_filed_blocks = full

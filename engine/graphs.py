@@ -2,8 +2,8 @@
 decode/verify forward, one graph per token tier, and the draft step, one graph per request-count bucket. Each graph
 reads fixed (static) input buffers; a step is copied into the smallest graph that holds it, padded so that padding
 rows store no KV (slot -1) and padding requests have no queries or context, and replayed. Prefill chunks longer than
-a verify row, steps past the largest graph and `--enforce-eager` run eagerly. Graphs are captured largest first into one shared memory pool.
-The uniforms that drive sampling are inputs too, drawn on the host from each request's own generator, so a seeded
+a verify row, steps past the largest graph and `--enforce-eager` run eagerly. Graphs are captured largest first into
+one shared memory pool. The uniforms that drive sampling are inputs too, drawn on the host from each request's own generator, so a seeded
 request samples the same tokens with graphs as without."""
 import torch
 

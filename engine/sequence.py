@@ -51,8 +51,8 @@ class Sequence:
     @property
     def num_complete_tokens(self) -> int:
         """Leading tokens whose K/V is in every cache: computed by the target and, when drafting, in the draft's
-        context too (queued draft context rows are not written yet)."""
-        return min([self.num_computed_tokens] + [start for start, _ in self.pending_context])
+        context too (queued draft context rows are not written yet; the queue is in position order)."""
+        return self.pending_context[0][0] if self.pending_context else self.num_computed_tokens
 
     @property
     def num_pending_tokens(self) -> int:

@@ -98,15 +98,16 @@ class Scaling:
         g = logits.shape[-1]
         return sigmoid((logits + self.biases[:g]) / self.temps[:g])
 
-
-def scaling_or_identity(rounds: Rounds, scaling: Scaling | None) -> Scaling:
-    return Scaling.identity(rounds.num_positions) if scaling is None else scaling
+    def survival(self, logits: np.ndarray) -> np.ndarray:
+        """Π_i c_i over the last axis."""
+        return np.prod(self.confidences(logits), axis=-1)
 
 
 def cumulative(rounds: Rounds, scaling: Scaling | None, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Predicted and true survival of the first k+1 drafts, over the rounds that verified position k."""
     rows = rounds.verified > k
-    pred = np.prod(scaling_or_identity(rounds, scaling).confidences(rounds.logits[rows, :k + 1]), axis=-1)
+    scaling = Scaling.identity(rounds.num_positions) if scaling is None else scaling
+    pred = scaling.survival(rounds.logits[rows, :k + 1])
     return pred, rounds.accepted[rows] > k
 
 
@@ -117,7 +118,7 @@ def fit_sts(rounds: Rounds, with_bias: bool = False) -> Scaling:
     for k in range(rounds.num_positions):
         rows = rounds.verified > k
         if rows.any():
-            prefix = np.prod(scaling.confidences(rounds.logits[rows, :k]), axis=-1)
+            prefix = scaling.survival(rounds.logits[rows, :k])
             z, label = rounds.logits[rows, k], rounds.accepted[rows] > k
             fits = [(b, *search_temperature(prefix, z + b, label)) for b in (BIAS_GRID if with_bias else [0.0])]
             scaling.biases[k], scaling.temps[k], _ = min(fits, key=lambda f: (f[2], abs(f[0])))
