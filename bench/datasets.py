@@ -138,6 +138,23 @@ def sharegpt_prompts(n: int = 0, seed: int = 0, split: str = "all", min_chars: i
     return prompts[:n] if n else prompts
 
 
+def sharegpt_replies(n: int, split: str = "train", cache_dir: Path = DEFAULT_CACHE_DIR) -> list[str]:
+    """The assistant turns of the first ShareGPT conversations (in file order) whose first human turn is in `split`,
+    until n replies (n=0: all)."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    replies = []
+    for conv in iter_json_array(read_member(SHAREGPT, cache_dir).decode("utf-8", errors="replace")):
+        turns = conv.get("conversations") or []
+        first = turns[0].get("value") if turns else None
+        if not isinstance(first, str) or in_test_split(first.strip()) != (split == "test"):
+            continue
+        replies += [t["value"] for t in turns if t.get("from") in ("gpt", "assistant") and isinstance(t.get("value"), str)]
+        if n and len(replies) >= n:
+            return replies[:n]
+    return replies
+
+
 def jsonl_prompts(path: str | Path) -> list[str]:
     with open(path, encoding="utf-8") as f:
         return [json.loads(line)["prompt"] for line in f if line.strip()]

@@ -1,6 +1,7 @@
 """Speculative decoding cost on the offline engine: per-request tokens/s of plain decoding vs a drafter at several
 concurrencies, and the step split into target verify, draft backbone, draft LM head, sequential head, sampling and
 host overhead."""
+import itertools
 import json
 import statistics
 import time
@@ -54,9 +55,13 @@ def run(args) -> dict:
     common = dict(model=args.model, dtype=args.dtype, num_threads=args.threads, max_num_seqs=max(args.concurrency),
                   max_num_batched_tokens=2048)
     engines = {"plain": LLM(**common)}
+    sizes, policies = args.draft_vocab_sizes, args.verify_policy
     for method, draft in (("dspark", args.draft), ("dflash", args.dflash_draft)):
-        if draft:
-            engines[method] = LLM(**common, spec_method=method, draft=draft, num_draft_tokens=args.gamma)
+        for size, policy in itertools.product(sizes if draft else [], policies):
+            name = "/".join([method] + ([policy] if len(policies) > 1 else [])
+                            + ([f"v{'all' if size < 0 else size or 'file'}"] if len(sizes) > 1 else []))
+            engines[name] = LLM(**common, spec_method=method, draft=draft, num_draft_tokens=args.gamma,
+                                verify_policy=policy, draft_vocab_size=size)
     texts = load_prompts(args.dataset, max(args.concurrency), seed=args.seed)
     plain = engines["plain"]
     prompts = [plain.chat_prompt([{"role": "user", "content": t}])[:args.max_prompt_tokens] for t in texts]
@@ -64,18 +69,31 @@ def run(args) -> dict:
     for llm in engines.values():
         llm.generate(prompts[:2], SamplingParams(max_tokens=8), use_tqdm=False)  # warm-up
     TIMINGS.enabled = True
-    rows = []
-    for c in args.concurrency:
-        for name, llm in engines.items():
-            stats_before = llm.spec_stats.as_dict()
-            row = measure(llm, prompts[:c], params, f"{name} c={c}")
-            row["method"] = name
-            row["tau"] = tau_since(stats_before, llm.spec_stats.as_dict())
-            rows.append(row)
+    runs = {}
+    for _ in range(args.repeats):  # engines take turns, so a slow spell of the box hits them all alike
+        for c in args.concurrency:
+            for name, llm in engines.items():
+                stats_before = llm.spec_stats.as_dict()
+                row = measure(llm, prompts[:c], params, f"{name} c={c}")
+                row["method"] = name
+                row["tau"] = tau_since(stats_before, llm.spec_stats.as_dict())
+                runs.setdefault((c, name), []).append(row)
     TIMINGS.enabled = False
+    rows = [median_row(r) for r in runs.values()]
     return {"model": plain.config.model, "draft": args.draft, "dtype": args.dtype, "threads": args.threads,
-            "gamma": args.gamma, "temperature": args.temperature, "dataset": args.dataset,
+            "gamma": args.gamma, "verify_policies": args.verify_policy, "temperature": args.temperature, "dataset": args.dataset,
             "max_tokens": args.max_tokens, "rows": rows}
+
+
+def median_row(runs: list[dict]) -> dict:
+    """The repeats of one engine and concurrency: medians of the timings, tau over all of them (mean)."""
+    row = dict(runs[0], repeats=len(runs))
+    for key in ("step_ms", "tokens_per_step", "tok_s_per_request", "wall_tok_s"):
+        row[key] = statistics.median(r[key] for r in runs)
+    row["split_ms"] = {p: statistics.median(r["split_ms"][p] for r in runs) for p in runs[0]["split_ms"]}
+    taus = [r["tau"] for r in runs if r["tau"] is not None]
+    row["tau"] = statistics.mean(taus) if taus else None
+    return row
 
 
 def tau_since(before: dict, after: dict) -> float | None:
@@ -87,7 +105,7 @@ def report(results: dict, out_dir: Path):
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "spec.json").write_text(json.dumps(results, indent=2))
     plain = {r["concurrency"]: r for r in results["rows"] if r["method"] == "plain"}
-    print(f"\n{'conc':>4} {'method':>7} {'tok/s/req':>9} {'tau':>5} {'step ms':>8} {'draft ms':>8} "
+    print(f"\n{'conc':>4} {'method':>22} {'tok/s/req':>9} {'tau':>5} {'step ms':>8} {'draft ms':>8} "
           f"{'draft/plain':>11} {'seq head/plain':>14}  split (ms)")
     for r in results["rows"]:
         base = plain[r["concurrency"]]["step_ms"]
@@ -95,7 +113,7 @@ def report(results: dict, out_dir: Path):
         seq = r["split_ms"]["sequential_head"]
         split = " ".join(f"{k}={v:.1f}" for k, v in r["split_ms"].items() if v >= 0.05 or k == "host")
         tau = f"{r['tau']:.2f}" if r["tau"] else "-"
-        print(f"{r['concurrency']:>4} {r['method']:>7} {r['tok_s_per_request']:>9.1f} {tau:>5} {r['step_ms']:>8.1f} "
+        print(f"{r['concurrency']:>4} {r['method']:>22} {r['tok_s_per_request']:>9.1f} {tau:>5} {r['step_ms']:>8.1f} "
               f"{draft:>8.1f} {draft / base:>11.1%} {seq / base:>14.1%}  {split}")
     plot(results, out_dir / "spec.png")
 

@@ -93,6 +93,8 @@ class EngineConfig:
     spec_method: str = "auto"            # auto | none | dflash | dspark (auto: see resolve_auto_spec)
     draft: str = ""                      # draft directory (DeepSpec format)
     num_draft_tokens: int = 0            # gamma: tokens drafted per step; 0 = the draft's block_size
+    draft_vocab_size: int = 0            # tokens the draft may propose: 0 = its draft_vocab.json (all without one);
+                                         # K = that file's K most frequent; -1 = the whole vocabulary
     verify_policy: str = "full"          # full | fixed:k | threshold:c | sps | sps-lagged
     sps_profile: str = ""                # SPS(B) cost table JSON; "" = profile quickly at start-up (cached); none
     device: str = "auto"                 # auto (cuda when present) | cpu | cuda
@@ -118,6 +120,9 @@ class EngineConfig:
             raise ValueError(f"spec_method={self.spec_method!r} needs a draft directory (draft=...)")
         if self.num_draft_tokens < 0:
             raise ValueError(f"num_draft_tokens must be >= 0 (0 = the draft's block size), got {self.num_draft_tokens}")
+        if self.draft_vocab_size < -1:
+            raise ValueError(f"draft_vocab_size must be >= -1 (0 = the draft's own list, -1 = every token), "
+                             f"got {self.draft_vocab_size}")
         parse_verify_policy(self.verify_policy)
         self.device, self.kernels = resolve_device(self.device, self.kernels)
         for name in ("enforce_eager", "enable_prefix_caching"):

@@ -142,11 +142,12 @@ class LLMEngine:
         decoding = [s for s in self.scheduler.running if s.is_decoding and self.planner.room(s) > 0]
         if not decoding:
             return
-        if not self.planner.wants_drafts(decoding):
+        positions = self.planner.positions_to_draft(decoding)
+        if not positions or not self.planner.wants_drafts(decoding):
             for seq in decoding:  # a plain step; an unverified old block is dropped, which is always lossless
                 seq.clear_draft()
             return
-        self.model_runner.propose([s for s in decoding if s.proposal is None])
+        self.model_runner.propose([s for s in decoding if s.proposal is None], positions)
         for seq, n in zip(decoding, self.planner.plan(decoding)):
             seq.spec_token_ids = seq.proposal.tokens[:n]
 

@@ -214,8 +214,8 @@ class ModelRunner:
             spec.extend_context(seqs, features, committed)
         return results
 
-    def propose(self, seqs: list[Sequence]):
-        self.speculator.propose(seqs)
+    def propose(self, seqs: list[Sequence], num_tokens: int | None = None):
+        self.speculator.propose(seqs, num_tokens)
 
     @staticmethod
     def cumulative_ends(seqs: list[Sequence]) -> list[int]:

@@ -55,6 +55,12 @@ class Planner:
             return not drafting_pays(self.stale_survivals(seqs), self.sps)
         return False
 
+    def positions_to_draft(self, seqs: list[Sequence]) -> int:
+        """Block positions worth drafting this step: none of these requests can verify more than its room, nor more
+        than k under fixed:k. Known before drafting, so the sequential head, LM head and sampling skip the rest."""
+        most = max(min(self.draft_len, self.room(s)) for s in seqs)
+        return min(most, int(self.arg)) if self.kind == "fixed" else most
+
     def stale_survivals(self, seqs: list[Sequence]) -> list[list[float]]:
         rooms = [max(0, min(self.draft_len, self.room(s))) for s in seqs]
         return [(s.last_survival or self.prior)[:n] for s, n in zip(seqs, rooms)]

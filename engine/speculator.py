@@ -17,7 +17,8 @@ from kernels.dispatch import rejection_sample
 class Speculator:
     def __init__(self, config: EngineConfig, target: DecoderModel, dtype: torch.dtype, block_size: int):
         self.device = torch.device(config.device)
-        self.draft = load_draft(config.draft, target, dtype, config.spec_method).to(self.device)
+        self.draft = load_draft(config.draft, target, dtype, config.spec_method,
+                                config.draft_vocab_size).to(self.device)
         if self.device.type == "cpu":
             pack_linears_for_cpu(self.draft)
         block = self.draft.config.block_size
@@ -41,8 +42,11 @@ class Speculator:
         for i, layer in enumerate(self.draft.layers):
             layer.self_attn.k_cache, layer.self_attn.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
 
-    def propose(self, seqs: list[Sequence]):
-        """Draft a block for each decoding seq from its anchor (last token) at position num_computed_tokens."""
+    def propose(self, seqs: list[Sequence], num_tokens: int | None = None):
+        """Draft a block for each decoding seq from its anchor (last token) at position num_computed_tokens: its first
+        num_tokens positions (default all num_draft_tokens; the backbone always runs over the whole block). Each seq
+        draws num_draft_tokens uniforms whatever num_tokens is, so a CUDA graph drafting them all and an eager step
+        drafting fewer agree on the positions both draft."""
         if not seqs:
             return
         with TIMINGS.section("draft_context"):
@@ -52,14 +56,15 @@ class Speculator:
         kv_slots = self.on_device([slots(s.block_table, self.block_size, 0, n) + [0] * (longest - n)
                                    for s, n in zip(seqs, starts)])
         uniforms = torch.stack([torch.rand(self.num_draft_tokens, generator=s.generator) for s in seqs])
+        num_tokens = min(num_tokens or self.num_draft_tokens, self.num_draft_tokens)
         anchors, starts = self.on_device([s.token_ids[-1] for s in seqs]), self.on_device(starts)
         sampling = SamplingTensors.from_params([s.params for s in seqs], device=self.device)
         uniforms = uniforms.to(self.device, non_blocking=True)
         temperature_only = all(s.params.temperature_only(self.vocab_size) for s in seqs)  # host-side: no sync
         bucket = self.graph_bucket(len(seqs), longest, temperature_only)
         if bucket is None:
-            outputs = self.draft.draft_block(anchors, starts, kv_slots, starts, self.num_draft_tokens, sampling,
-                                             uniforms, temperature_only)
+            outputs = self.draft.draft_block(anchors, starts, kv_slots, starts, num_tokens, sampling,
+                                             uniforms[:, :num_tokens].contiguous(), temperature_only)
         else:
             with TIMINGS.section("draft_fused"):
                 outputs = self.graphs.run(bucket, anchors, starts, kv_slots, sampling.temperature, uniforms)
@@ -88,6 +93,7 @@ class Speculator:
         drafted = [s for s, n in zip(seqs, num_drafts) if n]
         draft_probs = (torch.cat([s.proposal.probs[:len(s.spec_token_ids)] for s in drafted]) if drafted
                        else target_probs.new_zeros(0, self.vocab_size))
+        draft_probs = self.draft.full_vocab_probs(draft_probs, self.vocab_size)
         draft_tokens = self.on_device([t for s in drafted for t in s.spec_token_ids])
         uniforms = [torch.rand(n + 1, generator=s.generator) for s, n in zip(seqs, num_drafts)]
         accepted, next_tokens = rejection_sample(

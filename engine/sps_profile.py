@@ -30,7 +30,16 @@ def profile_key(engine) -> dict:
             "spec_method": c.spec_method, "num_draft_tokens": c.num_draft_tokens, "dtype": c.dtype,
             "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.machine(),
             "cpu": platform.processor() or platform.node(), "device": device_name(c.device), "kernels": c.kernels,
-            "graph_tiers": graph_tiers(engine), "code": code_version()}
+            "graph_tiers": graph_tiers(engine), "draft_vocab": draft_vocab_size(engine), "code": code_version()}
+
+
+def draft_vocab_size(engine) -> int:
+    """How many tokens the draft may propose (0: none drafted; the draft's LM head cost scales with it)."""
+    speculator = engine.model_runner.speculator
+    if speculator is None:
+        return 0
+    ids = speculator.draft.vocab_ids
+    return speculator.vocab_size if ids is None else len(ids)
 
 
 def graph_tiers(engine) -> list[int]:

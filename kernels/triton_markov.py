@@ -64,9 +64,9 @@ def _inverse_cdf_pass(row_ptr, threshold, V, BLOCK_V: tl.constexpr):
 
 
 @triton.jit
-def _markov_kernel(base_ptr, anchors_ptr, w1_ptr, w2_ptr, temperature_ptr, uniforms_ptr, tokens_ptr, probs_ptr,
-                   stride_bb, stride_bg, stride_w1, stride_w2, G, V, RANK, GREEDY_EPS: tl.constexpr,
-                   BLOCK_V: tl.constexpr, BLOCK_RANK: tl.constexpr):
+def _markov_kernel(base_ptr, anchors_ptr, w1_ptr, w2_ptr, temperature_ptr, uniforms_ptr, vocab_ptr, tokens_ptr,
+                   probs_ptr, stride_bb, stride_bg, stride_w1, stride_w2, G, V, RANK, GREEDY_EPS: tl.constexpr,
+                   BLOCK_V: tl.constexpr, BLOCK_RANK: tl.constexpr, HAS_VOCAB: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     temperature = tl.load(temperature_ptr + b)
     greedy = temperature < GREEDY_EPS
@@ -81,17 +81,21 @@ def _markov_kernel(base_ptr, anchors_ptr, w1_ptr, w2_ptr, temperature_ptr, unifo
         tl.debug_barrier()
         u = tl.load(uniforms_ptr + b * G + k)
         prev = _inverse_cdf_pass(row_ptr, u * total, V, BLOCK_V).to(tl.int64)
+        if HAS_VOCAB:  # column -> token id: the next step's Markov row and the output are token ids
+            prev = tl.load(vocab_ptr + prev)
         tl.store(tokens_ptr + b * G + k, prev)
 
 
 def markov_sample(base_logits: torch.Tensor, anchors: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
-                  temperature: torch.Tensor, uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                  temperature: torch.Tensor, uniforms: torch.Tensor,
+                  vocab_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """DSparkDraft.sample_sequentially for a VanillaMarkov head, temperature only: no top-k / top-p / min-p, so the
-    engine may use it only when no request in the batch sets them. base_logits [B, G, V] fp32, anchors [B],
-    w1 (markov_w1 embedding) and w2 (markov_w2, stored [V, r]) [V, r], temperature [B] (< GREEDY_EPS: greedy),
-    uniforms [B, G] -> (tokens [B, G] int64, probs [B, G, V] fp32)."""
+    engine may use it only when no request in the batch sets them. base_logits [B, G, V'] fp32, anchors [B],
+    w1 (markov_w1 embedding) [V, r], w2 (markov_w2, stored [V', r]), temperature [B] (< GREEDY_EPS: greedy),
+    uniforms [B, G], optional vocab_ids [V'] (the token id of each column; None: V' = V) -> (tokens [B, G] int64,
+    probs [B, G, V'] fp32)."""
     require_triton_device(base_logits, anchors, w1, w2, temperature, uniforms)
-    _check_markov_inputs(base_logits, anchors, w1, w2, temperature, uniforms)
+    _check_markov_inputs(base_logits, anchors, w1, w2, temperature, uniforms, vocab_ids)
     B, G, V = base_logits.shape
     tokens = torch.empty(B, G, dtype=torch.int64, device=base_logits.device)
     probs = torch.empty(B, G, V, dtype=torch.float32, device=base_logits.device)
@@ -100,22 +104,28 @@ def markov_sample(base_logits: torch.Tensor, anchors: torch.Tensor, w1: torch.Te
     rank = w1.shape[1]
     block_rank = triton.next_power_of_2(rank)
     block_v = max(16, min(triton.next_power_of_2(V), MAX_BLOCK_V, TILE // block_rank))
+    vocab = tokens if vocab_ids is None else vocab_ids.to(torch.int64).contiguous()  # unread without a vocabulary
     _markov_kernel[(B,)](base_logits, anchors.to(torch.int64).contiguous(), w1, w2,
                          temperature.to(torch.float32).contiguous(),
-                         uniforms.to(torch.float32).contiguous(), tokens, probs,
+                         uniforms.to(torch.float32).contiguous(), vocab, tokens, probs,
                          base_logits.stride(0), base_logits.stride(1), w1.stride(0), w2.stride(0), G, V, rank,
-                         GREEDY_EPS=GREEDY_EPS, BLOCK_V=block_v, BLOCK_RANK=block_rank)
+                         GREEDY_EPS=GREEDY_EPS, BLOCK_V=block_v, BLOCK_RANK=block_rank,
+                         HAS_VOCAB=vocab_ids is not None)
     return tokens, probs
 
 
-def _check_markov_inputs(base_logits, anchors, w1, w2, temperature, uniforms):
+def _check_markov_inputs(base_logits, anchors, w1, w2, temperature, uniforms, vocab_ids):
     if base_logits.dim() != 3 or base_logits.dtype != torch.float32 or base_logits.stride(2) != 1:
         raise ValueError(f"markov_sample: base_logits must be [B, G, V] float32 with a contiguous last dim, got "
                          f"{tuple(base_logits.shape)} {base_logits.dtype}")
     B, G, V = base_logits.shape
-    if w1.dim() != 2 or w1.shape[0] != V or w2.shape != w1.shape or w1.stride(1) != 1 or w2.stride(1) != 1:
-        raise ValueError(f"markov_sample: w1 {tuple(w1.shape)} and w2 {tuple(w2.shape)} must both be [V={V}, r] "
-                         f"with a contiguous last dim")
+    if vocab_ids is not None and vocab_ids.shape != (V,):
+        raise ValueError(f"markov_sample: vocab_ids {tuple(vocab_ids.shape)} must be [V'={V}], one id per column")
+    rows = V if vocab_ids is None else w1.shape[0]
+    if (w1.dim() != 2 or w1.shape[0] != rows or w2.shape != (V, w1.shape[1]) or w1.stride(1) != 1
+            or w2.stride(1) != 1):
+        raise ValueError(f"markov_sample: w1 {tuple(w1.shape)} must be [{rows}, r] and w2 {tuple(w2.shape)} "
+                         f"[V'={V}, r], both with a contiguous last dim")
     if anchors.shape != (B,) or temperature.shape != (B,):
         raise ValueError(f"markov_sample: anchors {tuple(anchors.shape)} and temperature "
                          f"{tuple(temperature.shape)} must be [B={B}]")

@@ -93,6 +93,9 @@ class Reference:
         self.G = c["block_size"]
         self.rank = c.get("markov_rank", 0)
         self.head_type = c.get("markov_head_type", "vanilla")
+        vocab_file = draft_dir / "draft_vocab.json"  # the token ids it may propose (FR-Spec); else every token
+        self.columns = (torch.tensor(json.loads(vocab_file.read_text())["token_ids"]) if vocab_file.is_file()
+                        else torch.arange(c["vocab_size"]))
 
     @torch.no_grad()
     def features(self, tokens: list[int]) -> torch.Tensor:
@@ -131,7 +134,9 @@ class Reference:
         return rms_norm(x, W["norm.weight"], eps)
 
     def base_logits(self, hidden):
-        return hidden @ self.W["lm_head.weight"].T
+        """Logits over the whole vocabulary, -inf for tokens the draft may not propose."""
+        logits = hidden @ self.W["lm_head.weight"].T
+        return torch.full_like(logits, -float("inf")).index_copy_(1, self.columns, logits[:, self.columns])
 
     @torch.no_grad()
     def step_logits(self, hidden: torch.Tensor, prevs: list[int]) -> torch.Tensor:
@@ -193,14 +198,17 @@ def propose_and_check(llm: LLM, ref: Reference, seqs, temperature: float, temper
         assert seq.num_computed_tokens == len(seq.token_ids) - 1
         context, anchor = seq.token_ids[:-1], seq.token_ids[-1]
         prop = seq.proposal
-        assert len(prop.tokens) == gamma and prop.probs.shape == (gamma, ref.c["vocab_size"])
+        cols = ref.columns  # the engine's probs are over the draft's vocabulary, in its order
+        assert len(prop.tokens) == gamma and prop.probs.shape == (gamma, len(cols))
         hidden = ref.block_hidden(context, anchor)[:gamma]   # the full block runs even when gamma < G
         prevs = [anchor] + prop.tokens[:-1]
         q = ref_probs(ref.step_logits(hidden, prevs), temperature)
+        assert q[:, cols].sum(-1).allclose(torch.ones(gamma))
+        q = q[:, cols]
         diff = (prop.probs.float() - q).abs().max().item()
         assert diff < PROB_ATOL, f"q differs by {diff}"
         if temperature == 0:
-            assert prop.tokens == q.argmax(-1).tolist()
+            assert prop.tokens == cols[q.argmax(-1)].tolist()
         else:
             live = q > 1e-30
             ldiff = temperature * (prop.probs.float()[live].log() - q[live].log()).abs().max().item()
@@ -209,7 +217,7 @@ def propose_and_check(llm: LLM, ref: Reference, seqs, temperature: float, temper
             g = torch.Generator()
             g.set_state(state)
             u = torch.rand(gamma, generator=g)
-            assert prop.tokens == [inverse_cdf(q[k], u[k].item()) for k in range(gamma)]
+            assert prop.tokens == [int(cols[inverse_cdf(q[k], u[k].item())]) for k in range(gamma)]
         if ref.rank and ref.c.get("enable_confidence_head"):
             c = ref.confidence(hidden, prevs, temperatures)
             cdiff = (prop.confidence.float() - c).abs().max().item()
@@ -254,6 +262,24 @@ def test_proposals_match_reference(tmp_path, targets, hf_targets, family, head, 
     ref = Reference(draft, hf_targets[family])
     seqs = run_and_check(llm, ref, [PROMPT], temperature, steps=6)
     assert len(seqs[0].token_ids) >= len(PROMPT) + 7
+
+
+@pytest.mark.parametrize("family,head,temperature", [("qwen3", "vanilla", 1.0), ("qwen3", "rnn", 0.0),
+                                                     ("llama", "gated", 0.7), ("llama", "dflash", 1.0)])
+def test_proposals_on_a_draft_vocabulary_match_reference(tmp_path, targets, hf_targets, family, head, temperature):
+    """With draft_vocab.json (FR-Spec) the draft proposes among its 200 token ids only (shuffled, so columns and
+    token ids differ): the reference masks every other logit to -inf and samples the columns in the file's order."""
+    dflash = head == "dflash"
+    draft = make_draft(tmp_path / "draft", targets[family], rank=0 if dflash else 8, confidence=not dflash,
+                       head_type="vanilla" if dflash else head, block_size=4, seed=5)
+    ids = torch.randperm(320, generator=torch.Generator().manual_seed(1))[:200].tolist()
+    (draft / "draft_vocab.json").write_text(json.dumps({"token_ids": ids}))
+    llm = spec_llm(targets[family], draft, "dflash" if dflash else "dspark")
+    ref = Reference(draft, hf_targets[family])
+    seqs = run_and_check(llm, ref, [PROMPT, PROMPT[:5]], temperature, steps=6)
+    drafted = [t for s in seqs for t in s.proposal.tokens]
+    assert set(drafted) <= set(ids) and max(drafted) >= 200  # token ids, not column indices
+    assert llm.model_runner.speculator.draft.vocab_head.weight.shape[0] == 200
 
 
 def test_context_grows_by_accepted_rows(tmp_path, targets, hf_targets):

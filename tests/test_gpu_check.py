@@ -17,7 +17,7 @@ TINY_DRAFT |= {"num_target_layers": 4, "num_hidden_layers": 1, "target_layer_ids
 def test_gpu_check_measures_and_reports_on_a_tiny_model(tmp_path):
     engine = gpu_check.build_engine(tmp_path, 0.01, TINY_TARGET, TINY_DRAFT, device="cpu", kernels="triton",
                                     dtype="float32", max_num_seqs=2)
-    bench = gpu_check.measure(engine, context_len=24, repeats=1, tokens=(1, 8, 16), requests=(1, 2))
+    bench = gpu_check.measure(engine, context_len=24, repeats=1, tokens=(1, 8, 16), requests=(1, 2), draft_vocab=100)
     assert engine.model_runner.graphs is not None and engine.model_runner.speculator.graphs is not None
     assert set(bench["verify_ms"]) == {1, 2, 4, 8, 16} and set(bench["draft_ms"]) == {1, 2}  # + the graph tiers
     times = [ms[k] for ms in [*bench["verify_ms"].values(), *bench["draft_ms"].values()] for k in ("eager", "graphs")]
@@ -25,7 +25,9 @@ def test_gpu_check_measures_and_reports_on_a_tiny_model(tmp_path):
     assert bench["verify8_over_decode_b1"] == bench["verify_ms"][8]["graphs"] / bench["verify_ms"][1]["graphs"]
     assert bench["graphs_over_eager_b1"] == bench["verify_ms"][1]["eager"] / bench["verify_ms"][1]["graphs"]
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks  # the profile freed its KV
+    assert set(bench["draft_vocab_ms"]) == {1, 2} and all(t > 0 for t in bench["draft_vocab_ms"].values())
+    assert engine.model_runner.speculator.draft.vocab_head.weight.shape[0] == 100
     report = {"device": "cpu", "torch": "t", "triton": "t", "seconds": 1.0, "bench": bench,
               "tests": {"passed": True, "summary": "1 passed", "seconds": 1.0}}
     text = gpu_check.markdown(json.loads(json.dumps(report)))
-    assert "| 8 |" in text and "graphs_over_eager_b1" in text and "PASSED" in text
+    assert "| 8 |" in text and "graphs_over_eager_b1" in text and "PASSED" in text and "100-token" in text

@@ -1,5 +1,6 @@
 """Speculative decoding in the engine: greedy output is token-identical to plain greedy decoding whatever the drafter,
 policy, batch mix and preemption; stop conditions cut an accepted block exactly; counters are consistent."""
+import json
 import random
 
 import pytest
@@ -20,9 +21,15 @@ def target_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def drafts(tmp_path_factory, target_dir):
     root = tmp_path_factory.mktemp("drafts")
-    return {"dspark": save_tiny_draft(root / "dspark", target_dir, block_size=5),
-            "dspark-rnn": save_tiny_draft(root / "rnn", target_dir, head_type="rnn", block_size=5),
-            "dflash": save_tiny_draft(root / "dflash", target_dir, rank=0, confidence=False, block_size=5)}
+    drafts = {"dspark": save_tiny_draft(root / "dspark", target_dir, block_size=5),
+              "dspark-rnn": save_tiny_draft(root / "rnn", target_dir, head_type="rnn", block_size=5),
+              "dflash": save_tiny_draft(root / "dflash", target_dir, rank=0, confidence=False, block_size=5)}
+    ids = json.dumps({"token_ids": random.Random(1).sample(range(320), 150)})  # FR-Spec: 150 of 320 tokens
+    for name in ("dspark", "dflash"):
+        drafts[f"{name}-vocab"] = save_tiny_draft(root / f"{name}-vocab", target_dir, block_size=5,
+                                                  **({"rank": 0, "confidence": False} if name == "dflash" else {}))
+        (drafts[f"{name}-vocab"] / "draft_vocab.json").write_text(ids)
+    return drafts
 
 
 @pytest.fixture(scope="module")
@@ -49,20 +56,21 @@ def oracle_drafter(llm: LLM, continuations: dict[tuple, list[int]], error_rate: 
     speculator = llm.model_runner.speculator
     vocab = speculator.vocab_size
 
-    def propose(seqs):
+    def propose(seqs, num_tokens=None):
         for seq in seqs:
             truth = continuations[tuple(seq.token_ids[:seq.num_prompt_tokens])]
             done = seq.num_completion_tokens
             tokens = [(truth[i] if i < len(truth) and rng.random() > error_rate else rng.randrange(vocab))
-                      for i in range(done, done + speculator.num_draft_tokens)]
+                      for i in range(done, done + (num_tokens or speculator.num_draft_tokens))]
             seq.proposal = Proposal(tokens, torch.eye(vocab)[tokens], None)
     speculator.propose = propose
 
 
-@pytest.mark.parametrize("method", ["dspark", "dspark-rnn", "dflash"])
+@pytest.mark.parametrize("method", ["dspark", "dspark-rnn", "dflash", "dspark-vocab", "dflash-vocab"])
 @pytest.mark.parametrize("policy", ["full", "fixed:2"])
 def test_random_drafts_greedy_identical(target_dir, drafts, prompts, plain_outputs, method, policy):
-    llm = spec_llm(target_dir, drafts[method], "dflash" if method == "dflash" else "dspark", verify_policy=policy)
+    llm = spec_llm(target_dir, drafts[method], method.split("-")[0] if "dflash" in method else "dspark",
+                   verify_policy=policy)
     outs = llm.generate(prompts, GREEDY, use_tqdm=False)
     assert [o.token_ids for o in outs] == plain_outputs
     assert llm.spec_stats.num_drafts > 0
@@ -112,7 +120,7 @@ def test_counters_consistent(target_dir, drafts, prompts):
     llm.generate(prompts, params, use_tqdm=False)
     s = llm.spec_stats
     assert 0 < s.num_accepted_tokens <= s.num_verified_tokens <= s.num_draft_tokens
-    assert s.num_draft_tokens == 5 * s.num_drafts
+    assert 4 * s.num_drafts < s.num_draft_tokens <= 5 * s.num_drafts  # fewer only near max_tokens (no room)
     assert s.mean_acceptance_length >= 1
     assert all(a >= b for a, b in zip(s.accepted_per_pos, s.accepted_per_pos[1:]))
     assert all(a <= v for a, v in zip(s.accepted_per_pos, s.verified_per_pos))
@@ -138,3 +146,37 @@ def test_config_errors(target_dir, drafts):
         spec_llm(target_dir, drafts["dspark"], num_draft_tokens=9)
     with pytest.raises(ValueError, match="DFlash"):
         spec_llm(target_dir, drafts["dflash"], "dspark")
+
+
+def test_draft_vocab_size_chooses_among_the_drafts_token_list(target_dir, drafts, tmp_path):
+    ids = json.loads((drafts["dspark-vocab"] / "draft_vocab.json").read_text())["token_ids"]
+
+    def draft_of(**options):
+        return spec_llm(target_dir, drafts["dspark-vocab"], **options).model_runner.speculator.draft
+    assert draft_of().vocab_ids.tolist() == ids
+    assert draft_of(draft_vocab_size=40).vocab_ids.tolist() == ids[:40]  # the 40 most frequent: the file's head
+    assert draft_of(draft_vocab_size=-1).vocab_ids is None
+    assert spec_llm(target_dir, drafts["dspark"]).model_runner.speculator.draft.vocab_ids is None
+    with pytest.raises(ValueError, match="draft_vocab_size must be >= -1"):
+        spec_llm(target_dir, drafts["dspark-vocab"], draft_vocab_size=-2)
+    with pytest.raises(ValueError, match="exceeds the 150 token ids"):
+        spec_llm(target_dir, drafts["dspark-vocab"], draft_vocab_size=151)
+    with pytest.raises(ValueError, match="needs the draft's token list"):
+        spec_llm(target_dir, drafts["dspark"], draft_vocab_size=10)
+    bad = save_tiny_draft(tmp_path / "bad", target_dir, block_size=5)
+    for token_ids in ([3, 3], [5, 320], [], "12"):
+        (bad / "draft_vocab.json").write_text(json.dumps({"token_ids": token_ids}))
+        with pytest.raises(ValueError, match="distinct token ids in"):
+            spec_llm(target_dir, bad)
+
+
+def test_fixed_k_drafts_only_the_positions_it_can_verify(target_dir, drafts, prompts, plain_outputs):
+    """fixed:2 under a gamma-5 draft: the sequential head, LM head and sampling run for 2 positions only, and greedy
+    output is still plain greedy's. Near max_tokens the block shrinks to the room left."""
+    llm = spec_llm(target_dir, drafts["dspark-vocab"], verify_policy="fixed:2")
+    drafted = []
+    real = llm.model_runner.speculator.draft.draft_block
+    llm.model_runner.speculator.draft.draft_block = lambda *a, **k: drafted.append(a[4]) or real(*a, **k)
+    assert [o.token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)] == plain_outputs
+    assert set(drafted) == {1, 2} and drafted.count(2) > 10 * drafted.count(1)
+    assert llm.spec_stats.num_draft_tokens <= 2 * llm.spec_stats.num_drafts

@@ -18,6 +18,7 @@ from tiny_models import save_tiny_draft, tiny_config, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
 import engine.speculator
+from engine.drafts.dspark import DSparkDraft
 from engine import LLM, SamplingParams
 from kernels.sampling import rejection_sample as true_rejection_sample
 from kernels.sampling import sample_inverse_cdf
@@ -30,6 +31,7 @@ MAX_TOKENS = 4      # the first verification round checks 2 drafts (x2, x3) + a 
 GAMMA = 3
 MIN_EXPECTED = 5.0  # chi-square cells with fewer expected counts are pooled
 POLICIES = ("threshold:0.5", "sps", "sps-lagged")
+DRAFT_VOCAB = [6, 2, 0, 3, 7]
 CASES = {"t1": {"temperature": 1.0}, "t08_topk_topp": {"temperature": 0.8, "top_k": 5, "top_p": 0.8}}
 
 
@@ -65,13 +67,16 @@ def llms(tmp_path_factory, target_dir):
     root = tmp_path_factory.mktemp("drafts_v8")
     drafts = {"dspark": save_tiny_draft(root / "dspark", target_dir, block_size=4, mask_token_id=5),
               "dflash": save_tiny_draft(root / "dflash", target_dir, rank=0, confidence=False, block_size=4,
-                                        mask_token_id=5)}
+                                        mask_token_id=5),
+              "dspark-vocab": save_tiny_draft(root / "dspark-vocab", target_dir, block_size=4, mask_token_id=5)}
+    # FR-Spec: the draft proposes 5 of the 8 tokens, listed out of order; the other 3 come from residuals only
+    (drafts["dspark-vocab"] / "draft_vocab.json").write_text(json.dumps({"token_ids": DRAFT_VOCAB}))
     # an SPS curve that is flat up to ~1.5 draft tokens per request and then steep: the sps planners must cut
     # blocks by confidence, which is where a planner could leak the draft tokens into the admission
     profile = root / "sps.json"
     profile.write_text(json.dumps({"step_cost_s": {"1": 1.0, str(NUM_SAMPLES * 5 // 2): 1.0,
                                                    str(NUM_SAMPLES * 5 // 2 + 100): 10.0}}))
-    engines = {m: (m, d, "full") for m, d in drafts.items()}
+    engines = {m: (m.split("-")[0], d, "full") for m, d in drafts.items()}
     engines |= {f"dspark-{p}": ("dspark", drafts["dspark"], p) for p in POLICIES}
     engines["dspark-skipping"] = ("dspark", drafts["dspark"], "sps-lagged")
     llms = {name: LLM(model=str(target_dir), dtype="float32", spec_method=m, draft=str(d), num_draft_tokens=GAMMA,
@@ -182,7 +187,8 @@ def sample_counts(llm: LLM, params: dict, seed_base: int, n: int = NUM_SAMPLES) 
 # ---------------------------------------------------------------------------------------------- the tests
 
 @pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("method", ["dspark", "dflash", "dspark-skipping"] + [f"dspark-{p}" for p in POLICIES])
+@pytest.mark.parametrize("method", ["dspark", "dflash", "dspark-vocab", "dspark-skipping"]
+                         + [f"dspark-{p}" for p in POLICIES])
 def test_speculative_sampling_matches_target(llms, oracle_model, method, case):
     params = CASES[case]
     joint = exact_joint(oracle_model, PROMPT, **params)
@@ -223,5 +229,20 @@ def test_negative_control_biased_verifier_is_rejected(llms, oracle_model, monkey
     counts, spec = sample_counts(llms["dspark"], params, seed_base=1_000_000, n=NUM_CONTROL_SAMPLES)
     stats = gof(counts, joint)
     print(f"\n{biased.__name__}: {stats} spec={spec}")
+    assert spec["num_verified_tokens"] > 0
+    assert stats["p"] < 1e-6, stats
+
+
+def test_negative_control_draft_vocabulary_misplaced_is_rejected(llms, oracle_model, monkeypatch):
+    """A draft vocabulary whose distributions reach the verifier in the wrong columns (column j read as token j,
+    not as DRAFT_VOCAB[j]) is rejected overwhelmingly, while the drafted token ids stay right."""
+    params = CASES["t1"]
+    joint = exact_joint(oracle_model, PROMPT, **params)
+    def misplaced(self, probs, vocab_size):
+        return torch.nn.functional.pad(probs, (0, vocab_size - probs.shape[1]))
+    monkeypatch.setattr(DSparkDraft, "full_vocab_probs", misplaced)
+    counts, spec = sample_counts(llms["dspark-vocab"], params, seed_base=1_000_000, n=NUM_CONTROL_SAMPLES)
+    stats = gof(counts, joint)
+    print(f"\nmisplaced draft vocabulary: {stats} spec={spec}")
     assert spec["num_verified_tokens"] > 0
     assert stats["p"] < 1e-6, stats

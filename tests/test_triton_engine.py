@@ -16,7 +16,8 @@ SETTINGS = [SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True),
             SamplingParams(max_tokens=10, temperature=0.9, seed=11, ignore_eos=True),
             SamplingParams(max_tokens=10, temperature=0.7, seed=3, ignore_eos=True)]
 CONFIGS = {"plain": ("none", "full"), "dspark-full": ("dspark", "full"),
-           "dspark-sps-lagged": ("dspark", "sps-lagged"), "dflash": ("dflash", "full")}
+           "dspark-sps-lagged": ("dspark", "sps-lagged"), "dflash": ("dflash", "full"),
+           "dspark-vocab": ("dspark-vocab", "full")}  # a draft vocabulary (FR-Spec) of 150 shuffled ids
 
 
 @pytest.fixture(scope="module")
@@ -24,16 +25,19 @@ def drafts(tmp_path_factory, tiny_llama_dir):
     root = tmp_path_factory.mktemp("triton_drafts")
     profile = root / "sps.json"  # cheap up to ~2 drafts per request, then steep: sps-lagged cuts blocks
     profile.write_text(json.dumps({"step_cost_s": {"1": 1.0, "9": 1.0, "30": 10.0}}))
+    vocab = save_tiny_draft(root / "dspark-vocab", tiny_llama_dir, block_size=4, mask_token_id=5, seed=1)
+    ids = torch.randperm(320, generator=torch.Generator().manual_seed(0))[:150].tolist()
+    (vocab / "draft_vocab.json").write_text(json.dumps({"token_ids": ids}))
     return {"dspark": save_tiny_draft(root / "dspark", tiny_llama_dir, block_size=4, mask_token_id=5),
             "dflash": save_tiny_draft(root / "dflash", tiny_llama_dir, rank=0, confidence=False, block_size=4,
                                       mask_token_id=5),
-            "profile": profile}
+            "dspark-vocab": vocab, "profile": profile}
 
 
 def generate(target, drafts, config: str, **options) -> list[list[int]]:
     method, policy = CONFIGS[config]
     draft = str(drafts.get(method, ""))
-    llm = LLM(model=str(target), dtype="float32", spec_method=method, draft=draft, verify_policy=policy,
+    llm = LLM(model=str(target), dtype="float32", spec_method=method.split("-")[0], draft=draft, verify_policy=policy,
               sps_profile=str(drafts["profile"]), kv_cache_gb=0.02, kv_block_size=8, **options)
     return [c.token_ids for c in llm.generate(PROMPTS, SETTINGS, use_tqdm=False)]
 

@@ -143,13 +143,57 @@ def test_markov_twin_is_the_dspark_sequential_sampler(temperatures):
     torch.nn.init.normal_(head.markov_w2.weight, std=0.5)
     sampling_tensors = SamplingTensors(temperature, torch.zeros(B, dtype=torch.long), torch.ones(B), torch.zeros(B))
     with torch.no_grad():
-        torch_path = SimpleNamespace(markov_head=head)
+        torch_path = SimpleNamespace(markov_head=head, token_ids=lambda indices: indices)
         want = DSparkDraft.sample_sequentially(torch_path, torch.zeros(B, G, 8), base, anchors, sampling_tensors,
                                                uniforms)
         tokens, probs = markov.markov_sample(base, anchors, head.markov_w1.weight, head.markov_w2.weight,
                                              temperature, uniforms)
     assert tokens.tolist() == want[0].tolist()
     torch.testing.assert_close(probs, want[1], atol=1e-7, rtol=1e-6)
+
+
+def vocab_case(temperatures: list[float], G: int, size: int, seed: int = 2, ordered: bool = False):
+    """markov_case restricted to a draft vocabulary of `size` token ids (shuffled unless ordered): base logits and
+    W2 rows of those columns, W1 whole (the previous token is any token id), and the ids."""
+    base, anchors, w1, w2, temperature, uniforms = markov_case(temperatures, G, seed)
+    ids = torch.randperm(MARKOV_V, generator=torch.Generator().manual_seed(seed))[:size]
+    ids = ids.sort().values if ordered else ids
+    return (base[:, :, ids].contiguous(), anchors, w1, w2[ids].contiguous(), temperature, uniforms, ids), base, w2
+
+
+def test_markov_kernel_matches_twin_on_a_draft_vocabulary(kernel_device):
+    args, _, _ = vocab_case([0.0, 0.7, 1.0], G=6, size=600)  # 600 of 1000 ids: two blocks, the last partial
+    tokens, probs = markov_sample(*(a.to(kernel_device) for a in args))
+    want_tokens, want_probs = markov.markov_sample(*args)
+    assert tokens.cpu().tolist() == want_tokens.tolist()
+    torch.testing.assert_close(probs.cpu(), want_probs, atol=1e-6, rtol=1e-5)
+    assert set(want_tokens.flatten().tolist()) <= set(args[-1].tolist())  # token ids, not column indices
+
+
+@pytest.mark.parametrize("ordered", [True, False])
+def test_draft_vocabulary_twin_is_the_masked_full_vocabulary(ordered):
+    """Oracle: drafting among ids is drafting over the whole vocabulary with every other logit at -inf. Same
+    distributions (as columns of ids) always; same tokens when the ids keep the vocabulary's order, since the
+    inverse CDF walks the columns in order (in another order the same uniforms pick other, equally distributed,
+    tokens: compared in the engine's statistical test)."""
+    (base_v, anchors, w1, w2_v, temperature, uniforms, ids), base, w2 = vocab_case([0.0, 0.7, 1.0, 0.4], G=5,
+                                                                                  size=300, ordered=ordered)
+    masked = torch.full_like(base, -float("inf"))
+    masked[:, :, ids] = base[:, :, ids]
+    tokens, probs = markov.markov_sample(base_v, anchors, w1, w2_v, temperature, uniforms, ids)
+    prevs = torch.cat([anchors[:, None], tokens[:, :-1]], 1)
+    for k in range(base.shape[1]):  # step k of the full vocabulary, after the same previous token
+        _, want = markov.markov_sample(masked[:, k:k + 1], prevs[:, k], w1, w2, temperature, uniforms[:, k:k + 1])
+        torch.testing.assert_close(probs[:, k], want[:, 0, ids], atol=1e-7, rtol=1e-6)
+        assert want[:, 0, ids].sum(-1).allclose(torch.ones(4))  # nothing outside ids
+    want_tokens, _ = markov.markov_sample(masked, anchors, w1, w2, temperature, uniforms)
+    greedy = temperature == 0
+    assert tokens[greedy].tolist() == want_tokens[greedy].tolist()
+    if ordered:
+        assert tokens.tolist() == want_tokens.tolist()
+    # negative control: feeding the column index (not the token id) back into the Markov bias changes the draft
+    as_index, _ = markov.markov_sample(base_v, anchors, w1, w2_v, temperature, uniforms)
+    assert (ids[as_index] != tokens).any()
 
 
 def test_bad_input_names_the_problem(kernel_device):
@@ -169,6 +213,11 @@ def test_bad_input_names_the_problem(kernel_device):
         markov_sample(base, anchors, w1, w2[:, :-1], temperature, uniforms)
     with pytest.raises(ValueError, match="base_logits"):
         markov_sample(base.half(), anchors, w1, w2, temperature, uniforms)
+    with pytest.raises(ValueError, match="vocab_ids"):
+        markov_sample(base, anchors, w1, w2, temperature, uniforms, torch.arange(5, device=kernel_device))
+    ids = torch.arange(0, MARKOV_V, 2, device=kernel_device)
+    with pytest.raises(ValueError, match="w2"):  # a draft vocabulary needs W2's rows of those ids
+        markov_sample(base[:, :, ids].contiguous(), anchors, w1, w2, temperature, uniforms, ids)
 
 
 def test_empty_batches(kernel_device):

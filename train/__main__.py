@@ -52,6 +52,14 @@ def main():
                      help="per position a temperature and a bias (affine), or a temperature only (the paper's STS)")
     cal.add_argument("--save-records", default="", help="also write the confidence records (jsonl) here")
     cal.add_argument("--from-records", default="", help="refit from saved records instead of rolling out")
+    vocab = sub.add_parser("draft-vocab", help="choose the tokens a draft may propose (FR-Spec) -> draft_vocab.json")
+    vocab.add_argument("--draft", required=True)
+    vocab.add_argument("--model", default="", help="target model directory ('' = the embedded default)")
+    vocab.add_argument("--size", type=int, default=16384)
+    vocab.add_argument("--data", default="data/sharegpt_smollm2.jsonl", help="training conversations ('' = none)")
+    vocab.add_argument("--data-weight", type=float, default=0.5, help="their share of the frequency mix")
+    vocab.add_argument("--held-out", type=int, default=128, help="last conversations kept out to measure coverage")
+    vocab.add_argument("--sharegpt-replies", type=int, default=40000, help="ShareGPT assistant turns to count")
     args = parser.parse_args()
     if args.command in ("run", "features"):
         from train.config import TrainConfig
@@ -67,6 +75,9 @@ def main():
         from train.data import generate_dataset
         generate_dataset(args.out, args.num_prompts, args.max_tokens, args.max_prompt_tokens, seed=args.seed,
                          model=args.model, max_num_seqs=args.max_num_seqs)
+    if args.command == "draft-vocab":
+        from train.draft_vocab import write_draft_vocab
+        print(f"wrote {write_draft_vocab(args)}")
     if args.command == "calibrate":
         from train.calibrate import calibrate
         calibrate(args)

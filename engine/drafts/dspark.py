@@ -37,7 +37,7 @@ class DraftConfig:
 class Proposal:
     """One request's drafted block: tokens, the fp32 distributions they were sampled from, confidences."""
     tokens: list[int]
-    probs: torch.Tensor              # [G, V]
+    probs: torch.Tensor              # [G, V'] over the draft's vocabulary (DSparkDraft.vocab_ids; V' = V without one)
     confidence: torch.Tensor | None  # [G] conditional acceptance estimates
     confidence_logits: torch.Tensor | None = None  # [G] the same before STS temperatures (for calibration)
 
@@ -106,6 +106,8 @@ class DSparkDraft(nn.Module):
         self.use_sequential_head = use_sequential_head and self.markov_head is not None
         self.rotary = self.make_rotary(c)
         self.target = ()
+        self.vocab_ids = None   # the token ids the draft may propose (restrict_vocab), None = the whole vocabulary
+        self.vocab_head = None  # the target's LM head rows of vocab_ids
 
     @staticmethod
     def make_rotary(c: DraftConfig) -> RotaryEmbedding:
@@ -115,6 +117,31 @@ class DSparkDraft(nn.Module):
 
     def attach_target(self, embed_tokens: nn.Embedding, lm_head: nn.Module):
         self.target = (embed_tokens, lm_head)  # a tuple, so they are not registered as this module's parameters
+
+    def restrict_vocab(self, token_ids: torch.Tensor):
+        """Draft only among token_ids (FR-Spec): the LM head, the Markov bias and sampling shrink to those columns.
+        Lossless still, since verification sees the draft's true distribution (zero outside the subset)."""
+        lm_head = self.target[1]
+        self.vocab_ids = token_ids.to(lm_head.weight.device, torch.long)
+        self.vocab_head = Linear(lm_head.in_features, len(token_ids), bias=False).to(lm_head.weight)
+        self.vocab_head.weight.data = lm_head.weight.detach()[self.vocab_ids].clone()
+        if self.markov_head is not None:
+            w2 = self.markov_head.markov_w2
+            w2.weight.data = w2.weight.detach()[self.vocab_ids].clone()
+            w2.out_features = len(token_ids)
+
+    def vocab_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return (self.vocab_head or self.target[1])(hidden).float()
+
+    def token_ids(self, indices: torch.Tensor) -> torch.Tensor:
+        """Token ids of indices into the draft's vocabulary."""
+        return indices if self.vocab_ids is None else self.vocab_ids[indices]
+
+    def full_vocab_probs(self, probs: torch.Tensor, vocab_size: int) -> torch.Tensor:
+        """[N, V'] draft-vocabulary rows -> [N, vocab_size], zero outside the draft's vocabulary."""
+        if self.vocab_ids is None:
+            return probs
+        return probs.new_zeros(probs.shape[0], vocab_size).index_copy_(1, self.vocab_ids, probs)
 
     def context(self, features: torch.Tensor) -> torch.Tensor:
         return self.hidden_norm(self.fc(features))
@@ -158,7 +185,7 @@ class DSparkDraft(nn.Module):
         with TIMINGS.section("draft_backbone"):
             hidden = self.backbone(anchors, starts, kv_slots, ctx_lens)[:, :num_tokens]
         with TIMINGS.section("draft_lm_head"):
-            base_logits = self.target[1](hidden).float()
+            base_logits = self.vocab_logits(hidden)
         if self.use_sequential_head:
             tokens, probs = self.sample_sequentially(hidden, base_logits, anchors, sampling, uniforms)
         else:
@@ -173,10 +200,10 @@ class DSparkDraft(nn.Module):
         LM head, the fused Markov sampling loop, confidence."""
         from kernels import triton_markov
         hidden = self.backbone(anchors, starts, kv_slots, ctx_lens)[:, :num_tokens]
-        base_logits = self.target[1](hidden).float()
         head = self.markov_head
-        tokens, probs = triton_markov.markov_sample(base_logits.contiguous(), anchors, head.markov_w1.weight,
-                                                    head.markov_w2.weight, temperature, uniforms.contiguous())
+        tokens, probs = triton_markov.markov_sample(self.vocab_logits(hidden).contiguous(), anchors,
+                                                    head.markov_w1.weight, head.markov_w2.weight, temperature,
+                                                    uniforms.contiguous(), self.vocab_ids)
         return (tokens, probs, *self.confidence(hidden, anchors, tokens))
 
     def confidence(self, hidden, anchors, tokens) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -201,7 +228,7 @@ class DSparkDraft(nn.Module):
                 logits = bias.add_(base_logits[:, k])
             with TIMINGS.section("draft_sampling"):
                 q = sampling.probs(logits)
-                prev = sample_inverse_cdf(q, uniforms[:, k])
+                prev = self.token_ids(sample_inverse_cdf(q, uniforms[:, k]))
             tokens.append(prev)
             probs.append(q)
         return torch.stack(tokens, 1), torch.stack(probs, 1)
@@ -215,7 +242,7 @@ class DSparkDraft(nn.Module):
     def sample_independently(self, base_logits, sampling, uniforms):
         B, G, V = base_logits.shape
         q = sampling.repeat_interleave(G).probs(base_logits.reshape(B * G, V))
-        return sample_inverse_cdf(q, uniforms.reshape(-1)).view(B, G), q.view(B, G, V)
+        return self.token_ids(sample_inverse_cdf(q, uniforms.reshape(-1))).view(B, G), q.view(B, G, V)
 
     @property
     def has_confidence(self) -> bool:

@@ -13,6 +13,7 @@ from engine.models.decoder import DecoderModel
 
 ARCHITECTURES = ("Qwen3DSparkModel",)
 CALIBRATION_FILE = "sts.json"  # {"temperatures": [T_1, ..., T_block_size]} from STS
+VOCAB_FILE = "draft_vocab.json"  # {"token_ids": [most frequent first, ...]} from `python -m train draft-vocab`
 REQUIRED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size",
             "rms_norm_eps", "vocab_size", "block_size", "target_layer_ids", "mask_token_id")
 FUSED = {"kv_proj": ("k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
@@ -107,7 +108,27 @@ def numbers(values, length: int) -> bool:
             and all(isinstance(v, (int, float)) and math.isfinite(v) for v in values))
 
 
-def load_draft(draft_dir: str | Path, target: DecoderModel, dtype: torch.dtype, method: str) -> DSparkDraft:
+def read_draft_vocab(draft_dir: Path, size: int, vocab_size: int) -> torch.Tensor | None:
+    """The token ids the draft may propose: size 0 = all of draft_vocab.json's (the whole vocabulary without the
+    file), size K = its K most frequent, size -1 = the whole vocabulary."""
+    path = draft_dir / VOCAB_FILE
+    if size < 0 or (size == 0 and not path.is_file()):
+        return None
+    if not path.is_file():
+        raise ValueError(f"draft_vocab_size={size} needs the draft's token list {path} (python -m train draft-vocab)")
+    data = json.loads(path.read_text())
+    ids = data.get("token_ids") if isinstance(data, dict) else None
+    if (not isinstance(ids, list) or not ids or not all(isinstance(i, int) and 0 <= i < vocab_size for i in ids)
+            or len(set(ids)) != len(ids)):
+        raise ValueError(f"{path}: 'token_ids' must be distinct token ids in [0, {vocab_size})")
+    if size > len(ids):
+        raise ValueError(f"draft_vocab_size={size} exceeds the {len(ids)} token ids in {path}")
+    return torch.tensor(ids[:size or None])
+
+
+def load_draft(draft_dir: str | Path, target: DecoderModel, dtype: torch.dtype, method: str,
+               vocab_size: int = 0) -> DSparkDraft:
+    """vocab_size: how many of the draft's frequent tokens it may propose (read_draft_vocab)."""
     draft_dir = Path(draft_dir)
     if not draft_dir.is_dir():
         raise FileNotFoundError(f"draft directory {draft_dir} does not exist")
@@ -131,4 +152,7 @@ def load_draft(draft_dir: str | Path, target: DecoderModel, dtype: torch.dtype, 
     if draft.confidence_head is not None:
         draft.confidence_head.temperatures, draft.confidence_head.biases = calibration
     draft.attach_target(target.embed_tokens, target.lm_head)
+    token_ids = read_draft_vocab(draft_dir, vocab_size, config.hf["vocab_size"])
+    if token_ids is not None:
+        draft.restrict_vocab(token_ids)
     return draft.eval().requires_grad_(False)
