@@ -7,7 +7,7 @@ from engine.config import EngineConfig
 from engine.context import device_tensor
 from engine.drafts.loader import load_draft
 from engine.models.decoder import DecoderModel
-from engine.models.layers import pack_linears_for_cpu
+from engine.models.layers import KERNEL_MAX_ROWS, pack_linears_for_cpu
 from engine.sampler import SamplingTensors
 from engine.sequence import Sequence
 from engine.timing import TIMINGS
@@ -35,10 +35,12 @@ class Speculator:
         return 2 * c.num_layers * c.num_kv_heads * c.head_dim * kv_dtype.itemsize
 
     def allocate_kv_cache(self, num_slots: int, kv_dtype: torch.dtype):
-        """Draft context K/V lives in the same slots as the target's, so one block table serves both."""
+        """Draft context K/V lives in the same slots as the target's, so one block table serves both. Past them, a
+        few scratch slots that no block table owns hold the drafted block's own K/V on the CPU's fused path."""
         c = self.draft.config
-        self.kv_cache = torch.zeros(2, c.num_layers, c.num_kv_heads, num_slots, c.head_dim, dtype=kv_dtype,
-                                    device=self.device)
+        self.kv_cache = torch.zeros(2, c.num_layers, c.num_kv_heads, num_slots + KERNEL_MAX_ROWS, c.head_dim,
+                                    dtype=kv_dtype, device=self.device)
+        self.draft.scratch_slots = torch.arange(num_slots, num_slots + KERNEL_MAX_ROWS, device=self.device)
         for i, layer in enumerate(self.draft.layers):
             layer.self_attn.k_cache, layer.self_attn.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
 
@@ -87,6 +89,11 @@ class Speculator:
     def verify(self, seqs: list[Sequence], logits: list[torch.Tensor]) -> list[tuple[int, int]]:
         """logits[i]: the target's [1 + l_i, V] rows for [anchor, d_1..d_l] of seqs[i] (l_i = its spec tokens).
         Returns (accepted drafts, next token) per seq."""
+        if all(s.params.greedy for s in seqs):
+            return self.verify_greedy(seqs, logits)
+        return self.verify_by_rejection(seqs, logits)
+
+    def verify_by_rejection(self, seqs: list[Sequence], logits: list[torch.Tensor]) -> list[tuple[int, int]]:
         num_drafts = [len(s.spec_token_ids) for s in seqs]
         target_probs = SamplingTensors.from_params([s.params for s in seqs], [n + 1 for n in num_drafts],
                                                    self.device).probs(torch.cat(logits))
@@ -100,6 +107,20 @@ class Speculator:
             target_probs, draft_probs, draft_tokens, self.on_device(num_drafts),
             torch.cat([u[:-1] for u in uniforms]).to(self.device), torch.stack([u[-1] for u in uniforms]).to(self.device))
         return list(zip(accepted.tolist(), next_tokens.tolist()))
+
+    @staticmethod
+    def verify_greedy(seqs: list[Sequence], logits: list[torch.Tensor]) -> list[tuple[int, int]]:
+        """Rejection sampling when every request is greedy: q is one-hot at each draft and p one-hot at the target's
+        argmax, so a draft is accepted exactly when it is that argmax, and the next token is the argmax of the first
+        row that disagrees (or of the bonus row). Same result, without building any distribution."""
+        best = torch.cat(logits).argmax(-1).tolist()
+        results, start = [], 0
+        for seq in seqs:
+            drafts = seq.spec_token_ids
+            accepted = next((i for i, t in enumerate(drafts) if t != best[start + i]), len(drafts))
+            results.append((accepted, best[start + accepted]))
+            start += len(drafts) + 1
+        return results
 
     def on_device(self, values: list) -> torch.Tensor:
         return device_tensor(values, self.device)

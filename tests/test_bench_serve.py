@@ -176,6 +176,7 @@ class Stub(BaseHTTPRequestHandler):
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Transfer-Encoding", "chunked")
+        self.send_header("Connection", "close")  # else the client may reuse the socket this handler then closes
         self.end_headers()
         for data in [f"data: {json.dumps(c)}\n\n" for c in chunks] + (["data: [DONE]\n\n"] if done else []):
             self.wfile.write(f"{len(data.encode()):x}\r\n{data}\r\n".encode())

@@ -184,8 +184,8 @@ def inverse_cdf(q_row: torch.Tensor, u: float) -> int:
 
 # ---------------------------------------------------------------------------------------------------- harness
 def spec_llm(target_dir, draft_dir, method="dspark", **options) -> LLM:
-    return LLM(model=str(target_dir), dtype="float32", spec_method=method, draft=str(draft_dir),
-               **{"kv_cache_gb": 0.01, **options})
+    return LLM(model=str(target_dir), spec_method=method, draft=str(draft_dir),
+               **{"dtype": "float32", "kv_cache_gb": 0.01, **options})
 
 
 def propose_and_check(llm: LLM, ref: Reference, seqs, temperature: float, temperatures=None):
@@ -383,3 +383,33 @@ def test_mismatched_draft_refused(tmp_path, targets, overrides, layer_ids, messa
                             **overrides)
     with pytest.raises(ValueError, match=message):
         spec_llm(targets["qwen3"], draft)
+
+
+
+def test_fused_cpu_backbone_equals_the_layer_by_layer_block(tmp_path, targets, monkeypatch):
+    """bf16 on CPU the draft's block runs through the target's C++ decoder stack: the block's K/V go to scratch slots
+    and every row sees its context plus the whole block. Its hidden states equal the Python layers' (the path the
+    reference tests above check) up to bf16 rounding order; a causal variant (each row seeing the block only up to
+    itself) is far outside that bound."""
+    draft_dir = make_draft(tmp_path / "draft", targets["qwen3"], rank=8, block_size=4, seed=3)
+    llm = spec_llm(targets["qwen3"], draft_dir, dtype="bfloat16")
+    draft = llm.model_runner.speculator.draft
+    calls = []
+    backbone = draft.backbone
+    monkeypatch.setattr(draft, "backbone", lambda *args: calls.append(args) or backbone(*args))
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    llm.generate([PROMPT, PROMPT[:4], PROMPT[2:9]], params, use_tqdm=False)
+    assert len(calls) > 4 and draft.stack[1] is not None
+    for args in calls[-3:]:
+        with torch.inference_mode():
+            fused = backbone(*args).float()
+            with monkeypatch.context() as m:
+                m.setattr(draft, "fused_stack", lambda x: None)
+                layers = backbone(*args).float()
+            with monkeypatch.context() as m:
+                m.setattr(draft, "block_row_limits",
+                          lambda ctx, G: (ctx[:, None] + 1 + torch.arange(G)).reshape(-1))
+                causal = backbone(*args).float()
+        bound = 2 * 2.0 ** -8 * layers.abs().max().item()  # two bf16 ulps at the largest magnitude
+        assert (fused - layers).abs().max().item() <= bound
+        assert (causal - layers).abs().max().item() > 10 * bound

@@ -2,6 +2,7 @@
 policy, batch mix and preemption; stop conditions cut an accepted block exactly; counters are consistent."""
 import json
 import random
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -180,3 +181,26 @@ def test_fixed_k_drafts_only_the_positions_it_can_verify(target_dir, drafts, pro
     assert [o.token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)] == plain_outputs
     assert set(drafted) == {1, 2} and drafted.count(2) > 10 * drafted.count(1)
     assert llm.spec_stats.num_draft_tokens <= 2 * llm.spec_stats.num_drafts
+
+
+def test_greedy_verification_shortcut_equals_rejection_sampling(target_dir, drafts):
+    """All-greedy steps compare drafts with the target's argmax instead of rejection sampling one-hot distributions:
+    the same (accepted, next token) on every case, including ties in the target's logits and a draft vocabulary."""
+    speculator = spec_llm(target_dir, drafts["dspark-vocab"]).model_runner.speculator
+    ids = speculator.draft.vocab_ids
+    g = torch.Generator().manual_seed(0)
+    seqs, logits = [], []
+    for case in range(40):
+        n = case % 6
+        rows = torch.randn(n + 1, 320, generator=g).round()  # rounding makes ties in the argmax common
+        rows[:, ids[:3]] += 3.0  # the argmax is usually a token the draft may propose
+        best = rows.argmax(-1)
+        drafts_ = [int(best[i]) if torch.rand(1, generator=g) < 0.7 else int(ids[i]) for i in range(n)]
+        columns = [int((ids == t).nonzero()[0]) if (ids == t).any() else 0 for t in drafts_]
+        proposal = Proposal(drafts_, torch.eye(len(ids))[columns], None)
+        seqs.append(SimpleNamespace(spec_token_ids=drafts_, params=SamplingParams(temperature=0), proposal=proposal,
+                                    generator=torch.Generator().manual_seed(case)))
+        logits.append(rows)
+    fast, slow = speculator.verify_greedy(seqs, logits), speculator.verify_by_rejection(seqs, logits)
+    assert fast == slow
+    assert {a for a, _ in fast} >= {0, 1, 2} and any(a == len(s.spec_token_ids) > 0 for (a, _), s in zip(fast, seqs))

@@ -11,7 +11,7 @@ from engine.models.decoder import MLP
 from engine.models.layers import Linear, RMSNorm, RotaryEmbedding, apply_rotary, rope_inv_freq
 from engine.sampler import SamplingTensors
 from engine.timing import TIMINGS
-from kernels import triton_support
+from kernels import cpu_ops, triton_support
 from kernels.dispatch import block_attention, store_kvcache
 from kernels.sampling import sample_inverse_cdf
 
@@ -85,6 +85,18 @@ class DraftLayer(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_slots, ctx_lens)
         return x + self.mlp(self.post_attention_layernorm(x))
 
+    def fused_weights(self) -> list[torch.Tensor]:
+        """This layer in kernels/cpu_ops.decoder_stack's order (q and k/v projections as one qkv weight), or [] when
+        a linear has no bf16 CPU kernel."""
+        attn, none = self.self_attn, torch.empty(0)
+        linears = [attn.q_proj, attn.kv_proj, attn.o_proj, self.mlp.gate_up_proj, self.mlp.down_proj]
+        if not all(lin.use_kernel for lin in linears):
+            return []
+        qkv = torch.cat([attn.q_proj.weight, attn.kv_proj.weight])
+        return [self.input_layernorm.weight, qkv, none, attn.q_norm.weight, attn.k_norm.weight, attn.o_proj.weight,
+                none, self.post_attention_layernorm.weight, self.mlp.gate_up_proj.weight, self.mlp.down_proj.weight,
+                attn.k_cache, attn.v_cache]
+
 
 class DSparkDraft(nn.Module):
     """Shares the target's embedding and LM head (attach_target); holds no copy of them."""
@@ -108,6 +120,8 @@ class DSparkDraft(nn.Module):
         self.target = ()
         self.vocab_ids = None   # the token ids the draft may propose (restrict_vocab), None = the whole vocabulary
         self.vocab_head = None  # the target's LM head rows of vocab_ids
+        self.scratch_slots = None  # cache slots past the block tables, for the block's own K/V (fused CPU path)
+        self.stack = (None, None)  # (k cache address, kernels/cpu_ops.decoder_stack of the layers)
 
     @staticmethod
     def make_rotary(c: DraftConfig) -> RotaryEmbedding:
@@ -167,10 +181,45 @@ class DSparkDraft(nn.Module):
         x = embed(ids)
         positions = starts[:, None] + torch.arange(G, device=starts.device)
         cos, sin = self.rotary.cos_sin_at(positions.reshape(-1), x.dtype)
+        stack = self.fused_stack(x)
+        if stack is not None:
+            return self.norm(self.stacked_backbone(stack, x, cos, sin, kv_slots, ctx_lens))
         cos, sin = cos.view(*positions.shape, 1, -1), sin.view(*positions.shape, 1, -1)
         for layer in self.layers:
             x = layer(x, cos, sin, kv_slots, ctx_lens)
         return self.norm(x)
+
+    def fused_stack(self, x: torch.Tensor):
+        """The C++ decoder stack (the target's short-query path) for the block's layers on CPU with bf16 weights,
+        or None: the block's rows are short queries that see their context and, through scratch slots, each other."""
+        if (self.scratch_slots is None or x.shape[0] * x.shape[1] > len(self.scratch_slots)
+                or x.dtype != torch.bfloat16 or not cpu_ops.usable(x) or triton_support.enabled()):
+            return None
+        key = self.layers[0].self_attn.k_cache.data_ptr()
+        if self.stack[0] != key:
+            weights = [layer.fused_weights() for layer in self.layers]
+            c = self.config
+            stack = (cpu_ops.decoder_stack(weights, c.num_heads, c.num_kv_heads, c.head_dim, c.hf["rms_norm_eps"])
+                     if all(weights) else None)
+            self.stack = (key, stack)
+        return self.stack[1]
+
+    def stacked_backbone(self, stack, x, cos, sin, kv_slots, ctx_lens) -> torch.Tensor:
+        """Block b's rows store their K/V in scratch slots and see its ctx_lens[b] context keys followed by those
+        slots, all of them (no causal mask): the same attention as kernels.attention.block_attention."""
+        B, G = x.shape[:2]
+        scratch = self.scratch_slots[:B * G]
+        after_context = ctx_lens[:, None] + torch.arange(G, device=x.device)
+        keys = torch.cat([kv_slots, kv_slots.new_zeros(B, G)], 1).scatter_(1, after_context, scratch.view(B, G))
+        row_seq = torch.arange(B, device=x.device).repeat_interleave(G)
+        h, = stack.forward(x.reshape(B * G, -1), cos, sin, scratch, keys, row_seq, self.block_row_limits(ctx_lens, G),
+                           [])
+        return h.view(B, G, -1)
+
+    @staticmethod
+    def block_row_limits(ctx_lens: torch.Tensor, G: int) -> torch.Tensor:
+        """Keys each row of the stacked block sees: all of its context and of its block, whatever its position."""
+        return (ctx_lens + G).repeat_interleave(G)
 
     @torch.inference_mode()
     def draft_block(self, anchors, starts, kv_slots, ctx_lens, num_tokens: int, sampling: SamplingTensors,
