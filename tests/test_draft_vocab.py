@@ -67,3 +67,23 @@ def test_acceptance_probe_hand_computed():
     pooled = summary({"rows": probe.rows, "sizes": [2]})[-1]
     assert pooled["position"] == "all" and pooled["alpha"] == pytest.approx(0.65)
     assert pooled["alpha_2"] == pytest.approx(0.6) and pooled["inside_2"] == pytest.approx(0.65)
+
+
+def test_restricting_a_draft_packed_for_the_cpu_repacks_its_slices(tmp_path):
+    """gpu-check restricts a draft after the engine built (and, on CPU, packed) it: the sliced LM head and Markov
+    projection must compute with their own rows, not the stale packed copies of the whole vocabulary."""
+    import torch
+
+    from engine import LLM
+    target = save_tiny_model(tmp_path / "target", "qwen3")
+    llm = LLM(model=str(target), dtype="bfloat16", spec_method="dspark", kv_cache_gb=0.01,
+              draft=str(save_tiny_draft(tmp_path / "draft", target)))
+    draft = llm.model_runner.speculator.draft
+    ids = torch.tensor([7, 3, 200, 11])
+    hidden, latent = torch.randn(128, 64).bfloat16(), torch.randn(128, 8)  # > 96 rows: the packed GEMM path
+    with torch.inference_mode():
+        want_logits = draft.target[1](hidden).float()[:, ids]
+        want_bias = draft.markov_head.project(latent)[:, ids]
+        draft.restrict_vocab(ids)
+        torch.testing.assert_close(draft.vocab_logits(hidden), want_logits)
+        torch.testing.assert_close(draft.markov_head.project(latent), want_bias)

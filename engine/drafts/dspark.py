@@ -139,10 +139,15 @@ class DSparkDraft(nn.Module):
         self.vocab_ids = token_ids.to(lm_head.weight.device, torch.long)
         self.vocab_head = Linear(lm_head.in_features, len(token_ids), bias=False).to(lm_head.weight)
         self.vocab_head.weight.data = lm_head.weight.detach()[self.vocab_ids].clone()
+        sliced = [self.vocab_head]
         if self.markov_head is not None:
             w2 = self.markov_head.markov_w2
             w2.weight.data = w2.weight.detach()[self.vocab_ids].clone()
             w2.out_features = len(token_ids)
+            sliced.append(w2)
+        if getattr(lm_head, "packed_weight", None) is not None:  # already packed for the CPU: pack the slices too
+            for linear in sliced:
+                linear.pack_for_cpu()
 
     def vocab_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return (self.vocab_head or self.target[1])(hidden).float()
