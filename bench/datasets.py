@@ -149,7 +149,8 @@ def sharegpt_replies(n: int, split: str = "train", cache_dir: Path = DEFAULT_CAC
         first = turns[0].get("value") if turns else None
         if not isinstance(first, str) or in_test_split(first.strip()) != (split == "test"):
             continue
-        replies += [t["value"] for t in turns if t.get("from") in ("gpt", "assistant") and isinstance(t.get("value"), str)]
+        replies += [t["value"] for t in turns
+                    if t.get("from") in ("gpt", "assistant") and isinstance(t.get("value"), str)]
         if n and len(replies) >= n:
             return replies[:n]
     return replies

@@ -52,6 +52,9 @@ def run(args) -> dict:
         llm.generate(prompts, SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed))
     finally:
         engine.speculator.rejection_sample = probe.verifier
+    if not probe.rows:
+        raise SystemExit("no verify rounds went through rejection sampling (greedy steps verify by argmax): use a "
+                         "temperature > 0")
     return {"draft": args.draft, "datasets": args.datasets, "temperature": args.temperature,
             "verify_policy": args.verify_policy, "sizes": sizes, "rows": probe.rows}
 

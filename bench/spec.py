@@ -81,8 +81,8 @@ def run(args) -> dict:
     TIMINGS.enabled = False
     rows = [median_row(r) for r in runs.values()]
     return {"model": plain.config.model, "draft": args.draft, "dtype": args.dtype, "threads": args.threads,
-            "gamma": args.gamma, "verify_policies": args.verify_policy, "temperature": args.temperature, "dataset": args.dataset,
-            "max_tokens": args.max_tokens, "rows": rows}
+            "gamma": args.gamma, "verify_policies": args.verify_policy, "temperature": args.temperature,
+            "dataset": args.dataset, "max_tokens": args.max_tokens, "rows": rows}
 
 
 def median_row(runs: list[dict]) -> dict:

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from engine.drafts.heads import SEQUENTIAL_HEADS, ConfidenceHead, VanillaMarkov
-from engine.models.decoder import MLP
+from engine.models.decoder import MLP, cached_decoder_stack
 from engine.models.layers import Linear, RMSNorm, RotaryEmbedding, apply_rotary, rope_inv_freq
 from engine.sampler import SamplingTensors
 from engine.timing import TIMINGS
@@ -200,13 +200,7 @@ class DSparkDraft(nn.Module):
         if (self.scratch_slots is None or x.shape[0] * x.shape[1] > len(self.scratch_slots)
                 or x.dtype != torch.bfloat16 or not cpu_ops.usable(x) or triton_support.enabled()):
             return None
-        key = self.layers[0].self_attn.k_cache.data_ptr()
-        if self.stack[0] != key:
-            weights = [layer.fused_weights() for layer in self.layers]
-            c = self.config
-            stack = (cpu_ops.decoder_stack(weights, c.num_heads, c.num_kv_heads, c.head_dim, c.hf["rms_norm_eps"])
-                     if all(weights) else None)
-            self.stack = (key, stack)
+        self.stack = cached_decoder_stack(self.stack, self.layers, self.config.hf["rms_norm_eps"])
         return self.stack[1]
 
     def stacked_backbone(self, stack, x, cos, sin, kv_slots, ctx_lens) -> torch.Tensor:

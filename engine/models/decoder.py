@@ -89,6 +89,19 @@ class DecoderLayer(nn.Module):
                 attn.k_cache, attn.v_cache]
 
 
+def cached_decoder_stack(cached: tuple, layers, eps: float) -> tuple:
+    """(k cache address, kernels/cpu_ops.decoder_stack of layers or None when a layer has no fused weights), rebuilt
+    only when the layers' K cache moved. Each layer has .fused_weights() and .self_attn with the head sizes."""
+    key = layers[0].self_attn.k_cache.data_ptr()
+    if cached[0] == key:
+        return cached
+    weights = [layer.fused_weights() for layer in layers]
+    attn = layers[0].self_attn
+    if not all(weights):
+        return key, None
+    return key, cpu_ops.decoder_stack(weights, attn.num_heads, attn.num_kv_heads, attn.head_dim, eps)
+
+
 class DecoderModel(nn.Module):
     """Causal LM; forward returns final normed hidden states and the raw outputs of `capture_layers`, in that
     order (layer -1 = the embeddings)."""
@@ -135,13 +148,7 @@ class DecoderModel(nn.Module):
         if (len(groups) != 1 or groups[0].row_limit is None or h.shape[0] > KERNEL_MAX_ROWS
                 or h.dtype != torch.bfloat16 or not cpu_ops.usable(h)):
             return None
-        key = self.layers[0].self_attn.k_cache.data_ptr()
-        if self.stack[0] != key:
-            weights = [layer.fused_weights() for layer in self.layers]
-            attn, eps = self.layers[0].self_attn, self.config["rms_norm_eps"]
-            stack = (cpu_ops.decoder_stack(weights, attn.num_heads, attn.num_kv_heads, attn.head_dim, eps)
-                     if all(weights) else None)
-            self.stack = (key, stack)
+        self.stack = cached_decoder_stack(self.stack, self.layers, self.config["rms_norm_eps"])
         return self.stack[1]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
