@@ -156,6 +156,28 @@ def sharegpt_replies(n: int, split: str = "train", cache_dir: Path = DEFAULT_CAC
     return replies
 
 
+def sharegpt_exchanges(split: str = "train", cache_dir: Path = DEFAULT_CACHE_DIR) -> list[tuple[str, str]]:
+    """(first human turn, first reply) of every ShareGPT conversation that opens human -> assistant, in file order,
+    one per distinct prompt, the prompt's split as in sharegpt_prompts."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    pairs, seen = [], set()
+    for conv in iter_json_array(read_member(SHAREGPT, cache_dir).decode("utf-8", errors="replace")):
+        turns = conv.get("conversations") or []
+        roles = [t.get("from") for t in turns[:2]]
+        if len(roles) < 2 or roles[0] not in ("human", "user") or roles[1] not in ("gpt", "assistant"):
+            continue
+        prompt, reply = turns[0].get("value"), turns[1].get("value")
+        if not (isinstance(prompt, str) and isinstance(reply, str)) or not reply.strip():
+            continue
+        prompt = prompt.strip()
+        if prompt in seen or prompt.startswith(MODERATION_NOTICE) or in_test_split(prompt) != (split == "test"):
+            continue
+        seen.add(prompt)
+        pairs.append((prompt, reply.strip()))
+    return pairs
+
+
 def jsonl_prompts(path: str | Path) -> list[str]:
     with open(path, encoding="utf-8") as f:
         return [json.loads(line)["prompt"] for line in f if line.strip()]

@@ -53,3 +53,34 @@ def test_load_prompts_dispatch(tmp_path):
     assert load_prompts(f"jsonl:{path}") == ["a b", "c d"]
     with pytest.raises(ValueError):
         load_prompts("nope")
+
+
+def test_sharegpt_reply_conversations(tmp_path, tiny_llama_dir):
+    """train data --source sharegpt: first exchanges of the 'train' split, chat template + reply, the loss mask on
+    the reply, EOS after a reply that was not cut."""
+    from transformers import AutoTokenizer
+
+    from train.data import read_rows, sharegpt_dataset
+    pairs, held_out = loaded(datasets.sharegpt_exchanges, "train"), datasets.sharegpt_exchanges("test")
+    assert len(pairs) > 10 * len(held_out) > 0
+    assert len({p for p, _ in pairs}) == len(pairs) and not {p for p, _ in pairs} & {p for p, _ in held_out}
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    tok.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<assistant>"
+    tok.save_pretrained(tmp_path / "tok")
+    out = sharegpt_dataset(tmp_path / "d.jsonl", 20, max_tokens=40, max_prompt_tokens=10**6, seed=3,
+                           model=str(tmp_path / "tok"))
+    replies, rows = dict(pairs), read_rows(out)
+    assert len(rows) == 20 and len({r["prompt"] for r in rows}) == 20
+    cut = 0
+    for row in rows:
+        text = tok.apply_chat_template([{"role": "user", "content": row["prompt"]}], tokenize=False,
+                                       add_generation_prompt=True)
+        prompt_ids = tok.encode(text, add_special_tokens=False)
+        reply_ids = tok.encode(replies[row["prompt"]], add_special_tokens=False)
+        expected = reply_ids[:40] if len(reply_ids) > 40 else reply_ids + [tok.eos_token_id]
+        cut += len(reply_ids) > 40
+        assert row["input_ids"] == prompt_ids + expected
+        assert row["loss_mask"] == [0] * len(prompt_ids) + [1] * len(expected)
+    assert 0 < cut < 20  # both kinds of reply were seen
+    with pytest.raises(FileExistsError):
+        sharegpt_dataset(out, 5, model=str(tmp_path / "tok"))

@@ -9,6 +9,7 @@ import torch
 import torch.multiprocessing as mp
 from transformers import AutoModelForCausalLM
 
+from engine.drafts.loader import load_draft
 from engine.llm import LLM
 from engine.loader import load_model
 from engine.models.layers import pack_linears_for_cpu
@@ -96,6 +97,33 @@ def test_dflash_config_trains_backbone_only(tmp_path, tiny_llama_dir, dataset):
     stats = trainer.train_step()
     assert stats["l1"] > 0 and stats["conf"] == 0  # l1 is still measured (for the acceptance estimate)
     LLM(model=str(tiny_llama_dir), spec_method="dflash", draft=str(trainer.export()))
+
+
+def test_run_from_a_draft_over_its_vocabulary_in_bf16(tmp_path, tiny_llama_dir, dataset):
+    """init_from starts from a draft's weights, draft_vocab trains over its tokens, bf16 autocasts: the loss falls,
+    the export carries the vocabulary, and the engine serves it over those tokens."""
+    source = Trainer(tiny_config(tiny_llama_dir, dataset, tmp_path / "a", max_steps=1)).export()
+    answers = [t for row in map(json.loads, dataset[0].read_text().splitlines())
+               for t, m in zip(row["input_ids"], row["loss_mask"]) if m]
+    frequent = torch.bincount(torch.tensor(answers)).argsort(descending=True)[:len(set(answers)) // 2]
+    vocab = tmp_path / "vocab.json"
+    vocab.write_text(json.dumps({"token_ids": frequent.tolist()}))
+    cfg = tiny_config(tiny_llama_dir, dataset, tmp_path / "b", init_from=str(source), draft_vocab=str(vocab),
+                      bf16=True, max_steps=30)
+    trainer = Trainer(cfg)
+    start = load_draft(source, load_model(tiny_llama_dir, torch.float32), torch.float32, "dspark", vocab_size=-1)
+    for name, tensor in start.state_dict().items():
+        assert torch.equal(trainer.draft.state_dict()[name], tensor), name
+    first = trainer.train_step()
+    draft_dir = trainer.train()
+    log = [json.loads(line) for line in (tmp_path / "b" / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert log[-1]["loss"] < 0.9 * first["loss"]
+    assert log[-1]["accept"][0] > first["accept_sum"][0] / first["accept_count"][0]
+    assert json.loads((draft_dir / "draft_vocab.json").read_text()) == json.loads(vocab.read_text())
+    llm = LLM(model=str(tiny_llama_dir), spec_method="dspark", draft=str(draft_dir))
+    assert llm.model_runner.speculator.draft.vocab_ids.tolist() == frequent.tolist()
+    with pytest.raises(ValueError, match="init_from"):
+        Trainer(tiny_config(tiny_llama_dir, dataset, tmp_path / "c", init_from=str(source), num_layers=2))
 
 
 def gradients(trainer: Trainer, step: int) -> dict[str, torch.Tensor]:

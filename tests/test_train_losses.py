@@ -91,3 +91,32 @@ def test_invalid_positions_carry_no_weight():
 
 def test_expected_acceptance_length():
     assert math.isclose(expected_acceptance_length(torch.tensor([0.5, 0.5, 0.0])), 1 + 0.5 + 0.25)
+
+
+def test_vocabulary_loss_equals_full_loss_with_the_rest_masked():
+    """Training over a draft vocabulary (K of V columns) is the full-vocabulary loss of a draft whose logits are
+    -inf outside it: the same L1/acceptance (the target's outside mass counted in full) and CE on inside labels."""
+    g = torch.Generator().manual_seed(0)
+    V, ids = 11, torch.tensor([7, 2, 9, 0, 4])
+    column = torch.full((V,), -1)
+    column[ids] = torch.arange(len(ids))
+    logits = torch.randn(3, 4, len(ids), generator=g)
+    target = torch.softmax(torch.randn(3, 4, V, generator=g), -1)
+    labels = torch.randint(0, V, (3, 4), generator=g)
+    labels[0, 0], labels[1, 2] = 7, 3  # one inside, one outside, for sure
+    valid = torch.ones(3, 4, dtype=torch.bool)
+    conf = torch.randn(3, 4, generator=g)
+    full_logits = torch.full((3, 4, V), float("-inf"))
+    full_logits[..., ids] = logits
+    inside = column[labels] >= 0
+    full = loss_sums(full_logits, target, torch.where(inside, labels, ids[0]), valid, conf, 4.0)
+    ours = loss_sums(logits, target[..., ids], column[labels], valid, conf, 4.0,
+                     outside_mass=1 - target[..., ids].sum(-1))
+    assert torch.allclose(ours.l1, full.l1) and torch.allclose(ours.conf, full.conf)
+    assert torch.allclose(ours.accept_sum, full.accept_sum)
+    ce_full = -full_logits.log_softmax(-1).gather(-1, labels.clamp(max=V - 1)[..., None])[..., 0]
+    w = position_weights(valid, 4.0)
+    assert torch.allclose(ours.ce, (w * torch.where(inside, ce_full, 0)).sum())
+    # negative control: forgetting the target's outside mass overstates acceptance
+    blind = loss_sums(logits, target[..., ids], column[labels], valid, conf, 4.0)
+    assert float(blind.accept_sum.sum()) > float(ours.accept_sum.sum()) + 0.5

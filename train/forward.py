@@ -40,26 +40,28 @@ def teacher_forced_prev(blocks: Blocks) -> torch.Tensor:
     return torch.cat([blocks.input_ids[:, :1], blocks.labels[:, :-1]], dim=1)
 
 
-def draft_logits(draft: DSparkDraft, hidden: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
-    """LM head plus the sequential head's bias, teacher-forced: [A, G, V] fp32 (the bias is added inside the GEMM)."""
-    lm_weight = draft.target[1].weight
-    flat = hidden.flatten(0, 1).to(lm_weight.dtype)
-    bias = markov_bias(draft.markov_head, hidden, prev)
-    if bias is None:
-        return (flat @ lm_weight.t()).float().view(*prev.shape, -1)
-    return torch.addmm(bias.flatten(0, 1), flat, lm_weight.t()).view(*prev.shape, -1)
+def draft_logits(draft: DSparkDraft, hidden: torch.Tensor, prev: torch.Tensor, head_weight: torch.Tensor,
+                 vocab_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """LM head (head_weight: the target's rows of vocab_ids, or all of them) plus the sequential head's fp32 bias,
+    teacher-forced: [A, G, K] fp32."""
+    logits = (hidden.flatten(0, 1).to(head_weight.dtype) @ head_weight.t()).float().view(*prev.shape, -1)
+    bias = markov_bias(draft.markov_head, hidden, prev, vocab_ids)
+    return logits if bias is None else logits + bias
 
 
-def markov_bias(head, hidden: torch.Tensor, prev: torch.Tensor) -> torch.Tensor | None:
+def markov_bias(head, hidden: torch.Tensor, prev: torch.Tensor, vocab_ids: torch.Tensor | None = None):
     if head is None:
         return None
-    if type(head) is VanillaMarkov:  # stateless: every position at once
-        return head.project(head.markov_w1(prev))
-    state, biases = head.init_state(prev.shape[0], hidden), []
-    for k in range(prev.shape[1]):
-        bias, state = head.step(prev[:, k], hidden[:, k], state)
-        biases.append(bias)
-    return torch.stack(biases, dim=1)
+    with torch.autocast("cpu", enabled=False):  # the bias stays fp32, as when serving
+        if type(head) is VanillaMarkov:  # stateless: every position at once, only the vocabulary's columns
+            w2 = head.markov_w2.weight if vocab_ids is None else head.markov_w2.weight[vocab_ids]
+            return F.linear(head.markov_w1(prev).float(), w2.float())
+        state, biases = head.init_state(prev.shape[0], hidden.float()), []
+        for k in range(prev.shape[1]):
+            bias, state = head.step(prev[:, k], hidden[:, k].float(), state)
+            biases.append(bias)
+        bias = torch.stack(biases, dim=1)
+    return bias if vocab_ids is None else bias[..., vocab_ids]
 
 
 def confidence_logits(draft: DSparkDraft, hidden: torch.Tensor, prev: torch.Tensor) -> torch.Tensor | None:
@@ -67,11 +69,15 @@ def confidence_logits(draft: DSparkDraft, hidden: torch.Tensor, prev: torch.Tens
     return None if draft.confidence_head is None else draft.confidence_logits_from_prev(hidden, prev)
 
 
-def target_probs(lm_head, last_hidden: torch.Tensor, blocks: Blocks) -> torch.Tensor:
-    """The target's next-token distribution at each block position (for label k): [A, G, V] fp32. Blocks overlap,
-    so the LM head runs once per distinct position."""
+def target_probs(lm_weight: torch.Tensor, last_hidden: torch.Tensor, blocks: Blocks,
+                 vocab_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """The target's next-token distribution at each block position (for label k), normalised over the whole
+    vocabulary, then cut to vocab_ids' columns: [A, G, K] fp32. Blocks overlap, so the LM head runs once per
+    distinct position."""
     S = last_hidden.shape[0]
     rows, inverse = torch.unique(blocks.positions.clamp(max=S - 1), return_inverse=True)
     with torch.no_grad():
-        probs = lm_head(last_hidden[rows].to(lm_head.weight.dtype)).float().softmax(-1)
+        probs = (last_hidden[rows].to(lm_weight.dtype) @ lm_weight.t()).float().softmax(-1)
+        if vocab_ids is not None:
+            probs = probs[:, vocab_ids]
     return probs[inverse]

@@ -27,12 +27,19 @@ def position_weights(valid: torch.Tensor, decay_gamma: float) -> torch.Tensor:
 
 
 def loss_sums(draft_logits: torch.Tensor, target_probs: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor,
-              conf_logits: torch.Tensor | None, decay_gamma: float) -> LossSums:
-    """draft logits and target probabilities [A, G, V], labels/valid [A, G], conf_logits [A, G] or None."""
+              conf_logits: torch.Tensor | None, decay_gamma: float,
+              outside_mass: torch.Tensor | None = None) -> LossSums:
+    """draft logits and target probabilities [A, G, K] over the draft's vocabulary (K = V: every token), labels
+    [A, G] as columns of it (-1: a token outside, which gets no CE term), valid [A, G], conf_logits [A, G] or None.
+    outside_mass [A, G]: the target's probability outside the vocabulary, which counts in full in the L1 term (the
+    draft can never propose it)."""
     w = position_weights(valid, decay_gamma)
     log_probs = draft_logits.log_softmax(-1)
-    ce = -log_probs.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    inside = labels >= 0
+    ce = -log_probs.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * inside
     l1 = (log_probs.exp() - target_probs).abs().sum(-1)
+    if outside_mass is not None:
+        l1 = l1 + outside_mass
     accept = (1 - 0.5 * l1).clamp(0, 1)
     if conf_logits is None:
         conf = torch.zeros_like(w)

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from engine.drafts.loader import load_draft
+from engine.drafts.loader import VOCAB_FILE, load_draft, read_vocab_file
 from engine.loader import load_model
 from train.blocks import make_blocks, sample_anchors
 from train.config import TrainConfig
@@ -26,20 +27,31 @@ from train.losses import LossSums, combine, expected_acceptance_length, loss_sum
 
 
 class DraftLoss(nn.Module):
-    """The draft plus its training forward, so DDP can wrap one module whose forward returns the loss sums."""
+    """The draft plus its training forward, so DDP can wrap one module whose forward returns the loss sums.
+    vocab_ids: the tokens the draft will propose (FR-Spec), None = every token; bf16: autocast the forward."""
 
-    def __init__(self, draft, lm_head, decay_gamma: float):
+    def __init__(self, draft, lm_head, decay_gamma: float, vocab_ids: torch.Tensor | None = None, bf16: bool = False):
         super().__init__()
-        self.draft, self.decay_gamma = draft, decay_gamma
-        self.lm_head = (lm_head,)  # frozen, shared, not a parameter
+        self.draft, self.decay_gamma, self.bf16 = draft, decay_gamma, bf16
+        weight = lm_head.weight.detach().to(torch.bfloat16 if bf16 else torch.float32)  # frozen, shared
+        self.frozen = {"target_head": weight, "draft_head": weight if vocab_ids is None else weight[vocab_ids]}
+        self.vocab_ids = vocab_ids
+        if vocab_ids is not None:
+            self.column = torch.full((weight.shape[0],), -1, dtype=torch.long)
+            self.column[vocab_ids] = torch.arange(len(vocab_ids))
 
     def forward(self, record: dict, blocks) -> LossSums:
-        hidden = backbone_hidden(self.draft, record["features"], blocks)
-        prev = teacher_forced_prev(blocks)
-        logits = draft_logits(self.draft, hidden, prev)
-        target = target_probs(self.lm_head[0], record["last_hidden"], blocks)
-        return loss_sums(logits, target, blocks.labels, blocks.valid, confidence_logits(self.draft, hidden, prev),
-                         self.decay_gamma)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+            hidden = backbone_hidden(self.draft, record["features"], blocks)
+            prev = teacher_forced_prev(blocks)
+            logits = draft_logits(self.draft, hidden, prev, self.frozen["draft_head"], self.vocab_ids)
+            confidence = confidence_logits(self.draft, hidden, prev)
+        target = target_probs(self.frozen["target_head"], record["last_hidden"], blocks, self.vocab_ids)
+        labels, outside = blocks.labels, None
+        if self.vocab_ids is not None:
+            labels, outside = self.column[labels], (1 - target.sum(-1)).clamp(min=0)
+        confidence = None if confidence is None else confidence.float()
+        return loss_sums(logits, target, labels, blocks.valid, confidence, self.decay_gamma, outside)
 
 
 def world() -> tuple[int, int]:
@@ -100,7 +112,8 @@ class Trainer:
         self.layer_ids = layer_ids_of(cfg, target.config)
         self.records = records if records is not None else feature_records(cfg, self.rank)
         self.draft = self.initial_draft(target)
-        self.module = DraftLoss(self.draft, target.lm_head, cfg.loss_decay_gamma)
+        self.vocab_ids = read_vocab_file(cfg.draft_vocab, 0, target.config["vocab_size"]) if cfg.draft_vocab else None
+        self.module = DraftLoss(self.draft, target.lm_head, cfg.loss_decay_gamma, self.vocab_ids, cfg.bf16)
         self.ddp = torch.nn.parallel.DistributedDataParallel(self.module) if self.world_size > 1 else self.module
         params = [p for p in self.draft.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -112,14 +125,28 @@ class Trainer:
     def initial_draft(self, target):
         cfg = self.cfg
         init_dir = self.out / "init"
-        if self.rank == 0 and not (init_dir / "config.json").is_file():
+        if self.rank == 0 and not cfg.init_from and not (init_dir / "config.json").is_file():
             init_draft(cfg.target, init_dir, cfg.num_layers, cfg.block_size, cfg.markov_rank, cfg.markov_head_type,
                        self.layer_ids, dtype="float32", seed=cfg.seed)
+        if cfg.init_from:
+            return self.pretrained_draft(target)
         if dist.is_initialized():
             dist.barrier()
         draft = load_draft(init_dir, target, torch.float32, cfg.method)
         if cfg.init_from_target:
             copy_target_layers(draft, target)
+        return draft.train().requires_grad_(True)
+
+    def pretrained_draft(self, target):
+        """cfg.init_from's weights (every token, uncalibrated logits), after checking it is the draft configured."""
+        cfg = self.cfg
+        draft = load_draft(cfg.init_from, target, torch.float32, cfg.method, vocab_size=-1)
+        c = draft.config
+        found = (c.num_layers, c.block_size, c.markov_rank if cfg.method == "dspark" else 0, list(c.target_layer_ids))
+        wanted = (cfg.num_layers, cfg.block_size, cfg.markov_rank, self.layer_ids)
+        if found != wanted:
+            raise ValueError(f"init_from {cfg.init_from} has (layers, block, markov rank, target layers) {found}, "
+                             f"the config asks for {wanted}")
         return draft.train().requires_grad_(True)
 
     @property
@@ -148,7 +175,10 @@ class Trainer:
         self.export()
 
     def export(self) -> Path:
-        return save_draft(self.draft, self.out / "draft", extra_config={"num_anchors": self.cfg.num_anchors})
+        out = save_draft(self.draft, self.out / "draft", extra_config={"num_anchors": self.cfg.num_anchors})
+        if self.cfg.draft_vocab:  # the draft was trained to propose these tokens only
+            shutil.copyfile(self.cfg.draft_vocab, out / VOCAB_FILE)
+        return out
 
     def batch_indices(self, step: int) -> list[int]:
         """The conversations of optimiser step `step` handled by this rank (a seeded permutation per epoch)."""
@@ -202,6 +232,7 @@ class Trainer:
     def train(self) -> Path:
         cfg, start = self.cfg, time.monotonic()
         log = self.out / "train_log.jsonl"
+        self.out.mkdir(parents=True, exist_ok=True)
         window = []
         bar = tqdm(total=self.total_steps, initial=self.step, desc=f"Training {cfg.method}", disable=self.rank != 0,
                    dynamic_ncols=True)

@@ -114,6 +114,12 @@ def read_draft_vocab(draft_dir: Path, size: int, vocab_size: int) -> torch.Tenso
     path = draft_dir / VOCAB_FILE
     if size < 0 or (size == 0 and not path.is_file()):
         return None
+    return read_vocab_file(path, size, vocab_size)
+
+
+def read_vocab_file(path: str | Path, size: int, vocab_size: int) -> torch.Tensor:
+    """A draft_vocab.json's K most frequent token ids (size 0: all of them)."""
+    path = Path(path)
     if not path.is_file():
         raise ValueError(f"draft_vocab_size={size} needs the draft's token list {path} (python -m train draft-vocab)")
     data = json.loads(path.read_text())
