@@ -134,7 +134,10 @@ def gradients(trainer: Trainer, step: int) -> dict[str, torch.Tensor]:
 def ddp_rank(rank: int, port: int, cfg: TrainConfig, out_path: str):
     os.environ |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2", "RANK": str(rank)}
     cfg.num_threads = 1
-    torch.save(gradients(Trainer(cfg), step=0), f"{out_path}.{rank}")
+    try:
+        torch.save(gradients(Trainer(cfg), step=0), f"{out_path}.{rank}")
+    finally:  # exiting with gloo's threads still up can abort the process ("terminate called without ...")
+        torch.distributed.destroy_process_group()
 
 
 def free_port() -> int:
