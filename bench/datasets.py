@@ -138,17 +138,22 @@ def sharegpt_prompts(n: int = 0, seed: int = 0, split: str = "all", min_chars: i
     return prompts[:n] if n else prompts
 
 
-def sharegpt_replies(n: int, split: str = "train", cache_dir: Path = DEFAULT_CACHE_DIR) -> list[str]:
-    """The assistant turns of the first ShareGPT conversations (in file order) whose first human turn is in `split`,
-    until n replies (n=0: all)."""
+def sharegpt_conversations(split: str, cache_dir: Path = DEFAULT_CACHE_DIR):
+    """The turns of every ShareGPT conversation (in file order) whose first turn, stripped, is in `split`."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    replies = []
     for conv in iter_json_array(read_member(SHAREGPT, cache_dir).decode("utf-8", errors="replace")):
         turns = conv.get("conversations") or []
         first = turns[0].get("value") if turns else None
-        if not isinstance(first, str) or in_test_split(first.strip()) != (split == "test"):
-            continue
+        if isinstance(first, str) and in_test_split(first.strip()) == (split == "test"):
+            yield turns
+
+
+def sharegpt_replies(n: int, split: str = "train", cache_dir: Path = DEFAULT_CACHE_DIR) -> list[str]:
+    """The assistant turns of the first ShareGPT conversations (in file order) whose first human turn is in `split`,
+    until n replies (n=0: all)."""
+    replies = []
+    for turns in sharegpt_conversations(split, cache_dir):
         replies += [t["value"] for t in turns
                     if t.get("from") in ("gpt", "assistant") and isinstance(t.get("value"), str)]
         if n and len(replies) >= n:
@@ -159,19 +164,13 @@ def sharegpt_replies(n: int, split: str = "train", cache_dir: Path = DEFAULT_CAC
 def sharegpt_exchanges(split: str = "train", cache_dir: Path = DEFAULT_CACHE_DIR) -> list[tuple[str, str]]:
     """(first human turn, first reply) of every ShareGPT conversation that opens human -> assistant, in file order,
     one per distinct prompt, the prompt's split as in sharegpt_prompts."""
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     pairs, seen = [], set()
-    for conv in iter_json_array(read_member(SHAREGPT, cache_dir).decode("utf-8", errors="replace")):
-        turns = conv.get("conversations") or []
+    for turns in sharegpt_conversations(split, cache_dir):
         roles = [t.get("from") for t in turns[:2]]
         if len(roles) < 2 or roles[0] not in ("human", "user") or roles[1] not in ("gpt", "assistant"):
             continue
-        prompt, reply = turns[0].get("value"), turns[1].get("value")
-        if not (isinstance(prompt, str) and isinstance(reply, str)) or not reply.strip():
-            continue
-        prompt = prompt.strip()
-        if prompt in seen or prompt.startswith(MODERATION_NOTICE) or in_test_split(prompt) != (split == "test"):
+        prompt, reply = turns[0]["value"].strip(), turns[1].get("value")
+        if not isinstance(reply, str) or not reply.strip() or prompt in seen or prompt.startswith(MODERATION_NOTICE):
             continue
         seen.add(prompt)
         pairs.append((prompt, reply.strip()))

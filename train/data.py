@@ -82,8 +82,8 @@ def sharegpt_dataset(out: str | Path, num_prompts: int, max_tokens: int = 256, m
         if len(prompt_ids) > max_prompt_tokens:
             continue
         response_ids = tokenizer.encode(reply, add_special_tokens=False)
-        response_ids = response_ids[:max_tokens] if len(response_ids) > max_tokens else \
-            response_ids + [tokenizer.eos_token_id]
+        cut = len(response_ids) > max_tokens
+        response_ids = response_ids[:max_tokens] if cut else response_ids + [tokenizer.eos_token_id]
         rows.append(conversation_row(prompt, prompt_ids, response_ids, tokenizer.decode(response_ids)))
         if len(rows) == num_prompts:
             break

@@ -124,12 +124,12 @@ class Trainer:
 
     def initial_draft(self, target):
         cfg = self.cfg
-        init_dir = self.out / "init"
-        if self.rank == 0 and not cfg.init_from and not (init_dir / "config.json").is_file():
-            init_draft(cfg.target, init_dir, cfg.num_layers, cfg.block_size, cfg.markov_rank, cfg.markov_head_type,
-                       self.layer_ids, dtype="float32", seed=cfg.seed)
         if cfg.init_from:
             return self.pretrained_draft(target)
+        init_dir = self.out / "init"
+        if self.rank == 0 and not (init_dir / "config.json").is_file():
+            init_draft(cfg.target, init_dir, cfg.num_layers, cfg.block_size, cfg.markov_rank, cfg.markov_head_type,
+                       self.layer_ids, dtype="float32", seed=cfg.seed)
         if dist.is_initialized():
             dist.barrier()
         draft = load_draft(init_dir, target, torch.float32, cfg.method)
