@@ -107,6 +107,12 @@ def main():
     pc.add_argument("--dataset", default="sharegpt")
     pc.add_argument("--seed", type=int, default=0)
     pc.add_argument("--out", type=Path, default=Path("bench_out/prefix_cache"))
+    li = sub.add_parser("linear", help="CPU linear paths (our kernels, torch bf16, oneDNN fp32) on the model's shapes")
+    li.add_argument("--model", default="")
+    li.add_argument("--threads", type=int, default=2)
+    li.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128])
+    li.add_argument("--repeats", type=int, default=5)
+    li.add_argument("--out", type=Path, default=Path("bench_out/linear"))
     add_serve_args(sub.add_parser("serve", help="load test of a running OpenAI-compatible server (vllm bench serve)"))
     add_load_args(add_sweep_args(sub.add_parser("serve-sweep", help="start our server (and llama-server) per "
                                                 "configuration, load it at each concurrency, plot the Pareto picture")))

@@ -64,7 +64,7 @@ def run(args) -> dict:
         del llm
     bar.close()
     if args.speed:
-        plain = LLM(**options)
+        plain = LLM(**options, spec_method="none")
         prompts = {d: [encode_prompt(plain, t, args.max_prompt_tokens) for t in ts] for d, ts in texts.items()}
         speed.insert(0, {"label": "plain", "tok_s": decode_speed(plain, first(prompts, args.speed_prompts), args)})
     return {"model": args.model, "domains": dict(domains), "num_prompts": args.num_prompts,

@@ -54,7 +54,7 @@ def run(args) -> dict:
     torch.set_num_threads(args.threads)
     common = dict(model=args.model, dtype=args.dtype, num_threads=args.threads, max_num_seqs=max(args.concurrency),
                   max_num_batched_tokens=2048)
-    engines = {"plain": LLM(**common)}
+    engines = {"plain": LLM(**common, spec_method="none")}
     sizes, policies = args.draft_vocab_sizes, args.verify_policy
     for method, draft in (("dspark", args.draft), ("dflash", args.dflash_draft)):
         for size, policy in itertools.product(sizes if draft else [], policies):

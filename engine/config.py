@@ -9,7 +9,8 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_DRAFT = REPO_ROOT / "drafts" / "dspark-smollm2-135m"  # trained by train/configs/dspark_smollm2.json
 # The committed draft runs at 0.67x plain decoding at batch 1 (tau ~1.3, docs/benchmarks.md), so `auto` serves the
 # default model without it until a better-trained draft beats plain; set True to make it the default again.
-DEFAULT_MODEL_SPECULATES = False
+DEFAULT_MODEL_SPECULATES = True
+DEFAULT_MODEL_VERIFY_POLICY = "sps-lagged"  # drafts and verifies only what the measured step costs say pays
 SPEC_METHODS = ("auto", "none", "dflash", "dspark")
 DEVICES = ("auto", "cpu", "cuda")
 KERNEL_BACKENDS = ("auto", "torch", "triton")
@@ -42,15 +43,16 @@ def auto_kv_cache_gb() -> float:
     return min(8.0, max(0.5, physical / 10))
 
 
-def resolve_auto_spec(model: str, draft: str) -> tuple[str, str]:
+def resolve_auto_spec(model: str, draft: str, dtype: str = "bfloat16") -> tuple[str, str]:
     """A given draft decides its own method (a sequential head: dspark, else dflash); without one, the embedded
-    default model gets its committed DSpark draft when DEFAULT_MODEL_SPECULATES, and any other model plain decoding."""
+    default model in bf16 (where its draft was measured to pay) gets its committed DSpark draft when
+    DEFAULT_MODEL_SPECULATES, and any other model or dtype plain decoding."""
     if draft:
         config = Path(draft) / "config.json"
         rank = json.loads(config.read_text()).get("markov_rank", 0) if config.is_file() else 1
         return ("dspark" if rank else "dflash"), draft
     is_default = Path(model).resolve() == (DEFAULT_MODELS_DIR / DEFAULT_MODEL_NAME).resolve()
-    if DEFAULT_MODEL_SPECULATES and is_default and (DEFAULT_DRAFT / "config.json").is_file():
+    if DEFAULT_MODEL_SPECULATES and is_default and dtype == "bfloat16" and (DEFAULT_DRAFT / "config.json").is_file():
         return "dspark", str(DEFAULT_DRAFT)
     return "none", ""
 
@@ -95,7 +97,8 @@ class EngineConfig:
     num_draft_tokens: int = 0            # gamma: tokens drafted per step; 0 = the draft's block_size
     draft_vocab_size: int = 0            # tokens the draft may propose: 0 = its draft_vocab.json (all without one);
                                          # K = that file's K most frequent; -1 = the whole vocabulary
-    verify_policy: str = "full"          # full | fixed:k | threshold:c | sps | sps-lagged
+    verify_policy: str = ""              # full | fixed:k | threshold:c | sps | sps-lagged; "" = auto: the default
+                                         # model's own draft DEFAULT_MODEL_VERIFY_POLICY, any other draft full
     sps_profile: str = ""                # SPS(B) cost table JSON; "" = profile quickly at start-up (cached); none
     device: str = "auto"                 # auto (cuda when present) | cpu | cuda
     kernels: str = "auto"                # auto (triton on cuda, torch twins on cpu) | torch | triton
@@ -114,8 +117,12 @@ class EngineConfig:
             raise ValueError(f"kv_cache_gb must be >= 0 (0 = auto), got {self.kv_cache_gb}")
         if self.spec_method not in SPEC_METHODS:
             raise ValueError(f"spec_method must be one of {SPEC_METHODS}, got {self.spec_method!r}")
+        default_draft = self.spec_method == "auto" and not self.draft
         if self.spec_method == "auto":
-            self.spec_method, self.draft = resolve_auto_spec(self.model, self.draft)
+            self.spec_method, self.draft = resolve_auto_spec(self.model, self.draft, self.dtype)
+        if not self.verify_policy:
+            default_draft = default_draft and self.spec_method != "none"
+            self.verify_policy = DEFAULT_MODEL_VERIFY_POLICY if default_draft else "full"
         if self.spec_method != "none" and not self.draft:
             raise ValueError(f"spec_method={self.spec_method!r} needs a draft directory (draft=...)")
         if self.num_draft_tokens < 0:

@@ -11,6 +11,7 @@ import torch
 from engine.config import REPO_ROOT
 from engine.cost_model import measure_curve
 from engine.sps import SpsCurve
+from kernels import cpu_linear
 
 CACHE_DIR = Path(os.environ.get("DSPARK_CACHE", Path.home() / ".cache" / "dspark")) / "sps"
 TIMED_CODE = ("engine/models/*.py", "engine/drafts/*.py", "engine/model_runner.py", "engine/speculator.py",
@@ -30,7 +31,8 @@ def profile_key(engine) -> dict:
             "spec_method": c.spec_method, "num_draft_tokens": c.num_draft_tokens, "dtype": c.dtype,
             "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.machine(),
             "cpu": platform.processor() or platform.node(), "device": device_name(c.device), "kernels": c.kernels,
-            "graph_tiers": graph_tiers(engine), "draft_vocab": draft_vocab_size(engine), "code": code_version()}
+            "graph_tiers": graph_tiers(engine), "draft_vocab": draft_vocab_size(engine), "code": code_version(),
+            "native_bf16": cpu_linear.native_bf16_available()}
 
 
 def draft_vocab_size(engine) -> int:

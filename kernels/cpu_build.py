@@ -1,4 +1,5 @@
-"""Builds and loads our C++ CPU kernels (kernels/csrc/*.cpp, one extension module) for x86 CPUs with AVX2 + FMA.
+"""Builds and loads our C++ CPU kernels (kernels/csrc/*.cpp, one extension module) for x86 CPUs with AVX2 + FMA (and
+AVX512-BF16, used where the CPU has it: kernels/csrc/bf16_linear_avx512.cpp).
 
 The build goes to $DSPARK_KERNEL_CACHE (default ~/.cache/dspark-kernels)/<name>-<torch>-<python>-<hash of sources and
 flags>/ and needs a C++ compiler (g++; $CXX is honoured) and ninja (system ninja, or `pip install ninja`). The first
@@ -23,8 +24,8 @@ import torch
 
 _NAME = "dspark_cpu_kernels"
 _CSRC = Path(__file__).resolve().parent / "csrc"
-_SOURCES = [_CSRC / name for name in ("bf16_linear.cpp", "decode_ops.cpp", "bindings.cpp")]
-_HEADERS = [_CSRC / "decode_ops.h"]
+_SOURCES = [_CSRC / name for name in ("bf16_linear.cpp", "bf16_linear_avx512.cpp", "decode_ops.cpp", "bindings.cpp")]
+_HEADERS = [_CSRC / name for name in ("decode_ops.h", "bf16_linear_avx512.h", "hsum.h", "weight_prefetch.h")]
 _CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
 _LDFLAGS = ["-fopenmp"]
 _REQUIRED_CPU_FLAGS = ("avx2", "fma", "f16c")

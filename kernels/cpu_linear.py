@@ -17,10 +17,17 @@ import torch
 
 from kernels.cpu_build import available, load_error, module
 
-__all__ = ["available", "bf16_linear", "load_error"]
+__all__ = ["available", "bf16_linear", "load_error", "native_bf16_available"]
 
 
-def bf16_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def bf16_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
+                allow_native: bool = True) -> torch.Tensor:
     """x [..., K] (bf16 or fp32; other float dtypes go through fp32), w [N, K] bf16 contiguous, bias [N] or None
-    -> x @ w.T + bias as [..., N] in x's dtype, accumulated in fp32. Raises RuntimeError if not available()."""
-    return module().bf16_linear(x, w, bias)
+    -> x @ w.T + bias as [..., N] in x's dtype, accumulated in fp32. bf16 x uses AVX512-BF16 where the CPU has it
+    (native_bf16_available()) unless allow_native is False. Raises RuntimeError if not available()."""
+    return module().bf16_linear(x, w, bias, allow_native)
+
+
+def native_bf16_available() -> bool:
+    """The CPU has AVX512-BF16, so bf16 inputs take the native dot-product kernel."""
+    return available() and module().native_bf16_available()

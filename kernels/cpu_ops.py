@@ -5,6 +5,7 @@ ops whose launch cost exceeds their math; these replace them with one call each.
 Inference only: `usable(x)` is False while autograd is recording, so training keeps the differentiable twins."""
 import torch
 
+from engine.sampling_params import GREEDY_EPS
 from kernels.cpu_build import available, module
 
 FLOAT_DTYPES = (torch.bfloat16, torch.float32)
@@ -45,3 +46,12 @@ def decoder_stack(layers: list[list[torch.Tensor]], num_heads: int, num_kv_heads
     row_seq, row_limit, capture) -> [h, *captured]. Per layer: input norm, qkv weight, qkv bias, q norm, k norm,
     o weight, o bias, post-attention norm, gate_up weight, down weight, k cache, v cache (empty tensor = absent)."""
     return module().DecoderStack(layers, num_heads, num_kv_heads, head_dim, eps)
+
+
+def markov_sample(base_logits: torch.Tensor, anchors: torch.Tensor, w1: torch.Tensor, w2_transposed: torch.Tensor,
+                  temperature: torch.Tensor, uniforms: torch.Tensor,
+                  vocab_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """kernels.markov.markov_sample with W2 given transposed as fp32 [rank, V'] (the caller keeps that copy): the
+    whole sequential block in one call instead of ~15 torch ops per position."""
+    return tuple(module().markov_sample(base_logits.float(), anchors, w1, w2_transposed, temperature, uniforms,
+                                        vocab_ids, GREEDY_EPS))

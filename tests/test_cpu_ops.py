@@ -6,7 +6,8 @@ import torch.nn.functional as F
 from engine import LLM, SamplingParams
 from engine.models.decoder import Attention
 from engine.models.layers import apply_rotary
-from kernels import cpu_ops
+from kernels import cpu_ops, markov
+from test_triton_sampling_kernels import markov_case, vocab_case
 from kernels.attention import attention_mask, paged_attention, store_kvcache
 
 pytestmark = pytest.mark.skipif(not cpu_ops.available(), reason="cpu kernels unavailable")
@@ -89,10 +90,10 @@ def test_store_kv_skips_padding_slots(dtype):
     assert torch.equal(ours[0][:, untouched], twin[0][:, untouched])
 
 
-def paged_case(q_lens, kv_lens, dtype, seed=4):
+def paged_case(q_lens, kv_lens, dtype, seed=4, D=16):
     """Random cache with each sequence's keys at scattered slots, and the queries of their newest tokens."""
     torch.manual_seed(seed)
-    H, Hkv, D, S = 6, 2, 16, 128
+    H, Hkv, S = 6, 2, 128
     k_cache, v_cache = torch.randn(Hkv, S, D), torch.randn(Hkv, S, D)
     perm = torch.randperm(S)
     lmax, offset, kv_slots = max(kv_lens), 0, []
@@ -121,6 +122,16 @@ def test_paged_attention(dtype, q_lens, kv_lens):
     q, k_cache, v_cache, kv_slots, row_seq, row_limit = paged_case(q_lens, kv_lens, dtype)
     out = cpu_ops.paged_attention(q, k_cache, v_cache, kv_slots, row_seq, row_limit, 0.25)
     assert_matches(out, twin_attention(q, k_cache, v_cache, kv_slots, q_lens, kv_lens, 0.25))
+
+
+@pytest.mark.parametrize("head_dim", [64, 128, 72, 12])
+def test_paged_attention_head_dims(head_dim):
+    """The vectorised dot products and value sums (head_dim % 8 == 0, in 64-wide chunks, four keys at a time with a
+    tail) and the plain loops (head_dim % 8 != 0)."""
+    q_lens, kv_lens = [8, 1, 3], [37, 6, 70]
+    q, k_cache, v_cache, kv_slots, row_seq, row_limit = paged_case(q_lens, kv_lens, torch.float32, D=head_dim)
+    out = cpu_ops.paged_attention(q, k_cache, v_cache, kv_slots, row_seq, row_limit, head_dim ** -0.5)
+    assert_matches(out, twin_attention(q, k_cache, v_cache, kv_slots, q_lens, kv_lens, head_dim ** -0.5))
 
 
 def test_paged_attention_negative_control():
@@ -187,3 +198,42 @@ def test_decoder_stack_equals_the_layer_by_layer_path(tiny_model_dir, monkeypatc
     seqs[2].num_scheduled_tokens = 3
     shorter = runner.forward(seqs, [5, 1, 3])[0][2]
     assert torch.equal(shorter, logits[2][:3]) and not torch.equal(shorter, logits[2][1:])
+
+
+@pytest.mark.parametrize("w1_dtype", [torch.float32, torch.bfloat16])
+def test_fused_markov_sampler_matches_twin(w1_dtype):
+    """The whole sequential block in C++ against kernels.markov (1000 columns: 31 full 32-column chunks and a tail;
+    a greedy request whose top logits tie, and three sampled ones)."""
+    base, anchors, w1, w2, temperature, uniforms = markov_case([0.0, 0.7, 1.0, 0.3], G=7)
+    w1 = w1.to(w1_dtype)
+    tokens, probs = cpu_ops.markov_sample(base, anchors, w1, w2.t().contiguous(), temperature, uniforms)
+    want_tokens, want_probs = markov.markov_sample(base, anchors, w1, w2, temperature, uniforms)
+    assert tokens.dtype == torch.int64 and tokens.tolist() == want_tokens.tolist()
+    torch.testing.assert_close(probs, want_probs, atol=1e-6, rtol=1e-5)
+    assert tokens[0, 0] == 10 and probs[0, 0, 10] == 1.0  # ties go to the first index
+    # negative control: the comparison above fails for a sampler without the Markov bias
+    unbiased, _ = cpu_ops.markov_sample(base, anchors, w1, torch.zeros(w2.shape[1], w2.shape[0]), temperature,
+                                        uniforms)
+    assert (unbiased != tokens).any()
+
+
+def test_fused_markov_sampler_on_a_draft_vocabulary():
+    (base, anchors, w1, w2, temperature, uniforms, ids), _, _ = vocab_case([0.0, 0.7, 1.0], G=6, size=600)
+    tokens, probs = cpu_ops.markov_sample(base, anchors, w1, w2.t().contiguous(), temperature, uniforms, ids)
+    want_tokens, want_probs = markov.markov_sample(base, anchors, w1, w2, temperature, uniforms, ids)
+    assert tokens.tolist() == want_tokens.tolist()
+    torch.testing.assert_close(probs, want_probs, atol=1e-6, rtol=1e-5)
+    assert set(tokens.flatten().tolist()) <= set(ids.tolist())  # token ids, not column indices
+    with pytest.raises(RuntimeError, match="vocab_ids"):
+        cpu_ops.markov_sample(base, anchors, w1, w2.t().contiguous(), temperature, uniforms, ids[:-1])
+
+
+def test_fused_markov_sampler_never_draws_a_zero_probability_token():
+    """Draws at the very top of the CDF, with the last columns impossible: the last possible token, never a later one
+    (the chunked running sums round differently from a cumsum)."""
+    base, anchors, w1, w2, temperature, _ = markov_case([0.7, 1.0, 1.0], G=5, seed=3)
+    base[:, :, -37:] = -float("inf")
+    uniforms = torch.full((3, 5), 1.0 - 2.0 ** -24)
+    tokens, probs = cpu_ops.markov_sample(base, anchors, w1, w2.t().contiguous(), temperature, uniforms)
+    drawn = probs.gather(2, tokens[:, :, None]).squeeze(2)
+    assert (drawn > 0).all() and (tokens < base.shape[2] - 37).all()

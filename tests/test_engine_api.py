@@ -67,3 +67,17 @@ def test_abort_waiting_and_running(llm):
     llm.step()
     assert llm.abort(a) and llm.abort(b) and not llm.abort("no-such-request")
     assert llm.block_manager.num_free_blocks == llm.block_manager.num_blocks and not llm.has_unfinished()
+
+
+def test_the_default_model_speculates_with_its_draft_and_the_lagged_planner(tmp_path):
+    from engine.config import DEFAULT_DRAFT, DEFAULT_MODEL_VERIFY_POLICY, EngineConfig
+    default = EngineConfig()
+    assert (default.spec_method, default.draft) == ("dspark", str(DEFAULT_DRAFT))
+    assert default.verify_policy == DEFAULT_MODEL_VERIFY_POLICY == "sps-lagged"
+    assert EngineConfig(verify_policy="full").verify_policy == "full"  # a chosen policy stays
+    plain = EngineConfig(spec_method="none")
+    assert (plain.spec_method, plain.draft, plain.verify_policy) == ("none", "", "full")
+    # a draft given explicitly, or another model: the safe default, every position verified
+    assert EngineConfig(draft=str(DEFAULT_DRAFT)).verify_policy == "full"
+    assert EngineConfig(model=str(tmp_path)).spec_method == "none"
+    assert EngineConfig(dtype="float32").spec_method == "none"  # measured to pay in bf16 only

@@ -145,7 +145,7 @@ class DSparkDraft(nn.Module):
             w2.weight.data = w2.weight.detach()[self.vocab_ids].clone()
             w2.out_features = len(token_ids)
             sliced.append(w2)
-        if getattr(lm_head, "packed_weight", None) is not None:  # already packed for the CPU: pack the slices too
+        if getattr(lm_head, "cpu_ready", False):  # already prepared for the CPU: prepare the slices too
             for linear in sliced:
                 linear.pack_for_cpu()
 
@@ -234,7 +234,13 @@ class DSparkDraft(nn.Module):
             hidden = self.backbone(anchors, starts, kv_slots, ctx_lens)[:, :num_tokens]
         with TIMINGS.section("draft_lm_head"):
             base_logits = self.vocab_logits(hidden)
-        if self.use_sequential_head:
+        if self.use_sequential_head and temperature_only and self.has_fused_markov and cpu_ops.usable(base_logits):
+            with TIMINGS.section("draft_sampling"):
+                head = self.markov_head
+                tokens, probs = cpu_ops.markov_sample(base_logits, anchors, head.markov_w1.weight,
+                                                      head.w2_transposed(), sampling.temperature, uniforms,
+                                                      self.vocab_ids)
+        elif self.use_sequential_head:
             tokens, probs = self.sample_sequentially(hidden, base_logits, anchors, sampling, uniforms)
         else:
             with TIMINGS.section("draft_sampling"):

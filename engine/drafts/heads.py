@@ -25,6 +25,14 @@ class VanillaMarkov(nn.Module):
     def project(self, latent: torch.Tensor) -> torch.Tensor:
         return self.markov_w2(latent.float())  # fp32 in, fp32 out: no rounding of the bias to bf16
 
+    def w2_transposed(self) -> torch.Tensor:
+        """fp32 W2 as [rank, V] for the fused CPU sampler, made once per weight tensor (restrict_vocab swaps it)."""
+        weight = self.markov_w2.weight
+        key = (weight.data_ptr(), tuple(weight.shape), weight._version)
+        if getattr(self, "_w2t_key", None) != key:
+            self._w2t, self._w2t_key = weight.detach().float().t().contiguous(), key
+        return self._w2t
+
 
 class GatedMarkov(VanillaMarkov):
     """The transition embedding is gated by the backbone state: W2 · (σ(Wg[h; W1[x]]) ⊙ W1[x])."""

@@ -7,20 +7,24 @@ from kernels import cpu_linear, cpu_ops, dispatch
 from kernels.attention import causal_attention, paged_attention, store_kvcache
 
 BF16_GEMV_MAX_ROWS = 2   # torch's bf16 GEMV beats fp32 GEMM only for a row or two on CPUs without native bf16
-KERNEL_MAX_ROWS = 96     # our AVX2 bf16 kernel beats oneDNN's packed fp32 GEMM up to ~100 rows (docs/benchmarks.md)
+KERNEL_MAX_ROWS = 96     # our bf16 kernel beats oneDNN's packed fp32 GEMM up to ~100 rows (docs/benchmarks.md)
 
 
 class Linear(nn.Linear):
-    """nn.Linear with a CPU fast path for bf16 weights: few rows (decode, verify, drafts) go through our AVX2 kernel
-    that reads the bf16 weight once (kernels/cpu_linear); many rows (prefill) through an oneDNN-packed fp32 copy,
-    since bf16 GEMM has no fast kernel on AVX2-only CPUs (exact on bf16 weights, cast back)."""
+    """nn.Linear with a CPU fast path for bf16 weights: few rows (decode, verify, drafts) go through our kernel that
+    reads the bf16 weight once (kernels/cpu_linear: AVX2, or AVX512-BF16 where the CPU has it). Many rows (prefill)
+    go through oneDNN: its bf16 GEMM on CPUs with native bf16, else an oneDNN-packed fp32 copy, since bf16 GEMM has
+    no fast kernel on AVX2-only CPUs (exact on bf16 weights, cast back)."""
     packed_weight = packed_bias = None
-    use_kernel = False
+    use_kernel = cpu_ready = False
 
     def pack_for_cpu(self):
+        self.cpu_ready = True
+        self.use_kernel = self.weight.dtype == torch.bfloat16 and cpu_linear.available()
+        if self.use_kernel and cpu_linear.native_bf16_available():
+            return  # oneDNN bf16 GEMM: ~2x the packed fp32 copy here (docs/benchmarks.md), in half the memory
         self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach().float(), 1)
         self.packed_bias = None if self.bias is None else self.bias.detach().float()
-        self.use_kernel = self.weight.dtype == torch.bfloat16 and cpu_linear.available()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]

@@ -29,14 +29,15 @@
 #include <cstring>
 #include <vector>
 
+#include "bf16_linear_avx512.h"
+#include "hsum.h"
+#include "weight_prefetch.h"
+
 namespace {
 
 constexpr int kRowBlock = 12;  // output rows per cache block; every register tile's R divides it
-// Software prefetch lead (bytes of weight stream). A register tile walks its R rows in parallel, so a fixed address
-// distance gives the tile's last rows little or no lead; instead each row prefetches kPrefetchLead / R bytes ahead
-// along its own row, wrapping into the same row of the next tile (tiles are contiguous), which keeps a uniform lead
-// of ~kPrefetchLead bytes of consumption. The hardware prefetcher alone falls behind once the FMAs take a while;
-// measured 1.3-1.8x faster at M = 1..8 than without (8-32 KiB all within noise).
+// Software prefetch lead (bytes of weight stream; weight_prefetch.h). The hardware prefetcher alone falls behind once
+// the FMAs take a while; measured 1.3-1.8x faster at M = 1..8 than without (8-32 KiB all within noise).
 constexpr int64_t kPrefetchLead = 16 << 10;
 
 inline float bf16_bits_to_float(uint16_t b) {
@@ -44,45 +45,6 @@ inline float bf16_bits_to_float(uint16_t b) {
   float f;
   std::memcpy(&f, &u, sizeof(f));
   return f;
-}
-
-// Sums of 8 vectors -> one vector whose lane j is the horizontal sum of v[j].
-inline __m256 hsum8(__m256 v0, __m256 v1, __m256 v2, __m256 v3, __m256 v4, __m256 v5, __m256 v6, __m256 v7) {
-  __m256 a = _mm256_hadd_ps(v0, v1);  // per 128-bit half: v0[01] v0[23] v1[01] v1[23]
-  __m256 b = _mm256_hadd_ps(v2, v3);
-  __m256 c = _mm256_hadd_ps(v4, v5);
-  __m256 d = _mm256_hadd_ps(v6, v7);
-  __m256 ab = _mm256_hadd_ps(a, b);  // lo half: partial sums of v0..v3 (low 4 lanes), hi half: (high 4 lanes)
-  __m256 cd = _mm256_hadd_ps(c, d);
-  __m256 lo = _mm256_permute2f128_ps(ab, cd, 0x20);  // [ab.lo, cd.lo]
-  __m256 hi = _mm256_permute2f128_ps(ab, cd, 0x31);  // [ab.hi, cd.hi]
-  return _mm256_add_ps(lo, hi);
-}
-
-// The same tree as hsum8 for 4 vectors: lane j (j < 4) of the result is the sum of v[j].
-inline __m128 hsum4(__m256 v0, __m256 v1, __m256 v2, __m256 v3) {
-  __m256 ab = _mm256_hadd_ps(_mm256_hadd_ps(v0, v1), _mm256_hadd_ps(v2, v3));
-  return _mm_add_ps(_mm256_castps256_ps128(ab), _mm256_extractf128_ps(ab, 1));
-}
-
-// Horizontal sums of NACC accumulators into out[0..NACC). Every lane goes through the same tree,
-// ((e0 + e1) + (e2 + e3)) + ((e4 + e5) + (e6 + e7)), whatever the group size (zero padding for groups < 4), so a result
-// never depends on which tile shape computed it: outputs are bitwise identical whatever M, the row position or the
-// thread count (batch invariance).
-template <int NACC>
-inline void reduce_accs(const __m256* acc, float* out) {
-  int i = 0;
-  for (; i + 8 <= NACC; i += 8) {
-    _mm256_storeu_ps(out + i, hsum8(acc[i], acc[i + 1], acc[i + 2], acc[i + 3], acc[i + 4], acc[i + 5], acc[i + 6],
-                                    acc[i + 7]));
-  }
-  for (; i + 4 <= NACC; i += 4) _mm_storeu_ps(out + i, hsum4(acc[i], acc[i + 1], acc[i + 2], acc[i + 3]));
-  if constexpr (NACC % 4 != 0) {
-    const __m256 z = _mm256_setzero_ps();
-    alignas(16) float tmp[4];
-    _mm_store_ps(tmp, hsum4(acc[i], i + 1 < NACC ? acc[i + 1] : z, i + 2 < NACC ? acc[i + 2] : z, z));
-    for (int j = 0; i + j < NACC; ++j) out[i + j] = tmp[j];
-  }
 }
 
 template <typename OutT>
@@ -107,19 +69,10 @@ inline void tile(const uint16_t* __restrict w, int64_t K, const float* __restric
   const uint16_t* wr = w + n0 * K;
   const float* xr = xp + m0 * Kp;
 
-  // prefetch target, per row: byte `pos` of the row, `adv` bytes (whole tiles) further on
-  const int64_t row_bytes = 2 * K;
-  const char* wb = reinterpret_cast<const char*>(wr);
-  int64_t pos = (kPrefetchLead / R) & ~int64_t(63), adv = 0;
-  if (prefetch && K16 > 0 && pos >= row_bytes) adv = pos / row_bytes * R * row_bytes, pos %= row_bytes;
+  WeightPrefetch<R> ahead(wr, K, kPrefetchLead);
 
   for (int64_t k = 0; k < K16; k += 16) {
-    if (prefetch) {
-#pragma GCC unroll 16
-      for (int r = 0; r < R; ++r) _mm_prefetch(wb + adv + r * row_bytes + pos, _MM_HINT_T0);
-      pos += 32;  // this step consumed 16 bf16 per row
-      if (pos >= row_bytes) pos -= row_bytes, adv += R * row_bytes;
-    }
+    if (prefetch) ahead.step(32);  // this step consumed 16 bf16 per row
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
       const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + r * K + k));
@@ -221,9 +174,12 @@ void run(const uint16_t* w, const float* xp, int64_t Kp, const float* xs, const 
 
 }  // namespace
 
+bool native_bf16_available() { return native_bf16::supported(); }
+
 // y = x @ w.T + bias with fp32 accumulation. x: [..., K] floating; w: [N, K] bf16; bias: [N] or None.
-// Returns [..., N] in x's dtype.
-at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
+// Returns [..., N] in x's dtype. bf16 x goes through the native bf16 kernel where the CPU has one, unless !allow_native.
+at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
+                       bool allow_native) {
   TORCH_CHECK(w.device().is_cpu() && x.device().is_cpu(), "bf16_linear: CPU tensors only");
   TORCH_CHECK(w.scalar_type() == at::kBFloat16 && w.dim() == 2, "bf16_linear: w must be a 2-D bfloat16 tensor");
   TORCH_CHECK(at::isFloatingType(x.scalar_type()), "bf16_linear: x must be floating point");
@@ -254,6 +210,13 @@ at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& w, const c10::opti
     return out_f32 || out_bf16 ? y : y.to(x.scalar_type());
   }
 
+  const uint16_t* wp = reinterpret_cast<const uint16_t*>(wc.data_ptr<at::BFloat16>());
+  if (out_bf16 && allow_native && native_bf16::supported()) {
+    native_bf16::run(wp, reinterpret_cast<const uint16_t*>(x2.data_ptr<at::BFloat16>()), bp, y.data_ptr(), true, M,
+                     N, K);
+    return y;
+  }
+
   const int64_t Kp = (K + 15) / 16 * 16;
   at::Tensor xp = at::empty({M, Kp}, x.options().dtype(at::kFloat));
   at::Tensor xs;  // plain fp32 copy, only needed for the K % 16 tail
@@ -265,7 +228,6 @@ at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& w, const c10::opti
     pack_x(xs.data_ptr<float>(), M, K, Kp, xp.data_ptr<float>());
   }
   const float* xsp = xs.defined() ? xs.data_ptr<float>() : nullptr;
-  const uint16_t* wp = reinterpret_cast<const uint16_t*>(wc.data_ptr<at::BFloat16>());
 
   if (out_bf16)
     run<at::BFloat16>(wp, xp.data_ptr<float>(), Kp, xsp, bp, y.data_ptr<at::BFloat16>(), M, N, K);

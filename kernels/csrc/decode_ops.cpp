@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "decode_ops.h"
+#include "hsum.h"
 
 namespace {
 
@@ -64,9 +65,12 @@ void rms_norm_impl(const at::Tensor& x, const at::Tensor& w, at::Tensor& out, do
 }
 
 // e^x for 8 floats: x = n ln2 + r with |r| <= ln2/2, e^r by its degree-6 Taylor polynomial (relative error < 2e-7,
-// about one fp32 ulp, like std::exp), 2^n built in the exponent bits. Inputs are clamped to the finite range.
+// about one fp32 ulp, like std::exp), 2^n built in the exponent bits. Inputs above 88.3 are clamped to it; inputs
+// below -87.3 (-inf included) give 0, so a softmax gives impossible tokens exactly zero probability, as torch's does.
 inline __m256 exp8(__m256 x) {
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+  const __m256 lowest = _mm256_set1_ps(-87.3f);
+  const __m256 in_range = _mm256_cmp_ps(x, lowest, _CMP_GE_OQ);
+  x = _mm256_min_ps(_mm256_max_ps(x, lowest), _mm256_set1_ps(88.3f));
   const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145752f), x);  // ln2 split in two for an exact n*ln2
@@ -79,7 +83,24 @@ inline __m256 exp8(__m256 x) {
   p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
   p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
   const __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(scale));
+  return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(scale)), in_range);
+}
+
+// v[j] = e^(v[j] - shift) in place; returns their sum.
+inline float exp_shifted_sum(float* v, int64_t n, float shift) {
+  const __m256 sh = _mm256_set1_ps(shift);
+  __m256 sum8 = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(v + j), sh));
+    _mm256_storeu_ps(v + j, e);
+    sum8 = _mm256_add_ps(sum8, e);
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, sum8);
+  float total = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+  for (; j < n; ++j) total += (v[j] = std::exp(v[j] - shift));
+  return total;
 }
 
 // silu(g) = g / (1 + e^-g) over n floats, in place.
@@ -177,6 +198,55 @@ void store_kv_impl(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache
   }
 }
 
+// s[j] = scale * <q, key j> for j < limit, D % 8 == 0: four keys at a time, each with its own accumulator, q read
+// from L1 (the dot products are independent FMA chains instead of one horizontal sum per key).
+inline void qk_scores(const float* q, const float* keys, const int64_t* slots, int64_t limit, int64_t D, float scale,
+                      float* s) {
+  int64_t j = 0;
+  for (; j + 4 <= limit; j += 4) {
+    const float* k0 = keys + slots[j] * D;
+    const float* k1 = keys + slots[j + 1] * D;
+    const float* k2 = keys + slots[j + 2] * D;
+    const float* k3 = keys + slots[j + 3] * D;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t d = 0; d < D; d += 8) {
+      const __m256 qv = _mm256_loadu_ps(q + d);
+      a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + d), a0);
+      a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k1 + d), a1);
+      a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k2 + d), a2);
+      a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k3 + d), a3);
+    }
+    _mm_storeu_ps(s + j, _mm_mul_ps(hsum4(a0, a1, a2, a3), _mm_set1_ps(scale)));
+  }
+  for (; j < limit; ++j) {
+    const float* k = keys + slots[j] * D;
+    __m256 a = _mm256_setzero_ps();
+    for (int64_t d = 0; d < D; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_loadu_ps(k + d), a);
+    const __m256 z = _mm256_setzero_ps();
+    s[j] = _mm_cvtss_f32(hsum4(a, z, z, z)) * scale;
+  }
+}
+
+// out[0..D) = sum_j p[j] * value j, D % 8 == 0: 64 output floats at a time held in registers across all keys.
+inline void pv_sum(const float* p, const float* values, const int64_t* slots, int64_t limit, int64_t D, float* out) {
+  for (int64_t d0 = 0; d0 < D; d0 += 64) {
+    const int64_t chunks = std::min<int64_t>(64, D - d0) / 8;
+    __m256 acc[8];
+    for (int c = 0; c < 8; ++c) acc[c] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < limit; ++j) {
+      const __m256 pj = _mm256_set1_ps(p[j]);
+      const float* v = values + slots[j] * D + d0;
+      if (chunks == 8) {
+#pragma GCC unroll 8
+        for (int c = 0; c < 8; ++c) acc[c] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v + 8 * c), acc[c]);
+      } else {
+        for (int c = 0; c < chunks; ++c) acc[c] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v + 8 * c), acc[c]);
+      }
+    }
+    for (int c = 0; c < chunks; ++c) _mm256_storeu_ps(out + d0 + 8 * c, acc[c]);
+  }
+}
+
 // One (row, kv head): its G query heads attend to the row's first `limit` keys of its sequence.
 template <typename T>
 void attend_row(const T* q, const float* kc, const float* vc, const int64_t* slots, int64_t limit, int64_t S,
@@ -184,36 +254,35 @@ void attend_row(const T* q, const float* kc, const float* vc, const int64_t* slo
                 std::vector<float>& qf, std::vector<float>& acc) {
   scores.resize(G * limit);
   for (int64_t i = 0; i < G * D; ++i) qf[i] = static_cast<float>(q[i]);
-  for (int64_t j = 0; j < limit; ++j) {
-    const float* kp = kc + (hkv * S + slots[j]) * D;
-    for (int64_t g = 0; g < G; ++g) {
-      const float* qg = qf.data() + g * D;
-      float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-      for (int64_t d = 0; d < D; ++d) s += qg[d] * kp[d];
-      scores[g * limit + j] = s * scale;
-    }
-  }
-  std::fill(acc.begin(), acc.end(), 0.0f);
+  const float* keys = kc + hkv * S * D;
+  const float* values = vc + hkv * S * D;
+  const bool vectorized = D % 8 == 0;
   for (int64_t g = 0; g < G; ++g) {
     float* sg = scores.data() + g * limit;
+    const float* qg = qf.data() + g * D;
+    if (vectorized) {
+      qk_scores(qg, keys, slots, limit, D, scale, sg);
+    } else {
+      for (int64_t j = 0; j < limit; ++j) {
+        const float* kp = keys + slots[j] * D;
+        float s = 0.0f;
+        for (int64_t d = 0; d < D; ++d) s += qg[d] * kp[d];
+        sg[j] = s * scale;
+      }
+    }
     float mx = -std::numeric_limits<float>::infinity();
     for (int64_t j = 0; j < limit; ++j) mx = std::max(mx, sg[j]);
-    float total = 0.0f;
-    for (int64_t j = 0; j < limit; ++j) {
-      sg[j] = std::exp(sg[j] - mx);
-      total += sg[j];
-    }
-    const float inv = 1.0f / total;
+    const float inv = 1.0f / exp_shifted_sum(sg, limit, mx);
     for (int64_t j = 0; j < limit; ++j) sg[j] *= inv;
-  }
-  for (int64_t j = 0; j < limit; ++j) {
-    const float* vp = vc + (hkv * S + slots[j]) * D;
-    for (int64_t g = 0; g < G; ++g) {
-      const float p = scores[g * limit + j];
-      float* ag = acc.data() + g * D;
-#pragma omp simd
-      for (int64_t d = 0; d < D; ++d) ag[d] += p * vp[d];
+    float* ag = acc.data() + g * D;
+    if (vectorized) {
+      pv_sum(sg, values, slots, limit, D, ag);
+    } else {
+      std::fill(ag, ag + D, 0.0f);
+      for (int64_t j = 0; j < limit; ++j) {
+        const float* vp = values + slots[j] * D;
+        for (int64_t d = 0; d < D; ++d) ag[d] += sg[j] * vp[d];
+      }
     }
   }
   for (int64_t i = 0; i < G * D; ++i) out[i] = static_cast<T>(acc[i]);
@@ -345,6 +414,129 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
   else
     paged_attention_impl<float>(qc, k_cache, v_cache, slots, sq, lm, scale, out);
   return out;
+}
+
+namespace {
+
+// logits[v] = base[v] + sum_r latent[r] * w2t[r, v] (w2t [rank, V] fp32): 32 columns at a time in registers.
+void markov_logits(const float* base, const float* latent, const float* w2t, int64_t rank, int64_t V, float* out) {
+  int64_t v = 0;
+  for (; v + 32 <= V; v += 32) {
+    __m256 acc[4];
+    for (int c = 0; c < 4; ++c) acc[c] = _mm256_loadu_ps(base + v + 8 * c);
+    for (int64_t r = 0; r < rank; ++r) {
+      const __m256 l = _mm256_set1_ps(latent[r]);
+      const float* w = w2t + r * V + v;
+#pragma GCC unroll 4
+      for (int c = 0; c < 4; ++c) acc[c] = _mm256_fmadd_ps(l, _mm256_loadu_ps(w + 8 * c), acc[c]);
+    }
+    for (int c = 0; c < 4; ++c) _mm256_storeu_ps(out + v + 8 * c, acc[c]);
+  }
+  for (; v < V; ++v) {
+    float x = base[v];
+    for (int64_t r = 0; r < rank; ++r) x += latent[r] * w2t[r * V + v];
+    out[v] = x;
+  }
+}
+
+// row := softmax(row / temperature), or one-hot at the first argmax when greedy; in place.
+void markov_probs(float* row, int64_t V, float temperature, bool greedy) {
+  const int64_t best = std::max_element(row, row + V) - row;
+  if (greedy) {
+    std::fill(row, row + V, 0.0f);
+    row[best] = 1.0f;
+    return;
+  }
+  for (int64_t v = 0; v < V; ++v) row[v] /= temperature;
+  const float inv_total = 1.0f / exp_shifted_sum(row, V, row[best]);
+  for (int64_t v = 0; v < V; ++v) row[v] *= inv_total;
+}
+
+inline float sum8(const float* p) {
+  const __m256 z = _mm256_setzero_ps();
+  return _mm_cvtss_f32(hsum4(_mm256_loadu_ps(p), z, z, z));
+}
+
+// The inverse-CDF draw of kernels/sampling.sample_inverse_cdf: the first v whose running sum exceeds u * total,
+// found eight at a time (the sums' rounding differs from the twin's cumsum). Tokens of zero probability are never
+// drawn: a draw that no running sum exceeds takes the last token of nonzero probability.
+int64_t inverse_cdf(const float* probs, int64_t V, float u) {
+  const int64_t V8 = V & ~int64_t(7);
+  __m256 lanes = _mm256_setzero_ps();
+  for (int64_t v = 0; v < V8; v += 8) lanes = _mm256_add_ps(lanes, _mm256_loadu_ps(probs + v));
+  const __m256 z = _mm256_setzero_ps();
+  float total = _mm_cvtss_f32(hsum4(lanes, z, z, z));
+  for (int64_t v = V8; v < V; ++v) total += probs[v];
+  const float target = u * total;
+  float cdf = 0.0f;
+  for (int64_t v0 = 0; v0 < V; v0 += 8) {
+    const int64_t end = std::min<int64_t>(v0 + 8, V);
+    if (end - v0 == 8) {
+      const float chunk = sum8(probs + v0);
+      if (cdf + chunk <= target) {
+        cdf += chunk;
+        continue;
+      }
+    }
+    for (int64_t v = v0; v < end; ++v) {
+      if (probs[v] <= 0.0f) continue;
+      cdf += probs[v];
+      if (cdf > target) return v;
+    }
+  }
+  for (int64_t v = V - 1; v > 0; --v)
+    if (probs[v] > 0.0f) return v;
+  return 0;
+}
+
+}  // namespace
+
+// Sequential vanilla-Markov draft sampling fused over the block (twin: kernels/markov.markov_sample).
+std::vector<at::Tensor> markov_sample(const at::Tensor& base_logits, const at::Tensor& anchors, const at::Tensor& w1,
+                                      const at::Tensor& w2t, const at::Tensor& temperature, const at::Tensor& uniforms,
+                                      const c10::optional<at::Tensor>& vocab_ids, double greedy_eps) {
+  TORCH_CHECK(base_logits.dim() == 3 && base_logits.scalar_type() == at::kFloat, "markov_sample: base_logits must be "
+              "fp32 [B, G, V]");
+  const int64_t B = base_logits.size(0), G = base_logits.size(1), V = base_logits.size(2), rank = w1.size(1);
+  TORCH_CHECK(w2t.scalar_type() == at::kFloat && w2t.dim() == 2 && w2t.size(0) == rank && w2t.size(1) == V,
+              "markov_sample: w2t must be fp32 [rank, V] (W2 transposed)");
+  TORCH_CHECK(w1.dim() == 2 && (w1.scalar_type() == at::kFloat || w1.scalar_type() == at::kBFloat16),
+              "markov_sample: w1 must be a bf16 or fp32 [vocab, rank] embedding");
+  TORCH_CHECK(anchors.numel() == B && temperature.numel() == B && uniforms.numel() == B * G,
+              "markov_sample: one anchor and temperature per request, one uniform per position");
+  const at::Tensor base = base_logits.contiguous(), w2c = w2t.contiguous(), w1c = w1.contiguous();
+  const at::Tensor prev0 = anchors.to(at::kLong).contiguous(), temp = temperature.to(at::kFloat).contiguous();
+  const at::Tensor u = uniforms.to(at::kFloat).contiguous();
+  at::Tensor ids;
+  if (vocab_ids.has_value()) {
+    ids = vocab_ids->to(at::kLong).contiguous();
+    TORCH_CHECK(ids.numel() == V, "markov_sample: vocab_ids must name one token per column");
+  } else {
+    TORCH_CHECK(w1.size(0) == V, "markov_sample: without vocab_ids, w1 must have V rows");
+  }
+  at::Tensor tokens = at::empty({B, G}, prev0.options()), probs = at::empty({B, G, V}, base.options());
+  const int64_t* idp = ids.defined() ? ids.data_ptr<int64_t>() : nullptr;
+  const bool w1_bf16 = w1c.scalar_type() == at::kBFloat16;
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<float> latent(rank);
+    for (int64_t b = b0; b < b1; ++b) {
+      int64_t prev = prev0.data_ptr<int64_t>()[b];
+      const float t = temp.data_ptr<float>()[b];
+      for (int64_t k = 0; k < G; ++k) {
+        TORCH_CHECK(prev >= 0 && prev < w1c.size(0), "markov_sample: token ", prev, " outside w1");
+        for (int64_t r = 0; r < rank; ++r)
+          latent[r] = w1_bf16 ? static_cast<float>(w1c.data_ptr<at::BFloat16>()[prev * rank + r])
+                              : w1c.data_ptr<float>()[prev * rank + r];
+        float* row = probs.data_ptr<float>() + (b * G + k) * V;
+        markov_logits(base.data_ptr<float>() + (b * G + k) * V, latent.data(), w2c.data_ptr<float>(), rank, V, row);
+        markov_probs(row, V, t, t < greedy_eps);
+        const int64_t col = inverse_cdf(row, V, u.data_ptr<float>()[b * G + k]);
+        prev = idp ? idp[col] : col;
+        tokens.data_ptr<int64_t>()[b * G + k] = prev;
+      }
+    }
+  });
+  return {tokens, probs};
 }
 
 namespace {

@@ -5,7 +5,9 @@
 
 #include <vector>
 
-at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias);
+at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
+                       bool allow_native = true);
+bool native_bf16_available();
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps);
 at::Tensor silu_mul(const at::Tensor& gate_up);
 std::vector<at::Tensor> norm_rope(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
@@ -16,6 +18,9 @@ void store_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at:
 at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                            const at::Tensor& kv_slots, const at::Tensor& row_seq, const at::Tensor& row_limit,
                            double scale);
+std::vector<at::Tensor> markov_sample(const at::Tensor& base_logits, const at::Tensor& anchors, const at::Tensor& w1,
+                                      const at::Tensor& w2t, const at::Tensor& temperature, const at::Tensor& uniforms,
+                                      const c10::optional<at::Tensor>& vocab_ids, double greedy_eps);
 
 class DecoderStack {
  public:

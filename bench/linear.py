@@ -1,0 +1,89 @@
+"""CPU linear paths on a model's real weight shapes: one pass over every linear layer (weights well beyond cache, as
+in a decode step), for each number of input rows M, through our AVX2 kernel, our AVX512-BF16 kernel (where the CPU
+has it), torch's bf16 F.linear and oneDNN's packed fp32 copy. Interleaved repeats, medians."""
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from bench.report import save_and_print
+from engine.config import DEFAULT_MODELS_DIR, DEFAULT_MODEL_NAME
+from kernels import cpu_linear
+
+
+def layer_shapes(config: dict) -> list[tuple[int, int]]:
+    """[N, K] of each linear the engine runs: fused qkv, o, fused gate_up, down per layer, then the LM head."""
+    h, layers = config["hidden_size"], config["num_hidden_layers"]
+    d = config.get("head_dim") or h // config["num_attention_heads"]
+    qkv = (config["num_attention_heads"] + 2 * config["num_key_value_heads"]) * d
+    per_layer = [(qkv, h), (h, config["num_attention_heads"] * d), (2 * config["intermediate_size"], h),
+                 (h, config["intermediate_size"])]
+    return per_layer * layers + [(config["vocab_size"], h)]
+
+
+def paths(native: bool) -> dict:
+    """name -> fn(x, w, packed) for x [M, K] bf16."""
+    out = {"kernel AVX2": lambda x, w, p: cpu_linear.bf16_linear(x, w, allow_native=False)}
+    if native:
+        out["kernel AVX512-BF16"] = lambda x, w, p: cpu_linear.bf16_linear(x, w)
+    out["torch F.linear bf16"] = lambda x, w, p: F.linear(x, w)
+    out["oneDNN packed fp32"] = lambda x, w, p: torch.ops.mkldnn._linear_pointwise(x.float(), p, None, "none", [], "")
+    return out
+
+
+def run(args) -> dict:
+    torch.set_num_threads(args.threads)
+    model = Path(args.model or DEFAULT_MODELS_DIR / DEFAULT_MODEL_NAME)
+    shapes = layer_shapes(json.loads((model / "config.json").read_text()))
+    weights = [torch.randn(n, k).bfloat16() for n, k in shapes]
+    packed = [torch.ops.mkldnn._reorder_linear_weight(w.float(), 1) for w in weights]
+    ways = paths(cpu_linear.native_bf16_available())
+    times = {name: {m: [] for m in args.rows} for name in ways}
+    with torch.inference_mode(), tqdm(total=args.repeats * len(args.rows) * len(ways), desc="linear passes") as bar:
+        for _ in range(args.repeats):
+            for m in args.rows:
+                xs = {k: torch.randn(m, k).bfloat16() for k in {k for _, k in shapes}}
+                for name, fn in ways.items():
+                    start = time.perf_counter()
+                    for w, p in zip(weights, packed):
+                        fn(xs[w.shape[1]], w, p)
+                    times[name][m].append(time.perf_counter() - start)
+                    bar.update(1)
+    return {"model": str(model), "threads": args.threads, "layers": len(shapes),
+            "weight_mb": sum(w.numel() * 2 for w in weights) / 2**20,
+            "native_bf16": cpu_linear.native_bf16_available(),
+            "ms": {name: {m: 1000 * statistics.median(t) for m, t in per.items()} for name, per in times.items()}}
+
+
+def report(result: dict, out: Path):
+    names = list(result["ms"])
+    rows = [[str(m)] + [f"{result['ms'][n][m]:.1f}" for n in names] for m in result["ms"][names[0]]]
+    print(f"{result['layers']} linear layers, {result['weight_mb']:.0f} MB bf16, {result['threads']} threads: "
+          "ms per pass")
+    save_and_print(result, out / "linear.json", ["rows M"] + names, rows)
+    plot(result, out / "linear.png")
+    print(f"wrote {out / 'linear.json'} and {out / 'linear.png'}")
+
+
+def plot(result: dict, path: Path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for name, per in result["ms"].items():
+        ax.plot(list(map(int, per)), list(per.values()), marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("input rows M")
+    ax.set_ylabel("ms per pass over all linears")
+    ax.set_title(f"{Path(result['model']).name}: {result['weight_mb']:.0f} MB bf16, {result['threads']} threads")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
