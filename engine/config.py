@@ -6,9 +6,9 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODELS_DIR = Path(os.environ.get("DSPARK_MODELS_DIR", REPO_ROOT / "models"))
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
-DEFAULT_DRAFT = REPO_ROOT / "drafts" / "dspark-smollm2-135m"  # trained by train/configs/dspark_smollm2.json
-# The committed draft runs at 0.67x plain decoding at batch 1 (tau ~1.3, docs/benchmarks.md), so `auto` serves the
-# default model without it until a better-trained draft beats plain; set True to make it the default again.
+DEFAULT_DRAFT = REPO_ROOT / "drafts" / "dspark-smollm2-135m"  # trained by train/configs/dspark_smollm2*.json
+# The committed draft beats plain decoding at batch 1 on a native-bf16 CPU (1.06-1.19x) and the lagged planner keeps
+# batch 8 at plain or above (docs/benchmarks.md), so `auto` serves the default model (bf16) with it; False: plainly.
 DEFAULT_MODEL_SPECULATES = True
 DEFAULT_MODEL_VERIFY_POLICY = "sps-lagged"  # drafts and verifies only what the measured step costs say pays
 SPEC_METHODS = ("auto", "none", "dflash", "dspark")
