@@ -4,6 +4,7 @@ import hashlib
 import json
 import os
 import platform
+import warnings
 from pathlib import Path
 
 import torch
@@ -62,7 +63,22 @@ def load_sps_curve(engine, setting: str) -> SpsCurve | None:
     path = CACHE_DIR / (hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16] + ".json")
     if path.is_file():
         return SpsCurve.load(path)
+    busy_before = machine_busy()
     curve = measure_curve(engine, repeats=2)
+    if busy_before or machine_busy():  # timed beside other work: use it for this run, but don't keep it
+        warnings.warn("the quick SPS(B) profile was measured on a busy machine (load average above the CPU count); "
+                      "it is used for this run only and not cached", stacklevel=2)
+        return curve
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"key": key, "quick": True, **curve.to_json()}, indent=2))
     return curve
+
+
+def machine_busy() -> bool:
+    """Other processes are competing for the CPU (1-minute load average above the CPU count), so step times measured
+    now say more about them than about the engine. A cached profile from such a moment would mislead every later
+    run on this machine (a curve flattened by contention makes verifying many tokens look free)."""
+    try:
+        return os.getloadavg()[0] > (os.cpu_count() or 1)
+    except OSError:
+        return False

@@ -241,6 +241,7 @@ def test_steps_that_skip_drafting_stay_greedy_identical(models, tmp_path):
 def test_quick_profile_is_measured_once_and_cached(models, tmp_path, monkeypatch):
     from engine import sps_profile
     monkeypatch.setattr(sps_profile, "CACHE_DIR", tmp_path)
+    monkeypatch.setattr(sps_profile, "machine_busy", lambda: False)
     target, draft = models
     llm = LLM(model=str(target), dtype="float32", spec_method="dspark", draft=str(draft), verify_policy="sps",
               kv_cache_gb=0.05)
@@ -251,6 +252,18 @@ def test_quick_profile_is_measured_once_and_cached(models, tmp_path, monkeypatch
     again = LLM(model=str(target), dtype="float32", spec_method="dspark", draft=str(draft), verify_policy="sps",
                 kv_cache_gb=0.05)
     assert again.planner.sps.to_json() == SpsCurve.load(cached).to_json()
+
+
+def test_quick_profile_from_a_busy_machine_is_not_cached(models, tmp_path, monkeypatch):
+    """Step times measured beside other work would mislead every later run, so such a profile serves this run only."""
+    from engine import sps_profile
+    monkeypatch.setattr(sps_profile, "CACHE_DIR", tmp_path)
+    monkeypatch.setattr(sps_profile, "machine_busy", lambda: True)
+    target, draft = models
+    with pytest.warns(UserWarning, match="busy machine"):
+        llm = LLM(model=str(target), dtype="float32", spec_method="dspark", draft=str(draft), verify_policy="sps",
+                  kv_cache_gb=0.05)
+    assert llm.planner.sps is not None and not list(tmp_path.glob("*.json"))
 
 
 def test_policy_errors(models):
