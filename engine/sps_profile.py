@@ -33,7 +33,7 @@ def profile_key(engine) -> dict:
             "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.machine(),
             "cpu": platform.processor() or platform.node(), "device": device_name(c.device), "kernels": c.kernels,
             "graph_tiers": graph_tiers(engine), "draft_vocab": draft_vocab_size(engine), "code": code_version(),
-            "native_bf16": cpu_linear.native_bf16_available()}
+            "native_bf16": c.device == "cpu" and cpu_linear.native_bf16_available()}  # no CPU kernel build on GPU
 
 
 def draft_vocab_size(engine) -> int:

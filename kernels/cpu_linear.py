@@ -1,4 +1,5 @@
-"""bf16-weight linear for x86 CPUs with AVX2 + FMA (kernels/csrc/bf16_linear.cpp; built by kernels/cpu_build).
+"""bf16-weight linear for x86 CPUs with AVX2 + FMA (kernels/csrc/bf16_linear.cpp), and for bf16 inputs on CPUs with
+AVX512-BF16 the native dot-product kernel (kernels/csrc/bf16_linear_avx512.cpp); built by kernels/cpu_build.
 
     from kernels import cpu_linear
     if cpu_linear.available():                    # builds (once per machine, cached) or loads the extension
@@ -10,8 +11,10 @@ y = x @ w.T + bias with fp32 accumulation, in x's dtype (fp16/fp64 x go through 
 memory once whatever the number of input rows M, so while memory bound the cost is ~weight_bytes / bandwidth: flat
 for M = 1..4 on a 2-core AVX2 machine. Beyond that the FMAs themselves (8-wide fp32, ~85% of peak) take longer than
 the weight read and the cost grows with M again, but at ~1/5 of F.linear's rate for bf16 weights, and reading half
-the bytes of a oneDNN-packed fp32 copy. Uses torch.get_num_threads() threads. Results are batch invariant: an output
-row is bitwise the same whatever M, its position in the batch or the thread count. Inference only (no autograd).
+the bytes of a oneDNN-packed fp32 copy. The AVX512-BF16 kernel stays near flat to M = 8 and is ~2x the AVX2 rate
+beyond (docs/benchmarks.md, `python -m bench linear`). Uses torch.get_num_threads() threads. Results are batch
+invariant: an output row is bitwise the same whatever M, its position in the batch or the thread count. Inference
+only (no autograd).
 """
 import torch
 

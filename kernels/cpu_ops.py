@@ -1,5 +1,6 @@
 """Fused CPU ops for small steps (kernels/csrc/decode_ops.cpp; built by kernels/cpu_build): RMSNorm, SiLU·up,
-per-head norm + rotary, paged KV store and short-query paged attention. At batch 1 a decoder layer is ~40 tiny torch
+per-head norm + rotary, paged KV store, short-query paged attention, and the draft's sequential vanilla-Markov
+sampler over a whole block (twin: kernels/markov.py). At batch 1 a decoder layer is ~40 tiny torch
 ops whose launch cost exceeds their math; these replace them with one call each. Every op equals its plain-torch twin
 (engine/models/layers.py, kernels/attention.py) up to fp32 summation order, including the twin's bf16 roundings.
 Inference only: `usable(x)` is False while autograd is recording, so training keeps the differentiable twins."""

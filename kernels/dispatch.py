@@ -1,7 +1,8 @@
 """The engine's entry points to the kernels it has in two versions: Triton (the GPU path) when selected, else the
 plain-torch twins (the CPU path). Triton modules are imported only when used, so CPU installs need no Triton.
-(The fused Markov loop and the budget kernel have no CPU counterpart in the engine: their callers use them only on
-the Triton path; their twins kernels/markov.py and kernels/budget.py are the test oracles.)"""
+(The fused Markov loop is chosen in DSparkDraft.draft_block: Triton on the Triton path, the C++ loop of
+kernels/cpu_ops on CPU. The budget kernel has no CPU counterpart in the engine. Their twins kernels/markov.py and
+kernels/budget.py are the test oracles.)"""
 import torch
 
 from kernels import attention, sampling, triton_support

@@ -234,7 +234,7 @@ class DSparkDraft(nn.Module):
             hidden = self.backbone(anchors, starts, kv_slots, ctx_lens)[:, :num_tokens]
         with TIMINGS.section("draft_lm_head"):
             base_logits = self.vocab_logits(hidden)
-        if self.use_sequential_head and temperature_only and self.has_fused_markov and cpu_ops.usable(base_logits):
+        if temperature_only and self.has_fused_markov and cpu_ops.usable(base_logits):  # the C++ loop on CPU
             with TIMINGS.section("draft_sampling"):
                 head = self.markov_head
                 tokens, probs = cpu_ops.markov_sample(base_logits, anchors, head.markov_w1.weight,

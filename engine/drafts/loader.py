@@ -114,6 +114,8 @@ def read_draft_vocab(draft_dir: Path, size: int, vocab_size: int) -> torch.Tenso
     path = draft_dir / VOCAB_FILE
     if size < 0 or (size == 0 and not path.is_file()):
         return None
+    if not path.is_file():
+        raise ValueError(f"draft_vocab_size={size} needs the draft's token list {path} (python -m train draft-vocab)")
     return read_vocab_file(path, size, vocab_size)
 
 
@@ -121,7 +123,7 @@ def read_vocab_file(path: str | Path, size: int, vocab_size: int) -> torch.Tenso
     """A draft_vocab.json's K most frequent token ids (size 0: all of them)."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"draft_vocab_size={size} needs the draft's token list {path} (python -m train draft-vocab)")
+        raise ValueError(f"no draft token list at {path} (python -m train draft-vocab writes one)")
     data = json.loads(path.read_text())
     ids = data.get("token_ids") if isinstance(data, dict) else None
     if (not isinstance(ids, list) or not ids or not all(isinstance(i, int) and 0 <= i < vocab_size for i in ids)

@@ -1,4 +1,5 @@
-// The CPU kernels: the bf16 linear (bf16_linear.cpp), the fused decode ops and the decoder stack that chains them
+// The CPU kernels: the bf16 linear (bf16_linear.cpp, and bf16_linear_avx512.cpp for bf16 inputs where the CPU has
+// AVX512-BF16), the fused decode ops, the draft's Markov sampler and the decoder stack that chains them
 // (decode_ops.cpp).
 #pragma once
 #include <torch/extension.h>
