@@ -142,13 +142,13 @@ class LLMEngine:
         decoding = [s for s in self.scheduler.running if s.is_decoding and self.planner.room(s) > 0]
         if not decoding:
             return
-        positions = self.planner.positions_to_draft(decoding)
-        if not positions or not self.planner.wants_drafts(decoding):
-            for seq in decoding:  # a plain step; an unverified old block is dropped, which is always lossless
-                seq.clear_draft()
+        drafting = self.planner.drafters(decoding) if self.planner.positions_to_draft(decoding) else []
+        for seq in set(decoding) - set(drafting):  # plain this step; an unverified old block is dropped (lossless)
+            seq.clear_draft()
+        if not drafting:
             return
-        self.model_runner.propose([s for s in decoding if s.proposal is None], positions)
-        for seq, n in zip(decoding, self.planner.plan(decoding)):
+        self.model_runner.propose([s for s in drafting if s.proposal is None], self.planner.positions_to_draft(drafting))
+        for seq, n in zip(drafting, self.planner.plan(drafting)):
             seq.spec_token_ids = seq.proposal.tokens[:n]
 
     def record_round(self, seq: Sequence, accepted: int):

@@ -29,22 +29,25 @@ class Planner:
         self.refresh_steps = REFRESH_STEPS
         self.num_skipped_steps = 0  # steps run plainly because drafting looked futile (sps, threshold)
 
-    def wants_drafts(self, seqs: list[Sequence]) -> bool:
-        """Whether this step should draft at all (skipped steps decode plainly). The choice never looks at this step's
-        drafts, only at survivals at least one step old, so it is lossless. A refresh that finds drafting still
-        futile doubles the wait for the next one: on a busy machine each refresh drafts for every request."""
+    def drafters(self, seqs: list[Sequence]) -> list[Sequence]:
+        """The requests that draft this step (the others decode plainly): all of them, or none when drafting looks
+        futile. Every so often one request drafts anyway so that survivals stay current: the one with the least draft
+        context queued, so a refresh costs a batch-1 draft step instead of writing every request's queued context (on
+        a busy machine that was a prefill's worth of draft work). A refresh that finds drafting still futile doubles
+        the wait for the next one. The choice looks only at survivals at least one step old and at queue lengths,
+        never at this step's drafts, so it is lossless."""
         if not self.drafting_futile(seqs):
             self.steps_without_drafts, self.refresh_steps = 0, REFRESH_STEPS
-            return True
+            return seqs
         if self.steps_without_drafts >= self.refresh_steps:
             self.steps_without_drafts = 0
             self.refresh_steps = min(2 * self.refresh_steps, MAX_REFRESH_STEPS)
-            return True
+            return [min(seqs, key=queued_context_rows)]
         self.steps_without_drafts += 1
         self.num_skipped_steps += 1
         self.last_budget = 0
         self.last_theta = len(seqs) * self.sps.plain_steps_per_second(len(seqs)) if self.sps else 0.0
-        return False
+        return []
 
     def drafting_futile(self, seqs: list[Sequence]) -> bool:
         """sps: even the best budget cannot pay for the draft; threshold:c: every request's last first-position
@@ -133,3 +136,7 @@ class Planner:
         room = min(left, self.max_model_len - len(seq)) - 1
         cap = seq.params.num_draft_tokens
         return room if cap is None else min(room, cap)
+
+
+def queued_context_rows(seq: Sequence) -> int:
+    return sum(len(rows) for _, rows in seq.pending_context)

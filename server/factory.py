@@ -15,12 +15,12 @@ from server.prompts import PromptBuilder
 
 def create_app(config: EngineConfig, served_model_name: str = "", api_key: str = "", max_waiting: int = 256,
                max_body_bytes: int = 1 << 20) -> FastAPI:
-    engine = LLMEngine(config)
     name = served_model_name or Path(config.model).name
     metrics = Metrics(name)
+    loop = EngineLoop(lambda: LLMEngine(config), metrics, max_waiting)
+    engine = loop.engine
     gpu = GpuStats.for_engine(engine)
     if gpu:
         metrics.attach_gpu(gpu)
-    loop = EngineLoop(engine, metrics, max_waiting)
     prompts = PromptBuilder(engine, AutoTokenizer.from_pretrained(config.model), name)
     return build_app(loop, prompts, ServerOptions(name, api_key, max_body_bytes))

@@ -87,21 +87,25 @@ def test_skipped_drafting_refreshes_its_survivals_periodically():
         params = SamplingParams(max_tokens=100)
         num_completion_tokens = 0
 
-        def __init__(self):
+        def __init__(self, queued_rows: int = 0):
             self.last_survival = [0.1, 0.01, 0.001, 0.0001]  # a history that says drafting does not pay
+            self.pending_context = [(0, [None] * queued_rows)]
 
         def __len__(self):
             return 10
-    decisions = [planner.wants_drafts([Seq()]) for _ in range(200)]
+    decisions = [bool(planner.drafters([Seq()])) for _ in range(200)]
     refreshes = [REFRESH_STEPS, 3 * REFRESH_STEPS + 1, 7 * REFRESH_STEPS + 2]  # waits of 16, 32, 64 skipped steps
     assert [i for i, d in enumerate(decisions) if d] == refreshes
     assert planner.num_skipped_steps == 200 - len(refreshes)
     paying = Seq()
     paying.last_survival = [0.9, 0.8, 0.7, 0.6]
-    assert planner.wants_drafts([paying])  # drafting pays again: the wait goes back to 16
-    decisions = [planner.wants_drafts([Seq()]) for _ in range(REFRESH_STEPS + 1)]
+    assert planner.drafters([paying]) == [paying]  # drafting pays again: the wait goes back to 16
+    decisions = [bool(planner.drafters([Seq()])) for _ in range(REFRESH_STEPS + 1)]
     assert decisions == [False] * REFRESH_STEPS + [True]
-    assert Planner("full", 1000).wants_drafts([Seq()])  # full and fixed:k never skip
+    assert Planner("full", 1000).drafters([paying]) == [paying]  # full and fixed:k never skip
+    planner.steps_without_drafts = planner.refresh_steps
+    batch = [Seq(300), Seq(12), Seq(40)]
+    assert planner.drafters(batch) == [batch[1]]  # a refresh drafts only for the request with the least queued context
 
 
 def test_threshold_skips_drafting_when_every_lagged_first_confidence_is_below_it():
@@ -116,11 +120,11 @@ def test_threshold_skips_drafting_when_every_lagged_first_confidence_is_below_it
 
         def __len__(self):
             return 10
-    assert not planner.wants_drafts([Seq([0.3, 0.2, 0.1]), Seq([0.49, 0.4, 0.3])])
-    assert planner.wants_drafts([Seq([0.3, 0.2, 0.1]), Seq([0.6, 0.1, 0.01])])  # one request would verify a token
-    assert planner.wants_drafts([Seq(None)])  # no history: the prior 0.5 is not below 0.5
+    assert not planner.drafters([Seq([0.3, 0.2, 0.1]), Seq([0.49, 0.4, 0.3])])
+    assert planner.drafters([Seq([0.3, 0.2, 0.1]), Seq([0.6, 0.1, 0.01])])  # one request would verify a token
+    assert planner.drafters([Seq(None)])  # no history: the prior 0.5 is not below 0.5
     planner.remember([[0.2, 0.1, 0.05]] * 50)
-    assert not planner.wants_drafts([Seq(None)])  # ... until the running mean says blocks get cut to nothing
+    assert not planner.drafters([Seq(None)])  # ... until the running mean says blocks get cut to nothing
     assert planner.num_skipped_steps == 2 and planner.last_budget == 0
 
 
@@ -233,7 +237,7 @@ def test_steps_that_skip_drafting_stay_greedy_identical(models, tmp_path):
     llm = LLM(model=str(target), dtype="float32", spec_method="dspark", draft=str(draft), verify_policy="sps-lagged",
               sps_profile=str(profile), kv_cache_gb=0.01)
     decisions = []
-    llm.planner.wants_drafts = lambda seqs: decisions.append(len(decisions) % 3 != 1) or decisions[-1]
+    llm.planner.drafters = lambda seqs: seqs if decisions.append(len(decisions) % 3 != 1) or decisions[-1] else []
     assert [o.token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)] == plain
     assert decisions.count(False) >= 5 and llm.spec_stats.num_drafts >= 3 * decisions.count(True) - 6
 

@@ -177,7 +177,7 @@ def confidences_over_two_turns(target_dir, draft_dir, **options) -> tuple[LLM, l
     llm = LLM(model=str(target_dir), dtype="float32", spec_method="dspark", draft=str(draft_dir),
               verify_policy="full", kv_cache_gb=0.01, kv_block_size=BS, **options)
     steps = iter(range(10**6))
-    llm.planner.wants_drafts = lambda seqs: next(steps) % 8 == 0
+    llm.planner.drafters = lambda seqs: seqs if next(steps) % 8 == 0 else []
     records = llm.record_confidences()
     firsts = [list(range(3, 30)), list(range(50, 90))]
     outs = llm.generate(firsts, GREEDY, use_tqdm=False)

@@ -301,3 +301,25 @@ def test_fuzzed_bodies_never_500(server, body, max_tokens, route):
     assert r.status_code in (200, 400), r.text
     if r.status_code == 400:
         assert r.json()["error"]["message"]
+
+
+def test_engine_is_built_and_stepped_on_one_thread_not_the_main_one(model_dir, monkeypatch):
+    """Every torch op of the server runs on the engine-loop thread: a second thread opening OpenMP regions made each
+    decode step ~1.45x slower on 2 cores. A model that fails to load fails create_app with its own error."""
+    import threading
+
+    from engine.llm_engine import LLMEngine
+    threads = {"init": set(), "step": set()}
+    init, step = LLMEngine.__init__, LLMEngine.step
+    monkeypatch.setattr(LLMEngine, "__init__", lambda self, *a, **k: threads["init"].add(threading.get_ident())
+                        or init(self, *a, **k))
+    monkeypatch.setattr(LLMEngine, "step", lambda self: threads["step"].add(threading.get_ident()) or step(self))
+    app = create_app(EngineConfig(model=str(model_dir), dtype="float32", kv_cache_gb=0.01), "tiny")
+    with BackgroundServer(app) as running:
+        body = {"model": "tiny", "prompt": "Paris is the", "max_tokens": 4, **NO_EOS}
+        assert httpx.post(running.url + "/v1/completions", json=body).status_code == 200
+    assert len(threads["init"]) == 1 and threads["init"] == threads["step"]
+    assert threading.main_thread().ident not in threads["init"]
+    missing = EngineConfig(model=str(model_dir / "missing"), dtype="float32")
+    with pytest.raises(FileNotFoundError):
+        create_app(missing, "tiny")

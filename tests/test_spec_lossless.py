@@ -86,8 +86,14 @@ def llms(tmp_path_factory, target_dir):
     # threshold:c skips drafting once the lagged confidences are all below c (tests/test_planner.py); here every step
     # drafts so that its cut is what gets verified ("dspark-skipping" covers steps without drafts)
     llms["dspark-threshold:0.5"].planner.drafting_futile = lambda seqs: False
-    steps = iter(range(10**9))  # every other step plain, as when the planner judges that drafting would not pay
-    llms["dspark-skipping"].planner.wants_drafts = lambda seqs: next(steps) % 2 == 0
+    steps = iter(range(10**9))
+
+    def some_draft(seqs):
+        """Every fourth step plain (the planner judges drafting would not pay); otherwise four requests in five draft,
+        a different fifth sitting out each step (as when a refresh drafts for some requests only)."""
+        step = next(steps)
+        return [] if step % 4 == 3 else [s for s in seqs if (s.seq_id + step) % 5]
+    llms["dspark-skipping"].planner.drafters = some_draft
     return llms
 
 
