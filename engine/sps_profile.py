@@ -4,6 +4,7 @@ import hashlib
 import json
 import os
 import platform
+import time
 import warnings
 from pathlib import Path
 
@@ -63,22 +64,38 @@ def load_sps_curve(engine, setting: str) -> SpsCurve | None:
     path = CACHE_DIR / (hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16] + ".json")
     if path.is_file():
         return SpsCurve.load(path)
-    busy_before = machine_busy()
+    before, start = cpu_snapshot(), time.monotonic()
     curve = measure_curve(engine, repeats=2)
-    if busy_before or machine_busy():  # timed beside other work: use it for this run, but don't keep it
-        warnings.warn("the quick SPS(B) profile was measured on a busy machine (load average above the CPU count); "
-                      "it is used for this run only and not cached", stacklevel=2)
+    if measured_beside_other_work(before, cpu_snapshot(), time.monotonic() - start):
+        warnings.warn("the quick SPS(B) profile was measured on a busy machine (other processes used the CPU while "
+                      "it ran); it is used for this run only and not cached", stacklevel=2)
         return curve
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"key": key, "quick": True, **curve.to_json()}, indent=2))
     return curve
 
 
-def machine_busy() -> bool:
-    """Other processes are competing for the CPU (1-minute load average above the CPU count), so step times measured
-    now say more about them than about the engine. A cached profile from such a moment would mislead every later
-    run on this machine (a curve flattened by contention makes verifying many tokens look free)."""
+def cpu_snapshot() -> tuple[float, float] | None:
+    """(CPU seconds the whole machine has been busy, hypervisor steal included; CPU seconds this process has used),
+    or None where /proc/stat is missing."""
     try:
-        return os.getloadavg()[0] > (os.cpu_count() or 1)
-    except OSError:
-        return False
+        ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    own = os.times()
+    idle = ticks[3] + ticks[4]  # idle, iowait
+    return (sum(ticks) - idle) / os.sysconf("SC_CLK_TCK"), own.user + own.system
+
+
+def measured_beside_other_work(before, after, wall_s: float, max_cores: float = 0.5) -> bool:
+    """Whether other processes used more than max_cores of CPU on average between two cpu_snapshot()s: step times
+    measured then say more about them than about the engine, and a cached profile from such a moment would mislead
+    every later run (a curve flattened by contention makes verifying many tokens look free). Without /proc/stat, a
+    1-minute load average above the CPU count stands in (it lags: a machine busy a minute ago counts as busy)."""
+    if before is None or after is None:
+        try:
+            return os.getloadavg()[0] > (os.cpu_count() or 1)
+        except OSError:
+            return False
+    others = (after[0] - before[0]) - (after[1] - before[1])
+    return others > max_cores * max(wall_s, 1e-3)

@@ -245,7 +245,7 @@ def test_steps_that_skip_drafting_stay_greedy_identical(models, tmp_path):
 def test_quick_profile_is_measured_once_and_cached(models, tmp_path, monkeypatch):
     from engine import sps_profile
     monkeypatch.setattr(sps_profile, "CACHE_DIR", tmp_path)
-    monkeypatch.setattr(sps_profile, "machine_busy", lambda: False)
+    monkeypatch.setattr(sps_profile, "measured_beside_other_work", lambda *a: False)
     target, draft = models
     llm = LLM(model=str(target), dtype="float32", spec_method="dspark", draft=str(draft), verify_policy="sps",
               kv_cache_gb=0.05)
@@ -262,12 +262,40 @@ def test_quick_profile_from_a_busy_machine_is_not_cached(models, tmp_path, monke
     """Step times measured beside other work would mislead every later run, so such a profile serves this run only."""
     from engine import sps_profile
     monkeypatch.setattr(sps_profile, "CACHE_DIR", tmp_path)
-    monkeypatch.setattr(sps_profile, "machine_busy", lambda: True)
+    monkeypatch.setattr(sps_profile, "measured_beside_other_work", lambda *a: True)
     target, draft = models
     with pytest.warns(UserWarning, match="busy machine"):
         llm = LLM(model=str(target), dtype="float32", spec_method="dspark", draft=str(draft), verify_policy="sps",
                   kv_cache_gb=0.05)
     assert llm.planner.sps is not None and not list(tmp_path.glob("*.json"))
+
+
+def test_other_work_during_a_profile_is_seen_at_once():
+    """The check reads CPU time used while the profile ran, so a machine that was busy a minute ago but is quiet now
+    (the load average's lag) profiles and caches; a process spinning beside it is caught."""
+    import subprocess
+    import sys
+    import time
+
+    from engine import sps_profile
+
+    def others_busy_during(seconds: float) -> bool:
+        before, start = sps_profile.cpu_snapshot(), time.monotonic()
+        time.sleep(seconds)
+        return sps_profile.measured_beside_other_work(before, sps_profile.cpu_snapshot(), time.monotonic() - start)
+    assert sps_profile.cpu_snapshot() is not None  # Linux: /proc/stat
+    assert not others_busy_during(1.0)
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        assert others_busy_during(1.0)
+    finally:
+        spinner.kill()
+        spinner.wait()
+    own_work_start, start = sps_profile.cpu_snapshot(), time.monotonic()
+    sum(i * i for i in range(3_000_000))  # this process's own CPU time does not count
+    assert not sps_profile.measured_beside_other_work(own_work_start, sps_profile.cpu_snapshot(),
+                                                      time.monotonic() - start)
 
 
 def test_policy_errors(models):
