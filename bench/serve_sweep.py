@@ -4,6 +4,11 @@ our server is started as a subprocess (`python -m server`), the load test of ben
 llama-server on the bf16 GGUF of the same model is measured the same way (same threads, as many slots as our
 max_num_seqs, continuous batching). Writes serve_sweep.json, serve_sweep.md and two PNGs (serve_plot.py).
 
+With --rounds R > 1 every server stays up for the whole sweep and each level runs R times, the configurations taking
+turns (in a rotated order each round), so the runs compared at a level sit side by side in time: one server after
+another, a 2-core machine drifts by +-10% over a sweep, more than the differences speculation makes under load. Each
+reported point is the round with the median aggregate throughput; every round is kept in the JSON.
+
     python -m bench serve-sweep --configs none full fixed:1 sps sps-lagged --concurrency 1 4 16 --llama-server
 """
 import shlex
@@ -11,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import ExitStack
 from itertools import accumulate, repeat
 from pathlib import Path
 
@@ -42,6 +48,9 @@ def add_sweep_args(parser):
     parser.add_argument("--fresh-prompts", action="store_true",
                         help="every level sends prompts no earlier level sent, so prompt caches start cold (default: "
                         "each level resends the first N prompts, which servers that cache prompts serve from cache)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run each level this many times, the configurations taking turns with every server up "
+                        "at once (give --server-args '--kv-cache-gb 1' to fit them); points are median rounds")
     parser.add_argument("--llama-server", action="store_true", help="also measure llama.cpp's llama-server")
     parser.add_argument("--model", default="", help="model directory ('' = the embedded default)")
     parser.add_argument("--spec-method", default="dspark", choices=["dspark", "dflash"])
@@ -141,53 +150,103 @@ def levels(args) -> list[tuple[int, int]]:
     return list(zip(args.concurrency, counts))
 
 
-def prompts_per_level(prompts: list[str], args) -> list[list[str]]:
-    """Each level's prompts: the first N of them, or with --fresh-prompts the next N no earlier level sent."""
-    counts = [n for _, n in levels(args)]
+def prompt_sets(prompts: list[str], args) -> list[list[list[str]]]:
+    """[level][round] -> the prompts of that run: the first N every time, or with --fresh-prompts the next N that no
+    earlier run sent."""
+    counts = [n for _, n in levels(args) for _ in range(args.rounds)]
     starts = accumulate(counts, initial=0) if args.fresh_prompts else repeat(0)
-    return [prompts[start:start + n] for start, n in zip(starts, counts)]
+    runs = [prompts[start:start + n] for start, n in zip(starts, counts)]
+    return [runs[i:i + args.rounds] for i in range(0, len(runs), args.rounds)]
 
 
-def sweep_server(name: str, argv: list[str], port: int, prompts: list[str], warm: list[str], args, bar) -> list[dict]:
-    """Starts one server, runs every load level on it, stops it; a server that fails to start gives one error row."""
-    url, rows = f"http://127.0.0.1:{port}", []
-    try:
-        with ServerProcess(argv, url, args.out / "logs" / f"{name.replace(':', '_')}.log", args.startup_timeout):
-            for (concurrency, n), level_prompts in zip(levels(args), prompts_per_level(prompts, args)):
-                bar.set_description(f"{name} c={concurrency}")
-                opts = load_options(args, concurrency=concurrency, model="")
-                result = benchmark(url, level_prompts, warm, opts, args.progress, f"{name} c={concurrency}")
-                rows.append({"config": name, "concurrency": concurrency, "num_prompts": n,
-                             "summary": result["summary"], "server": result["server"]})
-                bar.update(1)
-    except RuntimeError as e:
-        tqdm.write(f"{name}: {e}")
-        bar.update(len(levels(args)) - len(rows))
-        rows.append({"config": name, "error": str(e)})
+def sweep_servers(servers: dict[str, tuple[list[str], int]], prompts: list[str], warm: list[str], args,
+                  bar) -> list[dict]:
+    """Starts these servers (name -> (argv, port)), runs every load level args.rounds times on each, the servers
+    taking turns, and stops them. A server that fails to start gives one error row."""
+    rows, runs_per_server = [], len(levels(args)) * args.rounds
+    with ExitStack() as stack:
+        urls = {}
+        for name, (argv, port) in servers.items():
+            url = f"http://127.0.0.1:{port}"
+            try:
+                stack.enter_context(ServerProcess(argv, url, args.out / "logs" / f"{name.replace(':', '_')}.log",
+                                                  args.startup_timeout))
+                urls[name] = url
+            except RuntimeError as e:
+                tqdm.write(f"{name}: {e}")
+                bar.update(runs_per_server)
+                rows.append({"config": name, "error": str(e)})
+        for (concurrency, n), sets in zip(levels(args), prompt_sets(prompts, args)):
+            for round_index, level_prompts in enumerate(sets):
+                names = list(urls)
+                shift = round_index % max(1, len(names))
+                for name in names[shift:] + names[:shift]:
+                    bar.set_description(f"{name} c={concurrency} round {round_index + 1}")
+                    opts = load_options(args, concurrency=concurrency, model="")
+                    result = benchmark(urls[name], level_prompts, warm, opts, args.progress, f"{name} c={concurrency}")
+                    rows.append({"config": name, "concurrency": concurrency, "num_prompts": n, "round": round_index,
+                                 "summary": result["summary"], "server": result["server"]})
+                    bar.update(1)
     return rows
 
 
+def median_rounds(rows: list[dict]) -> list[dict]:
+    """Per (config, concurrency), the round with the median aggregate throughput (the lower one of an even count);
+    error rows as they are. Order: configs as first seen, levels as run."""
+    runs: dict[tuple, list[dict]] = {}
+    for r in rows:
+        runs.setdefault((r["config"], r.get("concurrency")), []).append(r)
+    picked = []
+    for group in runs.values():
+        if "error" in group[0]:
+            picked += group
+            continue
+        by_throughput = sorted(group, key=lambda r: r["summary"]["output_throughput"])
+        picked.append(by_throughput[(len(group) - 1) // 2])
+    return picked
+
+
 def run(args) -> dict:
+    if args.rounds < 1:
+        raise SystemExit("--rounds must be at least 1")
     counts = [n for _, n in levels(args)]
-    needed = sum(counts) if args.fresh_prompts else max(counts)
+    needed = sum(counts) * args.rounds if args.fresh_prompts else max(counts)
     prompts = load_prompts(args.dataset, needed + args.warmup, seed=args.seed)
     prompts, warm = prompts[:needed], prompts[needed:]
     runs = list(args.configs) + ([LLAMA] if args.llama_server else [])
     results = {"command": shlex.join(["python", "-m", "bench", *sys.argv[1:]]), "dataset": args.dataset,
                "max_tokens": args.max_tokens, "fresh_prompts": args.fresh_prompts, "temperature": args.temperature,
                "threads": args.num_threads, "max_num_seqs": max_num_seqs(args), "model": args.model or "default",
-               "rows": [], "skipped": {}}
-    with tqdm(total=len(runs) * len(args.concurrency), desc="serve-sweep", dynamic_ncols=True) as bar:
-        for name in runs:
-            port = free_port()
-            argv, why = llama_server_argv(port, args) if name == LLAMA else (our_server_argv(name, port, args), "")
-            if argv is None:
-                tqdm.write(f"skipping {name}: {why}")
-                results["skipped"][name] = why
-                bar.update(len(args.concurrency))
-                continue
-            results["rows"] += sweep_server(name, argv, port, prompts, warm, args, bar)
+               "rounds": args.rounds, "rows": [], "skipped": {}}
+    servers = {}
+    for name in runs:
+        port = free_port()
+        argv, why = llama_server_argv(port, args) if name == LLAMA else (our_server_argv(name, port, args), "")
+        if argv is None:
+            tqdm.write(f"skipping {name}: {why}")
+            results["skipped"][name] = why
+        else:
+            servers[name] = (argv, port)
+    # one server at a time, or all of them at once when the rounds take turns
+    groups = [dict([item]) for item in servers.items()] if args.rounds == 1 else [servers]
+    all_rows = []
+    with tqdm(total=len(servers) * len(args.concurrency) * args.rounds, desc="serve-sweep", dynamic_ncols=True) as bar:
+        for group in groups:
+            all_rows += sweep_servers(group, prompts, warm, args, bar)
+    results["rows"] = median_rounds(all_rows)
+    if args.rounds > 1:
+        results["all_rounds"] = all_rows
+        results["spread"] = throughput_spread(all_rows)
     return results
+
+
+def throughput_spread(rows: list[dict]) -> dict[str, dict[int, list[float]]]:
+    """config -> concurrency -> every round's aggregate throughput, in round order."""
+    out: dict[str, dict[int, list[float]]] = {}
+    for r in rows:
+        if "error" not in r:
+            out.setdefault(r["config"], {}).setdefault(r["concurrency"], []).append(r["summary"]["output_throughput"])
+    return out
 
 
 def table_rows(results: dict) -> list[list[str]]:
@@ -208,11 +267,21 @@ HEADER = ["config", "concurrency", "ok/failed", "output tok/s", "per-user tok/s"
           "median TPOT ms", "acceptance length", "mean verify budget"]
 
 
+def rounds_note(results: dict) -> str:
+    if results.get("rounds", 1) == 1:
+        return ""
+    spread = [[name, str(c), " / ".join(f"{x:.1f}" for x in xs)]
+              for name, per in results["spread"].items() for c, xs in per.items()]
+    return (f"\nEach row: the round with the median output tok/s of {results['rounds']} (configurations taking turns). "
+            f"Output tok/s of every round:\n\n{markdown_table(['config', 'concurrency', 'rounds'], spread)}\n")
+
+
 def report(results: dict, out_dir: Path):
     from bench.serve_plot import plot_sweep
     rows = table_rows(results)
     save_and_print(results, out_dir / "serve_sweep.json", HEADER, rows)
     skipped = "".join(f"\nskipped {name}: {why}\n" for name, why in results["skipped"].items())
-    (out_dir / "serve_sweep.md").write_text(f"`{results['command']}`\n\n{markdown_table(HEADER, rows)}\n{skipped}")
+    (out_dir / "serve_sweep.md").write_text(
+        f"`{results['command']}`\n\n{markdown_table(HEADER, rows)}\n{rounds_note(results)}{skipped}")
     for path in plot_sweep(results, out_dir):
         print(f"wrote {path}")

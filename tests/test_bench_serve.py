@@ -278,23 +278,55 @@ def test_serve_sweep_starts_servers_skips_a_missing_peer_and_plots(tmp_path):
 
 def test_levels_resend_the_first_prompts_or_take_fresh_ones():
     from bench.serve import add_load_args
-    from bench.serve_sweep import add_sweep_args, prompts_per_level
+    from bench.serve_sweep import add_sweep_args, prompt_sets
     parser = add_load_args(add_sweep_args(argparse.ArgumentParser()))
     common = ["--concurrency", "1", "4", "--num-prompts-per-level", "2", "3"]
-    prompts = [f"p{i}" for i in range(5)]
-    assert prompts_per_level(prompts, parser.parse_args(common)) == [["p0", "p1"], ["p0", "p1", "p2"]]
-    assert prompts_per_level(prompts, parser.parse_args(common + ["--fresh-prompts"])) == [["p0", "p1"],
-                                                                                           ["p2", "p3", "p4"]]
+    prompts = [f"p{i}" for i in range(10)]
+    assert prompt_sets(prompts, parser.parse_args(common)) == [[["p0", "p1"]], [["p0", "p1", "p2"]]]
+    assert prompt_sets(prompts, parser.parse_args(common + ["--fresh-prompts"])) == [[["p0", "p1"]],
+                                                                                   [["p2", "p3", "p4"]]]
+    fresh_rounds = prompt_sets(prompts, parser.parse_args(common + ["--fresh-prompts", "--rounds", "2"]))
+    assert fresh_rounds == [[["p0", "p1"], ["p2", "p3"]], [["p4", "p5", "p6"], ["p7", "p8", "p9"]]]
+
+
+def test_rounds_take_turns_with_every_server_up_and_report_the_median_round(tmp_path):
+    """--rounds 2: both servers are up for the whole sweep, each level runs once per round on each, in a rotated
+    order, and the table shows the round with the median (here: lower) throughput."""
+    from bench.serve import add_load_args
+    from bench.serve_sweep import add_sweep_args, median_rounds, report, run
+    target = save_tiny_model(tmp_path / "target", "qwen3")
+    (target / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    draft = save_tiny_draft(tmp_path / "draft", target, block_size=4)
+    argv = ["--configs", "none", "fixed:2", "--concurrency", "1", "--num-prompts-per-level", "2", "--rounds", "2",
+            "--fresh-prompts", "--model", str(target), "--draft", str(draft), "--dtype", "float32", "--num-threads",
+            "1", "--server-args", "--kv-cache-gb 0.01", "--dataset", "math", "--max-tokens", "4",
+            "--out", str(tmp_path / "sweep"), "--no-progress"]
+    args = add_load_args(add_sweep_args(argparse.ArgumentParser())).parse_args(argv)
+    results = run(args)
+    report(results, args.out)
+    order = [(r["config"], r["round"]) for r in results["all_rounds"]]
+    assert order == [("none", 0), ("fixed:2", 0), ("fixed:2", 1), ("none", 1)]
+    assert all(r["summary"]["successful_requests"] == 2 for r in results["all_rounds"])
+    assert all(r["server"]["requests"] == 2 for r in results["all_rounds"])  # /metrics agrees, round by round
+    for log in ("none.log", "fixed_2.log"):  # each server started once and served both rounds
+        assert (args.out / "logs" / log).read_text().count("Started server process") == 1
+    for config in ("none", "fixed:2"):
+        [shown] = [r for r in results["rows"] if r["config"] == config]
+        rounds = [r["summary"]["output_throughput"] for r in results["all_rounds"] if r["config"] == config]
+        assert shown["summary"]["output_throughput"] == min(rounds) and results["spread"][config][1] == rounds
+    assert "Output tok/s of every round" in (args.out / "serve_sweep.md").read_text()
+    rows = [{"config": "a", "concurrency": 1, "summary": {"output_throughput": x}} for x in (5.0, 9.0, 7.0)]
+    assert median_rounds(rows)[0]["summary"]["output_throughput"] == 7.0
 
 
 def test_serve_sweep_reports_a_server_that_cannot_start(tmp_path):
     from bench.serve import add_load_args
-    from bench.serve_sweep import add_sweep_args, sweep_server
+    from bench.serve_sweep import add_sweep_args, sweep_servers
     from tqdm import tqdm
     args = add_load_args(add_sweep_args(argparse.ArgumentParser())).parse_args(
         ["--concurrency", "1", "2", "--out", str(tmp_path), "--startup-timeout", "30"])
     crash = [sys.executable, "-c", "import sys; print('no model here'); sys.exit(3)"]
     with tqdm(total=2, file=io.StringIO()) as bar:
-        [row] = sweep_server("none", crash, free_port(), PROMPTS, [], args, bar)
+        [row] = sweep_servers({"none": (crash, free_port())}, PROMPTS, [], args, bar)
         assert bar.n == 2
     assert row["config"] == "none" and "server exited with code 3: no model here" in row["error"]
