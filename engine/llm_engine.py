@@ -142,7 +142,7 @@ class LLMEngine:
         decoding = [s for s in self.scheduler.running if s.is_decoding and self.planner.room(s) > 0]
         if not decoding:
             return
-        drafting = self.planner.drafters(decoding) if self.planner.positions_to_draft(decoding) else []
+        drafting = self.planner.drafters(decoding) if self.planner.drafts_at_all else []
         for seq in set(decoding) - set(drafting):  # plain this step; an unverified old block is dropped (lossless)
             seq.clear_draft()
         if not drafting:

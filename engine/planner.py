@@ -12,6 +12,7 @@ from kernels import triton_support
 NEEDS_CONFIDENCE = ("threshold", "sps", "sps-lagged")
 PRIOR_SURVIVAL = 0.5  # per-position survival assumed before any request has drafted
 PRIOR_MOMENTUM = 0.9  # a request with no history of its own gets this running mean of all requests' past survivals
+SURVIVAL_MOMENTUM = 0.5  # a request's own running mean of its blocks' survivals
 REFRESH_STEPS = 16    # after this many steps without drafting, draft once anyway so the survivals stay current;
 MAX_REFRESH_STEPS = 256  # the wait doubles after each refresh that still finds drafting futile, up to this
 
@@ -60,26 +61,39 @@ class Planner:
 
     def positions_to_draft(self, seqs: list[Sequence]) -> int:
         """Block positions worth drafting this step: none of these requests can verify more than its room, nor more
-        than k under fixed:k. Known before drafting, so the sequential head, LM head and sampling skip the rest."""
+        than k under fixed:k, nor more than the whole step's budget K, plus one, under sps-lagged (K comes from the
+        lagged survivals, so it is known before drafting; the extra position keeps a survival beyond K current, so K
+        can grow, and lets a refresh draft when K is 0). Known before drafting, so the sequential head, LM head and
+        sampling skip the rest."""
         most = max(min(self.draft_len, self.room(s)) for s in seqs)
-        return min(most, int(self.arg)) if self.kind == "fixed" else most
+        if self.kind == "fixed":
+            return min(most, int(self.arg))
+        if self.kind == "sps-lagged" and self.sps is not None and most:
+            budget = best_budget(self.stale_survivals(seqs), self.sps.for_requests(len(seqs)))
+            return min(most, budget + 1)
+        return most
 
     def stale_survivals(self, seqs: list[Sequence]) -> list[list[float]]:
         rooms = [max(0, min(self.draft_len, self.room(s))) for s in seqs]
         return [(s.last_survival or self.prior)[:n] for s, n in zip(seqs, rooms)]
 
     def keep_survivals(self, seqs: list[Sequence], survivals: list[list[float]]):
-        """This step's live survivals become each request's lagged ones from the next step on, and are folded into the
-        prior that requests with no history of their own start from."""
+        """This step's live survivals are folded into each request's lagged ones (a running mean from the prior on,
+        used from the next step), and into the prior that requests with no history of their own start from. A mean,
+        not the last block alone: one block drafted with low confidence would otherwise stop a request drafting
+        until the next refresh."""
         for seq, row in zip(seqs, survivals):
-            seq.last_survival = row
+            seq.last_survival = blend(seq.last_survival or self.prior, row, SURVIVAL_MOMENTUM)
         self.remember(survivals)
 
     def remember(self, survivals: list[list[float]]):
         """Fold live survivals into the prior that new requests start from (used from the next step)."""
         for row in survivals:
-            for j, a in enumerate(row[:len(self.prior)]):
-                self.prior[j] = PRIOR_MOMENTUM * self.prior[j] + (1 - PRIOR_MOMENTUM) * a
+            self.prior = blend(self.prior, row, PRIOR_MOMENTUM)
+
+    @property
+    def drafts_at_all(self) -> bool:
+        return self.draft_len > 0 and not (self.kind == "fixed" and int(self.arg) == 0)
 
     @property
     def needs_confidence(self) -> bool:
@@ -140,3 +154,9 @@ class Planner:
 
 def queued_context_rows(seq: Sequence) -> int:
     return sum(len(rows) for _, rows in seq.pending_context)
+
+
+def blend(old: list[float], new: list[float], momentum: float) -> list[float]:
+    """Running mean, position by position: where the new row is shorter (fewer positions drafted), the old values
+    stay."""
+    return [momentum * a + (1 - momentum) * b for a, b in zip(old, new)] + list(old[len(new):])

@@ -45,7 +45,8 @@ class SpsCurve:
 
     def for_requests(self, num_requests: int):
         """SPS as a function of the step's token count B, for a step with this many requests."""
-        return lambda num_tokens: self.steps_per_second(num_tokens, num_requests)
+        draft = interpolate(self.draft_cost, num_requests)
+        return lambda num_tokens: 1.0 / (draft + self.step_seconds(num_tokens))
 
 
 def monotone(points: dict[int, float]) -> tuple[list[int], list[float]]:

@@ -237,3 +237,37 @@ def test_fused_markov_sampler_never_draws_a_zero_probability_token():
     tokens, probs = cpu_ops.markov_sample(base, anchors, w1, w2.t().contiguous(), temperature, uniforms)
     drawn = probs.gather(2, tokens[:, :, None]).squeeze(2)
     assert (drawn > 0).all() and (tokens < base.shape[2] - 37).all()
+
+
+def test_draft_context_through_the_fused_ops_equals_the_torch_path(tmp_path, monkeypatch):
+    """The draft's context K/V written through the target's C++ norm + rotary + store is bitwise what the torch ops
+    write; the check can fail: the same rows at other positions give other keys."""
+    from tiny_models import save_tiny_draft, save_tiny_model
+
+    from engine.drafts.dspark import DraftAttention
+    target = save_tiny_model(tmp_path / "target", "qwen3")
+    draft_dir = save_tiny_draft(tmp_path / "draft", target, block_size=4)
+    llm = LLM(model=str(target), dtype="bfloat16", spec_method="dspark", draft=str(draft_dir), kv_cache_gb=0.01)
+    draft = llm.model_runner.speculator.draft
+    torch.manual_seed(0)
+    features = torch.randn(5, draft.fc.weight.shape[1]).bfloat16()
+    positions, slots = torch.tensor([0, 1, 2, 7, 30]), torch.tensor([3, 4, 5, 9, 17])
+
+    def caches(**kw):
+        for layer in draft.layers:
+            layer.self_attn.k_cache.zero_(), layer.self_attn.v_cache.zero_()
+        with torch.inference_mode():
+            draft.extend_context(features, kw.get("positions", positions), slots)
+        return [t.clone() for layer in draft.layers for t in (layer.self_attn.k_cache, layer.self_attn.v_cache)]
+    calls = []
+    fused_context = DraftAttention.fused_context
+    monkeypatch.setattr(DraftAttention, "fused_context", lambda self, x: calls.append(fused_context(self, x))
+                        or calls[-1])
+    fused = caches()
+    assert calls and all(calls)
+    monkeypatch.setattr(DraftAttention, "fused_context", lambda self, x: False)
+    reference = caches()
+    assert all(torch.equal(a, b) for a, b in zip(fused, reference))
+    assert any(t[:, slots].abs().sum() > 0 for t in fused)
+    shifted = caches(positions=positions + 1)
+    assert not torch.equal(shifted[0], reference[0]) and torch.equal(shifted[1], reference[1])  # keys rotate, values not

@@ -328,3 +328,28 @@ def test_profiler_writes_a_monotone_table_the_engine_reproduces(models, tmp_path
     for b, cost in data["step_cost_s"].items():
         draft_cost = data["draft_cost_s"]["1"]
         assert llm.planner.sps.steps_per_second(int(b), 1) == pytest.approx(1 / (cost + draft_cost))
+
+
+def test_sps_lagged_drafts_only_one_position_beyond_its_lagged_budget():
+    """The lagged budget K is known before drafting, so positions past K + 1 are never drafted (no request can
+    verify more than K); fixed:k drafts k, full the whole block. One position beyond K keeps a survival there
+    current, so K can grow; a budget of 0 still drafts one position (a refresh)."""
+    curve = SpsCurve({1: 0.010, 2: 0.0105, 3: 0.011, 8: 0.030}, {1: 0.002})
+
+    class Seq:
+        params = SamplingParams(max_tokens=100)
+        num_completion_tokens = 0
+
+        def __init__(self, last):
+            self.last_survival = last
+
+        def __len__(self):
+            return 10
+    planner = Planner("sps-lagged", 1000, curve, draft_len=7)
+    good = Seq([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3])
+    budget = best_budget(planner.stale_survivals([good]), curve.for_requests(1))
+    assert 0 < budget < 6 and planner.positions_to_draft([good]) == budget + 1
+    assert planner.positions_to_draft([Seq([0.01] * 7)]) == 1  # K = 0: one position
+    assert Planner("fixed:2", 1000, curve, draft_len=7).positions_to_draft([good]) == 2
+    assert Planner("full", 1000, curve, draft_len=7).positions_to_draft([good]) == 7
+    assert Planner("sps-lagged", 1000, None, draft_len=7).positions_to_draft([good]) == 7  # no curve: full block

@@ -59,8 +59,19 @@ class DraftAttention(nn.Module):
         return apply_rotary(self.k_norm(k), cos, sin), v
 
     def store_context(self, ctx: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slot_mapping: torch.Tensor):
+        if self.fused_context(ctx):  # the target's C++ norm + rotary + store: the same values, no per-op dispatch
+            kv = self.kv_proj(ctx)
+            norm = self.k_norm.weight  # also passed as the (unused: no query heads) q norm
+            _, k = cpu_ops.norm_rope(kv, cos, sin, norm, norm, self.k_norm.eps, 0, self.num_kv_heads)
+            v = kv[:, self.num_kv_heads * self.head_dim:].view(-1, self.num_kv_heads, self.head_dim)
+            cpu_ops.store_kv(k, v, self.k_cache, self.v_cache, slot_mapping)
+            return
         k, v = self.key_values(ctx, cos, sin)
         store_kvcache(k, v, self.k_cache, self.v_cache, slot_mapping)
+
+    def fused_context(self, ctx: torch.Tensor) -> bool:
+        return (ctx.dim() == 2 and ctx.dtype == self.k_norm.weight.dtype and self.k_cache.dtype == torch.float32
+                and cpu_ops.usable(ctx) and not triton_support.enabled())
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_slots: torch.Tensor,
                 ctx_lens: torch.Tensor) -> torch.Tensor:
