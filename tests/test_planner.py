@@ -108,18 +108,22 @@ def test_skipped_drafting_refreshes_its_survivals_periodically():
     assert planner.drafters(batch) == [batch[1]]  # a refresh drafts only for the request with the least queued context
 
 
+class LaggedSeq:
+    """A decoding request as the planner sees it: its lagged survivals and plenty of room."""
+    params = SamplingParams(max_tokens=100)
+    num_completion_tokens = 0
+
+    def __init__(self, last):
+        self.last_survival = last
+
+    def __len__(self):
+        return 10
+
+
 def test_threshold_skips_drafting_when_every_lagged_first_confidence_is_below_it():
     planner = Planner("threshold:0.5", 1000, draft_len=3)
 
-    class Seq:
-        params = SamplingParams(max_tokens=100)
-        num_completion_tokens = 0
-
-        def __init__(self, last):
-            self.last_survival = last
-
-        def __len__(self):
-            return 10
+    Seq = LaggedSeq
     assert not planner.drafters([Seq([0.3, 0.2, 0.1]), Seq([0.49, 0.4, 0.3])])
     assert planner.drafters([Seq([0.3, 0.2, 0.1]), Seq([0.6, 0.1, 0.01])])  # one request would verify a token
     assert planner.drafters([Seq(None)])  # no history: the prior 0.5 is not below 0.5
@@ -336,15 +340,7 @@ def test_sps_lagged_drafts_only_one_position_beyond_its_lagged_budget():
     current, so K can grow; a budget of 0 still drafts one position (a refresh)."""
     curve = SpsCurve({1: 0.010, 2: 0.0105, 3: 0.011, 8: 0.030}, {1: 0.002})
 
-    class Seq:
-        params = SamplingParams(max_tokens=100)
-        num_completion_tokens = 0
-
-        def __init__(self, last):
-            self.last_survival = last
-
-        def __len__(self):
-            return 10
+    Seq = LaggedSeq
     planner = Planner("sps-lagged", 1000, curve, draft_len=7)
     good = Seq([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3])
     budget = best_budget(planner.stale_survivals([good]), curve.for_requests(1))
@@ -353,3 +349,16 @@ def test_sps_lagged_drafts_only_one_position_beyond_its_lagged_budget():
     assert Planner("fixed:2", 1000, curve, draft_len=7).positions_to_draft([good]) == 2
     assert Planner("full", 1000, curve, draft_len=7).positions_to_draft([good]) == 7
     assert Planner("sps-lagged", 1000, None, draft_len=7).positions_to_draft([good]) == 7  # no curve: full block
+
+
+def test_lagged_survivals_are_a_running_mean_over_a_requests_blocks():
+    """One block drafted with low confidence halves a request's lagged survivals instead of replacing them; positions
+    it did not draft keep their values; a request without history blends with the prior."""
+    planner = Planner("sps-lagged", 1000, SpsCurve({1: 0.010, 2: 0.011}, {1: 0.002}), draft_len=3)
+    seen = LaggedSeq([0.9, 0.8, 0.7])
+    planner.keep_survivals([seen], [[0.1, 0.0]])
+    assert seen.last_survival == pytest.approx([0.5, 0.4, 0.7])
+    new = LaggedSeq(None)
+    prior = list(planner.prior)
+    planner.keep_survivals([new], [[1.0, 1.0, 1.0]])
+    assert new.last_survival == pytest.approx([(p + 1.0) / 2 for p in prior])
