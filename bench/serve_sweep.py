@@ -190,14 +190,19 @@ def sweep_servers(servers: dict[str, tuple[list[str], int]], prompts: list[str],
     return rows
 
 
-def median_rounds(rows: list[dict]) -> list[dict]:
-    """Per (config, concurrency), the round with the median aggregate throughput (the lower one of an even count);
-    error rows as they are. Order: configs as first seen, levels as run."""
+def rounds_by_point(rows: list[dict]) -> dict[tuple, list[dict]]:
+    """(config, concurrency) -> its rows in round order (an error row has no concurrency)."""
     runs: dict[tuple, list[dict]] = {}
     for r in rows:
         runs.setdefault((r["config"], r.get("concurrency")), []).append(r)
+    return runs
+
+
+def median_rounds(rows: list[dict]) -> list[dict]:
+    """Per (config, concurrency), the round with the median aggregate throughput (the lower one of an even count);
+    error rows as they are. Order: configs as first seen, levels as run."""
     picked = []
-    for group in runs.values():
+    for group in rounds_by_point(rows).values():
         if "error" in group[0]:
             picked += group
             continue
@@ -243,9 +248,9 @@ def run(args) -> dict:
 def throughput_spread(rows: list[dict]) -> dict[str, dict[int, list[float]]]:
     """config -> concurrency -> every round's aggregate throughput, in round order."""
     out: dict[str, dict[int, list[float]]] = {}
-    for r in rows:
-        if "error" not in r:
-            out.setdefault(r["config"], {}).setdefault(r["concurrency"], []).append(r["summary"]["output_throughput"])
+    for (config, concurrency), group in rounds_by_point(rows).items():
+        if "error" not in group[0]:
+            out.setdefault(config, {})[concurrency] = [r["summary"]["output_throughput"] for r in group]
     return out
 
 

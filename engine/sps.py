@@ -37,7 +37,7 @@ class SpsCurve:
         return interpolate(self.step_cost, num_tokens)
 
     def steps_per_second(self, num_tokens: int, num_requests: int) -> float:
-        return 1.0 / (interpolate(self.draft_cost, num_requests) + self.step_seconds(num_tokens))
+        return self.for_requests(num_requests)(num_tokens)
 
     def plain_steps_per_second(self, num_tokens: int) -> float:
         """A step that drafts nothing (its requests decode one token each): no draft cost."""

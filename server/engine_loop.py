@@ -55,15 +55,15 @@ class EngineLoop:
         self.commands: queue.SimpleQueue = queue.SimpleQueue()
         self.tracked: dict[str, Tracked] = {}   # loop-thread side
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.engine: LLMEngine | None = None     # set by the loop thread before it reports back
         built: queue.SimpleQueue = queue.SimpleQueue()
         self.thread = threading.Thread(target=self.run, args=(make_engine, built), name="engine-loop", daemon=True)
         self.thread.start()
-        engine = built.get()
-        if isinstance(engine, BaseException):
+        failure = built.get()
+        if failure is not None:
             self.thread.join()
-            raise engine
-        self.engine: LLMEngine = engine
-        self.capacity = engine.config.max_num_seqs + max_waiting
+            raise failure
+        self.capacity = self.engine.config.max_num_seqs + max_waiting
 
     def start(self):
         """Outputs go to the running event loop from now on (no request can arrive before it runs)."""
@@ -98,7 +98,7 @@ class EngineLoop:
         except BaseException as e:  # noqa: BLE001 - handed to the constructor, which raises it
             built.put(e)
             return
-        built.put(self.engine)
+        built.put(None)
         self.serve()
 
     def serve(self):
