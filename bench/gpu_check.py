@@ -8,11 +8,13 @@ needing only torch, triton, transformers and pytest besides this repository (run
    time vs requests (the SPS(B) points the planner would use), and the issue's batch-1 ratios.
 Writes report.json and report.md to --out."""
 import argparse
+import importlib.util
 import json
 import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -36,13 +38,18 @@ DRAFT_VOCAB = 32768  # FR-Spec's draft vocabulary size for 128k-151k-token targe
 GOALS = {"draft_over_verify_b1": 0.15, "verify8_over_decode_b1": 1.15, "graphs_over_eager_b1": 1.3}
 
 
-def run_kernel_tests() -> dict:
+def run_kernel_tests(log_path: Path) -> dict:
+    """The tests in a child pytest whose output goes to log_path as it runs (a hang still leaves its trace)."""
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *KERNEL_TESTS],
-                          capture_output=True, text=True)
-    summary = (proc.stdout.strip().splitlines() or ["(no output)"])[-1]
+    per_test_limit = ["--timeout=240"] if importlib.util.find_spec("pytest_timeout") else []
+    with open(log_path, "w") as log:
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-rf", "-p", "no:cacheprovider",
+                               *per_test_limit, *KERNEL_TESTS], stdout=log, stderr=subprocess.STDOUT, text=True)
+    output = log_path.read_text()
+    counts = [line for line in output.splitlines() if " passed" in line or " failed" in line or " error" in line]
+    summary = (counts or output.strip().splitlines() or ["(no output)"])[-1].strip("= ")
     return {"passed": proc.returncode == 0, "summary": summary, "seconds": round(time.perf_counter() - start, 1),
-            "output_tail": (proc.stdout + proc.stderr)[-4000:]}
+            "output_tail": output[-4000:]}
 
 
 def random_target(model_dir, dtype, device="cuda"):
@@ -85,6 +92,26 @@ def build_engine(root: Path, kv_cache_gb: float, target=QWEN3_4B, draft=DSPARK_4
     return SimpleNamespace(model_runner=runner, block_manager=BlockManager(runner.num_blocks, config.kv_block_size))
 
 
+def kernel_profile(engine, context_len: int, repeats: int = 3, rows: int = 15) -> str:
+    """The GPU kernels of a batch-1 decode step and a batch-1 draft step (eager), by self CUDA time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from engine.cost_model import fake_requests, time_draft, time_forward
+    on_gpu = engine.model_runner.device.type == "cuda"
+    seqs = fake_requests(engine, 1, context_len)
+    try:
+        with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * on_gpu) as prof:
+            time_forward(engine, seqs, [1], repeats)
+            time_draft(engine, seqs, repeats)
+    finally:
+        engine.block_manager.free(seqs[0])
+    return prof.key_averages().table(sort_by=f"self_{'cuda' if on_gpu else 'cpu'}_time_total", row_limit=rows)
+
+
+def stage(name: str):
+    print(f"[{time.strftime('%H:%M:%S')}] {name}", flush=True)
+
+
 def measure(engine, context_len: int, repeats: int, tokens=VERIFY_TOKENS, requests=DRAFT_REQUESTS,
             draft_vocab: int = DRAFT_VOCAB) -> dict:
     """Step times eager, then with CUDA graphs captured (the serving path); the batch-1 ratios of the latter; then
@@ -92,14 +119,21 @@ def measure(engine, context_len: int, repeats: int, tokens=VERIFY_TOKENS, reques
     from engine.cost_model import ROWS_PER_REQUEST, measure_curve
     from engine.graphs import TOKEN_TIERS
     tokens = sorted(set(tokens) | {t for t in TOKEN_TIERS if t <= max(tokens)})  # the same grid for both
+    stage("eager step times")
     eager = measure_curve(engine, tokens, requests, context_len, repeats)
     runner = engine.model_runner
+    stage("kernel profile (eager, batch 1)")
+    profile_table = kernel_profile(engine, context_len)
+    stage("capturing CUDA graphs")
     runner.capture_graphs(context_len + 2 * ROWS_PER_REQUEST)
+    stage("graph step times")
     graphs = measure_curve(engine, tokens, requests, context_len, repeats)
     draft = runner.speculator.draft
     draft.restrict_vocab(torch.arange(draft_vocab, device=draft.fc.weight.device))
+    stage(f"draft graphs with a {draft_vocab}-token vocabulary")
     runner.speculator.capture_graphs(runner.config.max_num_seqs, context_len + 2 * ROWS_PER_REQUEST, runner.graphs.pool)
     subset = dict(zip(*measure_curve(engine, (1,), requests, context_len, repeats).draft_cost))
+    stage("done")
     step, draft = dict(zip(*graphs.step_cost)), dict(zip(*graphs.draft_cost))
     eager_step, eager_draft = dict(zip(*eager.step_cost)), dict(zip(*eager.draft_cost))
     return {"context_len": context_len,
@@ -108,7 +142,7 @@ def measure(engine, context_len: int, repeats: int, tokens=VERIFY_TOKENS, reques
             "draft_over_verify_b1": draft[1] / step[8], "verify8_over_decode_b1": step[8] / step[1],
             "graphs_over_eager_b1": eager_step[1] / step[1], "draft_vocab": draft_vocab,
             "draft_vocab_ms": {r: subset[r] * 1e3 for r in subset},
-            "draft_over_verify_b1_with_draft_vocab": subset[1] / step[8]}
+            "draft_over_verify_b1_with_draft_vocab": subset[1] / step[8], "kernel_profile": profile_table}
 
 
 def markdown(report: dict) -> str:
@@ -131,6 +165,8 @@ def markdown(report: dict) -> str:
             lines.append(f"| {name} | {bench[name]:.2f} | {'>=' if name.startswith('graphs') else '<='} {goal} |")
         lines.append(f"| draft_over_verify_b1 with the draft vocabulary | "
                      f"{bench['draft_over_verify_b1_with_draft_vocab']:.2f} | <= {GOALS['draft_over_verify_b1']} |")
+        lines += ["", "Kernels of a batch-1 decode step and draft step (eager, torch.profiler):", "", "```",
+                  bench["kernel_profile"], "```"]
     if report.get("bench_error"):
         lines += ["", f"Benchmark failed: `{report['bench_error']}`"]
     return "\n".join(lines) + "\n"
@@ -148,16 +184,19 @@ def main():
         sys.exit("gpu-check needs an NVIDIA GPU that torch can see")
     import triton
     start = time.perf_counter()
+    args.out.mkdir(parents=True, exist_ok=True)
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-              "tests": {"passed": None, "summary": "skipped", "seconds": 0} if args.skip_tests else run_kernel_tests()}
-    print(f"tests: {report['tests']['summary']}", flush=True)
+              "tests": ({"passed": None, "summary": "skipped", "seconds": 0} if args.skip_tests
+                        else run_kernel_tests(args.out / "tests.log"))}
+    print(f"tests: {report['tests']['summary']} ({report['tests']['seconds']} s)", flush=True)
     try:
         with tempfile.TemporaryDirectory() as root:
             report["bench"] = measure(build_engine(Path(root), args.kv_cache_gb), args.context_len, args.repeats)
     except Exception as e:  # noqa: BLE001 - the report still says what passed before the benchmark broke
         report["bench_error"] = f"{type(e).__name__}: {e}"
+        report["bench_traceback"] = traceback.format_exc()[-4000:]
+        print(report["bench_traceback"], flush=True)
     report["seconds"] = round(time.perf_counter() - start, 1)
-    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "report.json").write_text(json.dumps(report, indent=2))
     (args.out / "report.md").write_text(markdown(report))
     print(markdown(report))

@@ -10,6 +10,7 @@ from engine.drafts.dspark import DSparkDraft
 from engine.drafts.heads import VanillaMarkov
 from engine.sampler import SamplingTensors
 from kernels import markov, sampling
+from kernels import triton_markov
 from kernels.triton_markov import markov_sample
 from kernels.triton_rejection import rejection_sample
 
@@ -122,6 +123,19 @@ def test_markov_kernel_matches_twin(markov_run):
     assert tokens.tolist() == want_tokens.tolist()
     torch.testing.assert_close(probs, want_probs, atol=1e-6, rtol=1e-5)
     assert tokens[0, 0] == 10 and probs[0, 0, 10] == 1.0  # ties go to the first index
+
+
+def test_markov_kernel_matches_twin_across_many_blocks_and_stat_chunks(kernel_device, monkeypatch):
+    """Small tiles: 63 vocabulary blocks (the last partial), their statistics combined 16 at a time, so the per-request
+    pass carries its max, mass and cdf across chunks as it must for a 150k-token vocabulary."""
+    monkeypatch.setattr(triton_markov, "TILE", 16 * RANK)
+    monkeypatch.setattr(triton_markov, "STATS_CHUNK", 16)
+    args = markov_case([0.0, 0.7, 1.0], G=4, seed=3)
+    tokens, probs = markov_sample(*(a.to(kernel_device) for a in args))
+    want_tokens, want_probs = markov.markov_sample(*args)
+    assert tokens.cpu().tolist() == want_tokens.tolist()
+    torch.testing.assert_close(probs.cpu(), want_probs, atol=1e-6, rtol=1e-5)
+    assert tokens[0, 0] == 10  # the greedy tie across blocks still goes to the first index
 
 
 def test_markov_twin_differs_when_bias_or_prev_is_wrong(markov_run):

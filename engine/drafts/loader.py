@@ -85,7 +85,9 @@ def draft_state(tensors: dict[str, torch.Tensor], target: DecoderModel, draft_di
 
 
 def same_weights(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.shape == b.shape and (torch.equal(a.to(b.dtype), b) or torch.equal(b.to(a.dtype), a))
+    """Equal values, whatever the device or dtype of either (a checkpoint is read on the CPU, the target may sit on
+    the GPU)."""
+    return a.shape == b.shape and (torch.equal(a.to(b.device, b.dtype), b) or torch.equal(b.to(a.device, a.dtype), a))
 
 
 def read_calibration(draft_dir: Path, block_size: int) -> tuple[torch.Tensor, torch.Tensor] | None:
