@@ -32,10 +32,11 @@ bench: setup
 	$(PY) -m bench throughput
 
 # On a GPU machine: the Triton kernels and the engine's GPU path checked and benchmarked (report in bench_out/gpu_check).
-# Uses that machine's python (torch, triton, transformers, pytest), not this venv.
+# Uses that machine's python (torch, triton, transformers, pytest), not this venv; the C++ CPU kernels are left
+# unbuilt there (the tests' CPU reference path is plain torch), which saves their compile.
 GPU_PYTHON ?= python3
 gpu-check:
-	PYTHONPATH=. $(GPU_PYTHON) -m bench.gpu_check --out bench_out/gpu_check
+	PYTHONPATH=. DSPARK_DISABLE_CPU_KERNELS=1 $(GPU_PYTHON) -m bench.gpu_check --out bench_out/gpu_check
 
 clean:
 	rm -rf $(VENV) models .cache

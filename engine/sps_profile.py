@@ -16,6 +16,7 @@ from engine.sps import SpsCurve
 from kernels import cpu_linear
 
 CACHE_DIR = Path(os.environ.get("DSPARK_CACHE", Path.home() / ".cache" / "dspark")) / "sps"
+QUICK_REPEATS = 5  # medians of 5: one stalled forward in 2 doubled a cached point once (8 tokens: 39 ms, not 20)
 TIMED_CODE = ("engine/models/*.py", "engine/drafts/*.py", "engine/model_runner.py", "engine/speculator.py",
               "engine/graphs.py", "engine/sampler.py", "kernels/*.py", "kernels/csrc/*")
 
@@ -65,7 +66,7 @@ def load_sps_curve(engine, setting: str) -> SpsCurve | None:
     if path.is_file():
         return SpsCurve.load(path)
     before, start = cpu_snapshot(), time.monotonic()
-    curve = measure_curve(engine, repeats=2)
+    curve = measure_curve(engine, repeats=QUICK_REPEATS)
     if measured_beside_other_work(before, cpu_snapshot(), time.monotonic() - start):
         warnings.warn("the quick SPS(B) profile was measured on a busy machine (other processes used the CPU while "
                       "it ran); it is used for this run only and not cached", stacklevel=2)
