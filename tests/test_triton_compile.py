@@ -1,0 +1,123 @@
+"""Every Triton kernel compiles for a Hopper GPU (sm_90), ahead of time, on a machine without one.
+
+The interpreter runs a kernel's Python semantics; it never lowers it, so a construct the GPU compiler rejects (a
+type mismatch, an unsupported op, a loop-carried variable that changes type, which the interpreter runs happily) would
+first show on a lent GPU. Here each kernel's public
+wrapper runs on small CPU inputs under the interpreter while its launches are recorded (argument types and
+constexpr values), and a child process without the interpreter compiles each recorded launch through Triton's own
+pipeline down to a cubin with the ptxas that ships in the triton wheel."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import triton
+from triton.runtime.interpreter import InterpretedFunction
+
+from kernels import triton_attention, triton_budget, triton_kv, triton_markov, triton_rejection
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(),
+                                reason="with a GPU the kernel tests compile and run the kernels themselves")
+REPO = Path(__file__).resolve().parents[1]
+POINTER_TYPES = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.int64: "*i64",
+                 torch.int32: "*i32"}
+COMPILE = r"""
+import json, sys
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import importlib
+for launch in json.load(sys.stdin):
+    fn = getattr(importlib.import_module(launch["module"]), launch["kernel"])
+    values, signature, constexprs = launch["args"], {}, {}
+    for param in fn.params:
+        value = values[param.name]
+        if param.is_constexpr:
+            signature[param.name] = "constexpr"
+            constexprs[param.name] = tl.core.dtype(value["dtype"]) if isinstance(value, dict) else value
+        elif isinstance(value, dict):
+            signature[param.name] = value["pointer"]
+        elif isinstance(value, bool):
+            signature[param.name] = "i1"
+        elif isinstance(value, int):
+            signature[param.name] = "i32" if -2**31 <= value < 2**31 else "i64"
+        else:
+            signature[param.name] = "fp32"
+    if "DOT_TYPE" in constexprs:  # the interpreter's fp32 stand-in; on the GPU the dot runs in the caches' dtype
+        constexprs["DOT_TYPE"] = tl.core.dtype(signature["k_cache_ptr"][1:])
+    compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                              target=GPUTarget("cuda", 90, 32))
+    print(launch["kernel"], len(compiled.asm["cubin"]), "bytes of sm_90 code", flush=True)
+"""
+
+
+def describe(value):
+    """A launch argument as the child needs it: a tensor's pointer type, a triton dtype, or the Python value."""
+    if isinstance(value, torch.Tensor):
+        return {"pointer": POINTER_TYPES[value.dtype]}
+    if isinstance(value, triton.language.dtype):
+        return {"dtype": value.name}
+    return value
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    """Launches made while the fixture is active: (module, kernel name, {argument: description})."""
+    launches, run = [], InterpretedFunction.run
+
+    def record(self, *args, grid, warmup, **kwargs):
+        names = self.arg_names
+        values = dict(zip(names, args)) | kwargs
+        launches.append({"module": self.fn.__module__, "kernel": self.fn.__name__,
+                         "args": {name: describe(values[name]) for name in names if name in values}})
+        return run(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    monkeypatch.setattr(InterpretedFunction, "run", record)
+    return launches
+
+
+def run_every_kernel():
+    """Each wrapper once, on the dtypes the GPU path uses (bf16 caches and activations, fp32 probabilities)."""
+    g = torch.Generator().manual_seed(0)
+    T, Hkv, H, D, slots = 5, 2, 8, 128, 64
+    k, v = torch.randn(T, Hkv, D, generator=g).bfloat16(), torch.randn(T, Hkv, D, generator=g).bfloat16()
+    k_cache, v_cache = torch.zeros(Hkv, slots, D, dtype=torch.bfloat16), torch.zeros(Hkv, slots, D, dtype=torch.bfloat16)
+    triton_kv.store_kvcache(k, v, k_cache, v_cache, torch.tensor([3, -1, 7, 8, 9]))
+    q = torch.randn(T, H, D, generator=g).bfloat16()
+    cu = torch.tensor([0, 1, 5], dtype=torch.int32)
+    kv_slots = torch.arange(2 * 12).view(2, 12)
+    kv_lens = torch.tensor([6, 12], dtype=torch.int32)
+    triton_attention.varlen_paged_attention(q, k_cache, v_cache, cu, kv_slots, kv_lens, None, 0.1)
+    block_q = torch.randn(2, 3, H, D, generator=g).bfloat16()
+    block_kv = torch.randn(2, 3, Hkv, D, generator=g).bfloat16()
+    triton_attention.block_attention(block_q, block_kv, block_kv, k_cache, v_cache, kv_slots,
+                                     torch.tensor([4, 0], dtype=torch.int32), 0.1)
+    V = 100
+    target, draft = torch.rand(5, V, generator=g).softmax(-1), torch.rand(3, V, generator=g).softmax(-1)
+    triton_rejection.rejection_sample(target, draft, torch.tensor([1, 2, 3]), torch.tensor([3, 0]),
+                                      torch.rand(3, generator=g), torch.rand(2, generator=g))
+    rank = 16
+    w1, w2 = torch.randn(V, rank, generator=g).bfloat16(), torch.randn(60, rank, generator=g).bfloat16()
+    args = (torch.randn(2, 3, 60, generator=g), torch.tensor([1, 2]), w1, w2, torch.tensor([0.0, 0.7]),
+            torch.rand(2, 3, generator=g))
+    triton_markov.markov_sample(*args, torch.arange(60))
+    triton_markov.markov_sample(args[0], args[1], w1[:60], *args[3:])
+    triton_budget.allocate_budget(torch.rand(3, 7, generator=g), torch.tensor([7, 3, 0]), 5)
+
+
+def test_every_kernel_compiles_for_sm90(recorded):
+    run_every_kernel()
+    kernels = {(launch["module"], launch["kernel"]) for launch in recorded}
+    assert {k for _, k in kernels} == {"_store_kv_kernel", "_varlen_attention_kernel", "_rejection_kernel",
+                                       "_logits_kernel", "_pick_kernel", "_normalize_kernel",
+                                       "_allocate_budget_kernel"}
+    unique = list({json.dumps(launch, sort_keys=True): launch for launch in recorded}.values())
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", COMPILE], input=json.dumps(unique), capture_output=True, text=True,
+                          cwd=REPO, env=env | {"PYTHONPATH": str(REPO)}, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("bytes of sm_90 code") == len(unique), proc.stdout
