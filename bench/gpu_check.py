@@ -93,7 +93,7 @@ def build_engine(root: Path, kv_cache_gb: float, target=QWEN3_4B, draft=DSPARK_4
 
 
 def kernel_profile(engine, context_len: int, repeats: int = 3, rows: int = 15) -> str:
-    """The GPU kernels of a batch-1 decode step and a batch-1 draft step (eager), by self CUDA time."""
+    """The GPU kernels of a batch-1 decode step and a batch-1 draft step (eager), by self device time."""
     from torch.profiler import ProfilerActivity, profile
 
     from engine.cost_model import fake_requests, time_draft, time_forward
@@ -105,7 +105,7 @@ def kernel_profile(engine, context_len: int, repeats: int = 3, rows: int = 15) -
             time_draft(engine, seqs, repeats)
     finally:
         engine.block_manager.free(seqs[0])
-    return prof.key_averages().table(sort_by=f"self_{'cuda' if on_gpu else 'cpu'}_time_total", row_limit=rows)
+    return prof.key_averages().table(sort_by=f"self_{'device' if on_gpu else 'cpu'}_time_total", row_limit=rows)
 
 
 def stage(name: str):
