@@ -5,7 +5,8 @@ so each step streams W2 once at the GPU's bandwidth, whatever the batch:
 1. per vocabulary block (every request in turn): logits = (base + W2 · W1[prev]) / T, written to the probs row as
    scratch, and the block's max, sum of exp(logit - max) and first argmax;
 2. per request: the row's max, softmax denominator and argmax from the block statistics, each block's share of the
-   probability mass from them alone, the block where u · total falls, and the token inside that block;
+   probability mass from them alone (normalised, so the cdf ends at 1 up to rounding), the block where the cdf
+   passes u, and the token inside that block;
 
 then, once after the G steps, every row is turned into probabilities in place (the next step never waits on it)."""
 import torch
@@ -81,7 +82,7 @@ def _pick_kernel(probs_ptr, stat_max_ptr, stat_sum_ptr, stat_arg_ptr, temperatur
         j = start + tl.arange(0, CHUNK)
         denom += tl.sum(_block_mass(stat_max_ptr + stats, stat_sum_ptr + stats, j, NB, top, NB, False), 0)
     denom = tl.where(greedy, 1.0, denom)
-    # the block where the cdf passes u * total, and the cdf before it
+    # the block where the cdf of the normalised masses passes u, and the cdf before it
     threshold = tl.load(uniforms_ptr + b * G + step)
     total, found, carry_before, last_nonzero = 0.0, NB, 0.0, 0
     for start in range(0, NB, CHUNK):
@@ -94,7 +95,7 @@ def _pick_kernel(probs_ptr, stat_max_ptr, stat_sum_ptr, stat_arg_ptr, temperatur
         found = tl.minimum(found, first)
         last_nonzero = tl.maximum(last_nonzero, tl.max(tl.where(mass > 0, j, 0), 0))
         total = tl.max(cdf, 0)
-    carry_before = tl.where(found == NB, total, carry_before)  # rounding left u * total past the end: last block
+    carry_before = tl.where(found == NB, total, carry_before)  # rounding left u past the end: last block
     blk = tl.where(found == NB, last_nonzero, found)
     # the token inside that block
     cols = blk * BLOCK_V + tl.arange(0, BLOCK_V)
