@@ -64,6 +64,9 @@ def main():
     sw.add_argument("--policies", nargs="+", default=["none", "fixed:1", "full", "threshold:0.5", "sps", "sps-lagged"])
     sw.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
     sw.add_argument("--rounds", type=int, default=2, help="prompts per concurrency = rounds x concurrency")
+    sw.add_argument("--repeats", type=int, default=1,
+                    help="runs of each level per policy, the policies taking turns; points are median runs")
+    sw.add_argument("--kv-cache-gb", type=float, default=2.0, help="per engine (every policy's engine is loaded)")
     sw.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     sw.add_argument("--threads", type=int, default=2)
     sw.add_argument("--max-tokens", type=int, default=64)

@@ -131,7 +131,7 @@ class Speculator:
         draft nothing (the planner judged speculation would not pay) do not pay for them."""
         for seq, rows, n in zip(seqs, features, num_committed):
             if n:
-                seq.pending_context.append((seq.num_computed_tokens, rows[:n]))
+                seq.pending_context.append((seq.num_computed_tokens, rows[:n].clone()))
 
     def write_context(self, seqs: list[Sequence]):
         queued = [(s, start, rows) for s in seqs for start, rows in s.pending_context]
