@@ -13,8 +13,6 @@ from bench.datasets import encode_prompt, load_prompts
 from bench.report import save_and_print
 from engine import LLM, SamplingParams
 
-POLICIES = ("none", "fixed:1", "full", "threshold:0.5", "sps", "sps-lagged")
-
 
 def closed_loop(llm: LLM, prompts: list[list[int]], concurrency: int, params: SamplingParams, label: str) -> dict:
     """Serve every prompt keeping `concurrency` requests in flight; per-user speed = tokens after the first one over

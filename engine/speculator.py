@@ -128,7 +128,8 @@ class Speculator:
     def extend_context(self, seqs: list[Sequence], features: list[torch.Tensor], num_committed: list[int]):
         """Queue the first num_committed[i] scheduled rows of seqs[i] (whose target features are given) for the
         draft's context K/V. They are written in one batch just before the request next drafts, so steps that
-        draft nothing (the planner judged speculation would not pay) do not pay for them."""
+        draft nothing (the planner judged speculation would not pay) do not pay for them. The rows are copied: a view
+        would keep the step's whole feature tensor alive until every request in that step had drafted or finished."""
         for seq, rows, n in zip(seqs, features, num_committed):
             if n:
                 seq.pending_context.append((seq.num_computed_tokens, rows[:n].clone()))
