@@ -1,6 +1,7 @@
 """CPU linear paths on a model's real weight shapes: one pass over every linear layer (weights well beyond cache, as
 in a decode step), for each number of input rows M, through our AVX2 kernel, our AVX512-BF16 kernel (where the CPU
-has it), torch's bf16 F.linear and oneDNN's packed fp32 copy. Interleaved repeats, medians."""
+has it), the same kernel on weights in 2 MB huge pages (as the engine keeps them), torch's bf16 F.linear and oneDNN's
+packed fp32 copy. Interleaved repeats, medians."""
 import json
 import statistics
 import time
@@ -8,10 +9,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm.auto import tqdm
 
 from bench.report import save_and_print
 from engine.config import DEFAULT_MODELS_DIR, DEFAULT_MODEL_NAME
+from engine.cpu import move_to_huge_pages
 from kernels import cpu_linear
 
 
@@ -25,11 +28,16 @@ def layer_shapes(config: dict) -> list[tuple[int, int]]:
     return per_layer * layers + [(config["vocab_size"], h)]
 
 
+HUGE = ", huge pages"
+
+
 def paths(native: bool) -> dict:
-    """name -> fn(x, w, packed) for x [M, K] bf16."""
+    """name -> fn(x, w, packed) for x [M, K] bf16; a name ending in HUGE runs on the weights in huge pages."""
     out = {"kernel AVX2": lambda x, w, p: cpu_linear.bf16_linear(x, w, allow_native=False)}
     if native:
         out["kernel AVX512-BF16"] = lambda x, w, p: cpu_linear.bf16_linear(x, w)
+    out[("kernel AVX512-BF16" if native else "kernel AVX2") + HUGE] = \
+        lambda x, w, p: cpu_linear.bf16_linear(x, w, allow_native=native)
     out["torch F.linear bf16"] = lambda x, w, p: F.linear(x, w)
     out["oneDNN packed fp32"] = lambda x, w, p: torch.ops.mkldnn._linear_pointwise(x.float(), p, None, "none", [], "")
     return out
@@ -40,6 +48,8 @@ def run(args) -> dict:
     model = Path(args.model or DEFAULT_MODELS_DIR / DEFAULT_MODEL_NAME)
     shapes = layer_shapes(json.loads((model / "config.json").read_text()))
     weights = [torch.randn(n, k).bfloat16() for n, k in shapes]
+    in_huge_pages = nn.ParameterList(nn.Parameter(w.clone(), requires_grad=False) for w in weights)
+    move_to_huge_pages(in_huge_pages)
     packed = [torch.ops.mkldnn._reorder_linear_weight(w.float(), 1) for w in weights]
     ways = paths(cpu_linear.native_bf16_available())
     times = {name: {m: [] for m in args.rows} for name in ways}
@@ -49,7 +59,7 @@ def run(args) -> dict:
                 xs = {k: torch.randn(m, k).bfloat16() for k in {k for _, k in shapes}}
                 for name, fn in ways.items():
                     start = time.perf_counter()
-                    for w, p in zip(weights, packed):
+                    for w, p in zip(in_huge_pages if name.endswith(HUGE) else weights, packed):
                         fn(xs[w.shape[1]], w, p)
                     times[name][m].append(time.perf_counter() - start)
                     bar.update(1)

@@ -103,6 +103,7 @@ class EngineConfig:
     device: str = "auto"                 # auto (cuda when present) | cpu | cuda
     kernels: str = "auto"                # auto (triton on cuda, torch twins on cpu) | torch | triton
     enforce_eager: bool = False          # no CUDA graphs (they are captured on cuda + triton otherwise)
+    huge_pages: bool = True              # CPU: weights in 2 MB transparent huge pages (fewer TLB misses)
     hf_config: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -132,7 +133,7 @@ class EngineConfig:
                              f"got {self.draft_vocab_size}")
         parse_verify_policy(self.verify_policy)
         self.device, self.kernels = resolve_device(self.device, self.kernels)
-        for name in ("enforce_eager", "enable_prefix_caching"):
+        for name in ("enforce_eager", "enable_prefix_caching", "huge_pages"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.kv_cache_gb == 0 and self.device == "cpu":
