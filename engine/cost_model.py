@@ -33,29 +33,39 @@ def clock(engine) -> float:
     return time.perf_counter()
 
 
-def time_forward(engine, seqs: list[Sequence], sizes: list[int], repeats: int) -> float:
-    times = []
-    for _ in range(repeats + 1):
-        for seq, n in zip(seqs, sizes):
-            seq.num_scheduled_tokens = n
-        start = clock(engine)
-        engine.model_runner.forward(seqs, sizes, engine.model_runner.capture_layers)
-        times.append(clock(engine) - start)
+def forward_seconds(engine, seqs: list[Sequence], sizes: list[int]) -> float:
+    """One target forward carrying sizes[i] tokens for seqs[i]."""
+    for seq, n in zip(seqs, sizes):
+        seq.num_scheduled_tokens = n
+    start = clock(engine)
+    engine.model_runner.forward(seqs, sizes, engine.model_runner.capture_layers)
+    seconds = clock(engine) - start
     for seq in seqs:
         seq.num_scheduled_tokens = 0
-    return statistics.median(times[1:])
+    return seconds
+
+
+def draft_seconds(engine, seqs: list[Sequence]) -> float:
+    """One draft step (a block proposed for each of seqs)."""
+    start = clock(engine)
+    engine.model_runner.speculator.propose(seqs)
+    seconds = clock(engine) - start
+    for seq in seqs:
+        seq.clear_draft()
+    return seconds
+
+
+def time_forward(engine, seqs: list[Sequence], sizes: list[int], repeats: int) -> float:
+    return statistics.median([forward_seconds(engine, seqs, sizes) for _ in range(repeats + 1)][1:])
 
 
 def time_draft(engine, seqs: list[Sequence], repeats: int) -> float:
-    speculator = engine.model_runner.speculator
-    times = []
-    for _ in range(repeats + 1):
-        start = clock(engine)
-        speculator.propose(seqs)
-        times.append(clock(engine) - start)
-    for seq in seqs:
-        seq.clear_draft()
-    return statistics.median(times[1:])
+    return statistics.median([draft_seconds(engine, seqs) for _ in range(repeats + 1)][1:])
+
+
+def split(tokens: int, rows: int) -> list[int]:
+    """tokens spread over rows as evenly as possible."""
+    return [tokens // rows + (i < tokens % rows) for i in range(rows)]
 
 
 def token_grid(engine, token_counts) -> list[int]:
@@ -68,7 +78,9 @@ def token_grid(engine, token_counts) -> list[int]:
 def measure_curve(engine, token_counts=QUICK_TOKENS, request_counts=QUICK_REQUESTS, context_len: int = 256,
                   repeats: int = 3, progress=None) -> SpsCurve:
     """Step cost of a target forward carrying B tokens (as verify rows of up to 8 tokens per request, each with
-    context_len cached tokens) and draft cost for R requests; the KV used is freed afterwards. With CUDA graphs the
+    context_len cached tokens) and draft cost for R requests, medians of repeats with every point timed once per
+    round: timed one point after another, a slow spell of the machine bent the curve's shape (a quick profile once
+    had 2 tokens cost what 1 did). The KV used is freed afterwards. With CUDA graphs the
     rows are at most the graphs' verify row, the grid also gets every graph tier up to its largest B, and up to the
     largest graph the curve is the step function the graphs give."""
     graphs = engine.model_runner.graphs
@@ -80,18 +92,21 @@ def measure_curve(engine, token_counts=QUICK_TOKENS, request_counts=QUICK_REQUES
     if fits < 1:
         raise ValueError(f"the KV cache is too small to profile {most} requests; raise kv_cache_gb")
     seqs = fake_requests(engine, most, min(context_len, fits))
+    timings = [(("step", b), lambda n=-(-b // rows), b=b: forward_seconds(engine, seqs[:n], split(b, n)))
+               for b in token_counts]
+    if engine.model_runner.speculator:
+        timings += [(("draft", r), lambda r=r: draft_seconds(engine, seqs[:r])) for r in request_counts]
     try:
-        step = {}
-        for b in token_counts:
-            n = -(-b // rows)
-            sizes = [b // n + (i < b % n) for i in range(n)]
-            step[b] = time_forward(engine, seqs[:n], sizes, repeats)
-            progress and progress.update(1)
-        draft = {}
-        if engine.model_runner.speculator:
-            for r in request_counts:
-                draft[r] = time_draft(engine, seqs[:r], repeats)
-                progress and progress.update(1)
+        times = {point: [] for point, _ in timings}
+        for round_index in range(repeats + 1):  # the points take turns, so drift reaches all of them alike
+            for point, measure in timings:
+                seconds = measure()
+                if round_index:  # the first round warms up
+                    times[point].append(seconds)
+                progress and progress.update(1 / (repeats + 1))
+        cost = {point: statistics.median(t) for point, t in times.items()}
+        step = {n: c for (kind, n), c in cost.items() if kind == "step"}
+        draft = {n: c for (kind, n), c in cost.items() if kind == "draft"}
         graph_tokens = 0 if graphs is None else max(t for t in token_counts if t <= graphs.tiers[-1])
         return SpsCurve(step, draft, graph_tokens)
     finally:

@@ -18,7 +18,8 @@ from kernels import cpu_linear
 CACHE_DIR = Path(os.environ.get("DSPARK_CACHE", Path.home() / ".cache" / "dspark")) / "sps"
 QUICK_REPEATS = 5  # medians of 5: one stalled forward in 2 doubled a cached point once (8 tokens: 39 ms, not 20)
 TIMED_CODE = ("engine/models/*.py", "engine/drafts/*.py", "engine/model_runner.py", "engine/speculator.py",
-              "engine/graphs.py", "engine/sampler.py", "kernels/*.py", "kernels/csrc/*")
+              "engine/graphs.py", "engine/sampler.py", "engine/cpu.py", "engine/cost_model.py", "kernels/*.py",
+              "kernels/csrc/*")
 
 
 def code_version() -> str:
@@ -35,7 +36,8 @@ def profile_key(engine) -> dict:
             "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.machine(),
             "cpu": platform.processor() or platform.node(), "device": device_name(c.device), "kernels": c.kernels,
             "graph_tiers": graph_tiers(engine), "draft_vocab": draft_vocab_size(engine), "code": code_version(),
-            "native_bf16": c.device == "cpu" and cpu_linear.native_bf16_available()}  # no CPU kernel build on GPU
+            "native_bf16": c.device == "cpu" and cpu_linear.native_bf16_available(),  # no CPU kernel build on GPU
+            "huge_pages": c.device == "cpu" and c.huge_pages}
 
 
 def draft_vocab_size(engine) -> int:

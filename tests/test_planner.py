@@ -334,6 +334,31 @@ def test_profiler_writes_a_monotone_table_the_engine_reproduces(models, tmp_path
         assert llm.planner.sps.steps_per_second(int(b), 1) == pytest.approx(1 / (cost + draft_cost))
 
 
+def test_profile_points_take_turns_so_a_slow_spell_bends_no_point(models, monkeypatch):
+    """A slow spell of the machine shorter than a round reaches each point at most once, which the median drops; timed
+    one point after another (the negative control) the same spell lands on one or two points whole."""
+    from engine import cost_model
+    target, draft = models
+    llm = LLM(model=str(target), dtype="float32", spec_method="dspark", draft=str(draft), verify_policy="sps",
+              sps_profile="none", kv_cache_gb=0.05)
+    calls = []
+
+    def slowed(seconds: float) -> float:
+        calls.append(seconds)
+        return seconds * (3 if 8 <= len(calls) < 13 else 1)  # calls 8-12: the machine at a third of its speed
+    monkeypatch.setattr(cost_model, "forward_seconds", lambda engine, seqs, sizes: slowed(sum(sizes) * 1e-3))
+    monkeypatch.setattr(cost_model, "draft_seconds", lambda engine, seqs: slowed(len(seqs) * 1e-4))
+    tokens, requests = (1, 2, 4, 8), (1, 2)
+    curve = cost_model.measure_curve(llm, tokens, requests, context_len=8, repeats=4)
+    assert len(calls) == 5 * 6
+    assert dict(zip(*curve.step_cost)) == pytest.approx({b: b * 1e-3 for b in tokens})
+    assert dict(zip(*curve.draft_cost)) == pytest.approx({r: r * 1e-4 for r in requests})
+    calls.clear()
+    seqs = cost_model.fake_requests(llm, 1, 8)
+    one_after_another = {b: cost_model.time_forward(llm, seqs, [b], 4) for b in tokens}
+    assert max(one_after_another[b] / (b * 1e-3) for b in tokens) > 2
+
+
 def test_sps_lagged_drafts_only_one_position_beyond_its_lagged_budget():
     """The lagged budget K is known before drafting, so positions past K + 1 are never drafted (no request can
     verify more than K); fixed:k drafts k, full the whole block. One position beyond K keeps a survival there
