@@ -22,6 +22,15 @@ def keep_freed_memory(limit_bytes: int = 1 << 28) -> bool:
     return all(mallopt(option, limit_bytes) == 1 for option in (M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, M_TOP_PAD))
 
 
+def return_freed_memory() -> bool:
+    """Hand the heap's free memory back to the OS once (glibc's malloc_trim): keep_freed_memory keeps it otherwise,
+    and after the weights move to huge pages their old copies would stay resident (+256 MB for SmolLM2)."""
+    try:
+        return bool(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
+
+
 def huge_pages_available() -> bool:
     return all(hasattr(mmap, name) for name in ("MADV_HUGEPAGE", "MAP_PRIVATE", "MAP_ANONYMOUS"))
 

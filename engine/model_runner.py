@@ -4,7 +4,7 @@ import torch
 from engine.block_manager import slots
 from engine.config import EngineConfig
 from engine.context import AttentionGroup, VarlenBatch, device_tensor, get_context, reset_context, set_context
-from engine.cpu import keep_freed_memory, move_to_huge_pages
+from engine.cpu import keep_freed_memory, move_to_huge_pages, return_freed_memory
 from engine.loader import load_model
 from engine.models.layers import pack_linears_for_cpu
 from engine.sampler import SamplingTensors, sample
@@ -38,6 +38,7 @@ class ModelRunner:
                            if config.spec_method != "none" else None)
         if self.device.type == "cpu" and config.huge_pages:
             move_to_huge_pages(self.model, *([self.speculator.draft] if self.speculator else []))
+            return_freed_memory()
         self.num_blocks = self.allocate_kv_cache(config.kv_cache_gb or self.free_gpu_kv_gb())
         self.graphs = None  # engine/graphs.TargetGraphs once captured
 
