@@ -11,24 +11,27 @@ HUGE_PAGE = 2 << 20
 ALIGN = 64  # bytes between tensors packed into one huge-page buffer: a cache line, as torch's allocator gives
 
 
+def glibc_function(name: str):
+    """A function of the C library (glibc's malloc tuning), or None where there is no such function."""
+    try:
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
+    except (OSError, AttributeError):
+        return None
+
+
 def keep_freed_memory(limit_bytes: int = 1 << 28) -> bool:
     """glibc returns large freed buffers to the OS, so every step page-faults its MB-sized activations afresh
     (measured: 3x slower batched decode attention). Keep them in the heap instead. No-op off glibc."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    return all(mallopt(option, limit_bytes) == 1 for option in (M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, M_TOP_PAD))
+    mallopt = glibc_function("mallopt")
+    return mallopt is not None and all(mallopt(option, limit_bytes) == 1
+                                       for option in (M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, M_TOP_PAD))
 
 
 def return_freed_memory() -> bool:
     """Hand the heap's free memory back to the OS once (glibc's malloc_trim): keep_freed_memory keeps it otherwise,
     and after the weights move to huge pages their old copies would stay resident (+256 MB for SmolLM2)."""
-    try:
-        return bool(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0))
-    except (OSError, AttributeError):
-        return False
+    malloc_trim = glibc_function("malloc_trim")
+    return malloc_trim is not None and bool(malloc_trim(0))
 
 
 def huge_pages_available() -> bool:
@@ -37,8 +40,9 @@ def huge_pages_available() -> bool:
 
 def huge_page_buffer(nbytes: int) -> torch.Tensor:
     """nbytes of zeroed memory (uint8) that the kernel is asked to back with 2 MB transparent huge pages. A decode
-    step streams every weight once: through 4 KB pages that is a TLB miss every 4 KB, 7% of a pass over SmolLM2's
-    linear layers on this project's CPU (docs/benchmarks.md). Plain torch memory where huge pages do not exist."""
+    step streams every weight once: through 4 KB pages that is a TLB miss every 4 KB, which made a pass over
+    SmolLM2's linear layers with 1-4 input rows 1.1-1.25x slower on this project's CPU (docs/benchmarks.md). Plain
+    torch memory where huge pages do not exist."""
     if not huge_pages_available():
         return torch.zeros(nbytes, dtype=torch.uint8)
     whole_pages = -(-nbytes // HUGE_PAGE) * HUGE_PAGE  # the last huge page must fit in the mapping too
