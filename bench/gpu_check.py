@@ -21,7 +21,8 @@ from types import SimpleNamespace
 import torch
 
 KERNEL_TESTS = ["tests/test_triton_kv_budget.py", "tests/test_triton_attention.py",
-                "tests/test_triton_sampling_kernels.py", "tests/test_triton_engine.py", "tests/test_cuda_graphs.py"]
+                "tests/test_triton_sampling_kernels.py", "tests/test_triton_engine.py", "tests/test_cuda_graphs.py",
+                "tests/test_flashinfer.py"]
 QWEN3_4B = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": 2560,
             "intermediate_size": 9728, "num_hidden_layers": 36, "num_attention_heads": 32, "num_key_value_heads": 8,
             "head_dim": 128, "rms_norm_eps": 1e-6, "rope_theta": 1_000_000.0, "max_position_embeddings": 40960,
@@ -71,7 +72,7 @@ def random_draft(draft_dir, target, dtype, method, vocab_size=0):  # loader.load
 
 
 def build_engine(root: Path, kv_cache_gb: float, target=QWEN3_4B, draft=DSPARK_4B, device="cuda", kernels="triton",
-                 dtype="bfloat16", max_num_seqs=64):
+                 dtype="bfloat16", max_num_seqs=64, attention="auto"):
     """The engine's model runner and block manager around random weights (no checkpoint to read)."""
     from engine import model_runner, speculator
     from engine.block_manager import BlockManager
@@ -81,7 +82,7 @@ def build_engine(root: Path, kv_cache_gb: float, target=QWEN3_4B, draft=DSPARK_4
         (root / name / "config.json").write_text(json.dumps(cfg))
     config = EngineConfig(model=str(root / "target"), draft=str(root / "draft"), spec_method="dspark", dtype=dtype,
                           device=device, kernels=kernels, kv_cache_gb=kv_cache_gb,
-                          max_num_seqs=max_num_seqs)
+                          max_num_seqs=max_num_seqs, attention=attention)
     loaders = model_runner.load_model, speculator.load_draft
     model_runner.load_model = lambda model_dir, dtype: random_target(model_dir, dtype, device)
     speculator.load_draft = random_draft
@@ -136,7 +137,7 @@ def measure(engine, context_len: int, repeats: int, tokens=VERIFY_TOKENS, reques
     stage("done")
     step, draft = dict(zip(*graphs.step_cost)), dict(zip(*graphs.draft_cost))
     eager_step, eager_draft = dict(zip(*eager.step_cost)), dict(zip(*eager.draft_cost))
-    return {"context_len": context_len,
+    return {"context_len": context_len, "attention": runner.attention,
             "verify_ms": {b: {"eager": eager_step[b] * 1e3, "graphs": step[b] * 1e3} for b in step if b in eager_step},
             "draft_ms": {r: {"eager": eager_draft[r] * 1e3, "graphs": draft[r] * 1e3} for r in draft},
             "draft_over_verify_b1": draft[1] / step[8], "verify8_over_decode_b1": step[8] / step[1],
@@ -153,7 +154,7 @@ def markdown(report: dict) -> str:
     bench = report.get("bench")
     if bench:
         title = (f"## Qwen3-4B-shaped target + DSpark-shaped draft (random bf16 weights, context "
-                 f"{bench['context_len']})")
+                 f"{bench['context_len']}, target attention: {bench.get('attention', 'triton')})")
         lines += [title, "", "| verify tokens B | eager ms | graphs ms |", "|---:|---:|---:|"]
         lines += [f"| {b} | {ms['eager']:.2f} | {ms['graphs']:.2f} |" for b, ms in bench["verify_ms"].items()]
         vocab_column = f"graphs, {bench['draft_vocab']}-token draft vocabulary"
@@ -179,6 +180,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--kv-cache-gb", type=float, default=16.0)
     parser.add_argument("--skip-tests", action="store_true")
+    parser.add_argument("--attention", default="auto", help="the target's attention: auto | triton | flashinfer")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("gpu-check needs an NVIDIA GPU that torch can see")
@@ -191,7 +193,8 @@ def main():
     print(f"tests: {report['tests']['summary']} ({report['tests']['seconds']} s)", flush=True)
     try:
         with tempfile.TemporaryDirectory() as root:
-            report["bench"] = measure(build_engine(Path(root), args.kv_cache_gb), args.context_len, args.repeats)
+            engine = build_engine(Path(root), args.kv_cache_gb, attention=args.attention)
+            report["bench"] = measure(engine, args.context_len, args.repeats)
     except Exception as e:  # noqa: BLE001 - the report still says what passed before the benchmark broke
         report["bench_error"] = f"{type(e).__name__}: {e}"
         report["bench_traceback"] = traceback.format_exc()[-4000:]

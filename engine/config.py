@@ -14,6 +14,7 @@ DEFAULT_MODEL_VERIFY_POLICY = "sps-lagged"  # drafts and verifies only what the 
 SPEC_METHODS = ("auto", "none", "dflash", "dspark")
 DEVICES = ("auto", "cpu", "cuda")
 KERNEL_BACKENDS = ("auto", "torch", "triton")
+ATTENTION_BACKENDS = ("auto", "triton", "flashinfer")
 
 
 def uses_cuda_graphs(config: "EngineConfig") -> bool:
@@ -79,6 +80,17 @@ def resolve_device(device: str, kernels: str) -> tuple[str, str]:
     return device, kernels
 
 
+def check_attention(attention: str, kernels: str):
+    """The attention choice fits the kernels; 'auto' is settled by the model runner, which knows the head size."""
+    from kernels import flashinfer_attention
+    if attention not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention must be one of {ATTENTION_BACKENDS}, got {attention!r}")
+    if attention != "auto" and kernels != "triton":
+        raise ValueError(f"attention={attention!r} runs on the Triton path (kernels='triton'), not kernels={kernels!r}")
+    if attention == "flashinfer" and (reason := flashinfer_attention.unavailable_reason()):
+        raise ValueError(f"attention='flashinfer' needs FlashInfer (pip install '.[gpu]'); importing it failed: {reason}")
+
+
 @dataclass
 class EngineConfig:
     """One flat set of options shared by the offline API, the server CLI and the benchmarks."""
@@ -102,6 +114,8 @@ class EngineConfig:
     sps_profile: str = ""                # SPS(B) cost table JSON; "" = profile quickly at start-up (cached); none
     device: str = "auto"                 # auto (cuda when present) | cpu | cuda
     kernels: str = "auto"                # auto (triton on cuda, torch twins on cpu) | torch | triton
+    attention: str = "auto"              # the target's attention on the Triton path: auto (flashinfer where installed,
+                                         # on cuda in bf16/fp16) | triton | flashinfer
     enforce_eager: bool = False          # no CUDA graphs (they are captured on cuda + triton otherwise)
     huge_pages: bool = True              # CPU: weights in 2 MB transparent huge pages (fewer TLB misses)
     hf_config: dict = field(default_factory=dict, repr=False)
@@ -133,6 +147,7 @@ class EngineConfig:
                              f"got {self.draft_vocab_size}")
         parse_verify_policy(self.verify_policy)
         self.device, self.kernels = resolve_device(self.device, self.kernels)
+        check_attention(self.attention, self.kernels)
         for name in ("enforce_eager", "enable_prefix_caching", "huge_pages"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")

@@ -34,6 +34,7 @@ class Context:
     slot_mapping: torch.Tensor | None = None
     groups: list[AttentionGroup] = field(default_factory=list)
     varlen: VarlenBatch | None = None
+    planned: object = None  # the Triton path with FlashInfer: a kernels.flashinfer_attention wrapper planned for the step
 
 
 _CONTEXT = Context()
@@ -48,9 +49,10 @@ def get_context() -> Context:
     return _CONTEXT
 
 
-def set_context(slot_mapping: torch.Tensor, groups: list[AttentionGroup], varlen: VarlenBatch | None = None):
+def set_context(slot_mapping: torch.Tensor, groups: list[AttentionGroup], varlen: VarlenBatch | None = None,
+                planned=None):
     global _CONTEXT
-    _CONTEXT = Context(slot_mapping, groups, varlen)
+    _CONTEXT = Context(slot_mapping, groups, varlen, planned)
 
 
 def reset_context():

@@ -8,6 +8,7 @@ request samples the same tokens with graphs as without."""
 import torch
 
 from engine.context import VarlenBatch, reset_context, set_context
+from kernels.flashinfer_attention import PageTable, page_table
 
 TOKEN_TIERS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 REQUEST_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
@@ -69,7 +70,10 @@ class TargetGraphs:
 
     @torch.inference_mode()
     def __init__(self, model, device: torch.device, max_num_seqs: int, max_q_len: int, max_kv_len: int,
-                 max_tokens: int, capture_layers: tuple[int, ...], tiers=TOKEN_TIERS):
+                 max_tokens: int, capture_layers: tuple[int, ...], make_attention=None, page_size: int = 0,
+                 tiers=TOKEN_TIERS):
+        """make_attention(requests, pages): a FlashInfer wrapper over graph buffers for one tier (None: our Triton
+        attention, fed from the static varlen buffers here)."""
         self.model, self.device, self.capture_layers = model, device, capture_layers
         self.max_num_seqs, self.max_q_len, self.max_kv_len = max_num_seqs, max_q_len, max_kv_len
         self.tiers = sorted({t for t in tiers if t < max_tokens} | {max_tokens})
@@ -78,9 +82,14 @@ class TargetGraphs:
         self.input_ids = torch.zeros(T, dtype=torch.long, **on)
         self.positions = torch.zeros(T, dtype=torch.long, **on)
         self.slot_mapping = torch.full((T,), -1, dtype=torch.long, **on)
-        self.cu_seqlens_q = torch.zeros(B + 1, dtype=torch.int32, **on)
-        self.kv_lens = torch.zeros(B, dtype=torch.int32, **on)
-        self.kv_slots = torch.zeros(B, max_kv_len, dtype=torch.long, **on)
+        self.page_size, self.attention = page_size, {}
+        if make_attention is not None:
+            pages = -(-max_kv_len // page_size)
+            self.attention = {t: make_attention(self.seats(t), self.seats(t) * pages) for t in self.tiers}
+        else:
+            self.cu_seqlens_q = torch.zeros(B + 1, dtype=torch.int32, **on)
+            self.kv_lens = torch.zeros(B, dtype=torch.int32, **on)
+            self.kv_slots = torch.zeros(B, max_kv_len, dtype=torch.long, **on)
         # one pool for every graph, the draft's too: they replay one at a time
         self.graphs, self.pool = capture_largest_first(self.tiers, self.forward_fn, device)
 
@@ -88,16 +97,25 @@ class TargetGraphs:
         return min(tokens, self.max_num_seqs)
 
     def forward_fn(self, t: int):
-        b = self.seats(t)
-        batch = VarlenBatch(self.cu_seqlens_q[:b + 1], self.kv_slots[:b], self.kv_lens[:b], min(t, self.max_q_len))
+        b, batch, attention = self.seats(t), None, self.attention.get(t)
+        if attention is not None:
+            attention.plan(self.capture_table(t))  # the graph's first plan: it fixes the rows the graph holds
+        else:
+            batch = VarlenBatch(self.cu_seqlens_q[:b + 1], self.kv_slots[:b], self.kv_lens[:b], min(t, self.max_q_len))
 
         def forward():
-            set_context(self.slot_mapping[:t], [], batch)
+            set_context(self.slot_mapping[:t], [], batch, attention)
             try:
                 return self.model(self.input_ids[:t], self.positions[:t], self.capture_layers)
             finally:
                 reset_context()
         return forward
+
+    def capture_table(self, t: int) -> PageTable:
+        """A step that fills graph t: its t rows spread over its requests, each attending to itself in page 0."""
+        b = self.seats(t)
+        q_lens = [t // b + (i < t % b) for i in range(b)]
+        return page_table(q_lens, q_lens, [[0] * -(-q // self.page_size) for q in q_lens], self.page_size)
 
     def tier_for(self, q_lens: list[int], kv_lens: list[int], capture_layers: tuple[int, ...]) -> int | None:
         """The graph that can run a step of these requests' query / KV lengths, or None (eager)."""
@@ -110,24 +128,29 @@ class TargetGraphs:
 
     @torch.inference_mode()
     def run(self, tier: int, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
-            batch: VarlenBatch, want_features: bool = True) -> tuple[torch.Tensor, list[torch.Tensor]]:
+            batch: VarlenBatch | None, want_features: bool = True) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Copy the step into graph `tier`'s buffers, replay, and return its rows (features copied out of the graph's
-        memory, which the next replay overwrites; [] unless wanted)."""
-        n, b, width = input_ids.shape[0], batch.kv_lens.shape[0], batch.kv_slots.shape[1]
+        memory, which the next replay overwrites; [] unless wanted). With FlashInfer, batch is None: the step was
+        planned into the tier's wrapper already."""
+        n = input_ids.shape[0]
         for static, live in ((self.input_ids, input_ids), (self.positions, positions),
                              (self.slot_mapping, slot_mapping)):
             static[:n].copy_(live, non_blocking=True)
         self.input_ids[n:tier].zero_()
         self.positions[n:tier].zero_()
         self.slot_mapping[n:tier].fill_(-1)
-        seats = self.seats(tier)
+        if batch is not None:
+            self.copy_varlen(tier, n, batch)
+        hidden, captured = self.graphs[tier].replay()
+        return hidden[:n], [c[:n].clone() for c in captured] if want_features else []
+
+    def copy_varlen(self, tier: int, n: int, batch: VarlenBatch):
+        b, width, seats = batch.kv_lens.shape[0], batch.kv_slots.shape[1], self.seats(tier)
         self.cu_seqlens_q[:b + 1].copy_(batch.cu_seqlens_q, non_blocking=True)
         self.cu_seqlens_q[b + 1:seats + 1].fill_(n)  # padding requests: no queries
         self.kv_lens[:b].copy_(batch.kv_lens, non_blocking=True)
         self.kv_lens[b:seats].zero_()
         self.kv_slots[:b, :width].copy_(batch.kv_slots, non_blocking=True)
-        hidden, captured = self.graphs[tier].replay()
-        return hidden[:n], [c[:n].clone() for c in captured] if want_features else []
 
 
 class DraftGraphs:

@@ -11,8 +11,9 @@ from engine.sampler import SamplingTensors, sample
 from engine.sequence import Sequence
 from engine.speculator import Speculator
 from engine.timing import TIMINGS
-from kernels import triton_support
+from kernels import flashinfer_attention, triton_support
 from kernels.attention import attention_mask
+from kernels.flashinfer_attention import FlashInferAttention, page_table
 
 SHORT_QUERY = 16  # sequences with at most this many new tokens share one padded attention call
 
@@ -39,8 +40,31 @@ class ModelRunner:
         if self.device.type == "cpu" and config.huge_pages:
             move_to_huge_pages(self.model, *([self.speculator.draft] if self.speculator else []))
             return_freed_memory()
+        self.attention = self.choose_attention()
+        if self.attention == "flashinfer":
+            self.workspace = torch.empty(flashinfer_attention.WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
+            self.flashinfer = self.make_flashinfer()
+        else:
+            self.flashinfer = None
         self.num_blocks = self.allocate_kv_cache(config.kv_cache_gb or self.free_gpu_kv_gb())
         self.graphs = None  # engine/graphs.TargetGraphs once captured
+
+    def choose_attention(self) -> str:
+        """config.attention with 'auto' settled: FlashInfer on a GPU where it is installed and has kernels for this
+        model's head size and dtype, else our Triton kernel; 'torch' off the Triton path."""
+        c, attn = self.config, self.model.layers[0].self_attn
+        if c.kernels != "triton":
+            return "torch"
+        if c.attention != "auto":
+            return c.attention
+        fits = (c.device == "cuda" and self.kv_dtype in flashinfer_attention.DTYPES
+                and attn.head_dim in flashinfer_attention.HEAD_DIMS)
+        return "flashinfer" if fits and not flashinfer_attention.unavailable_reason() else "triton"
+
+    def make_flashinfer(self, graph_requests: int = 0, graph_pages: int = 0) -> FlashInferAttention:
+        attn = self.model.layers[0].self_attn
+        return FlashInferAttention(self.device, attn.num_heads, attn.num_kv_heads, attn.head_dim, self.block_size,
+                                   self.kv_dtype, attn.scale, self.workspace, graph_requests, graph_pages)
 
     @property
     def capture_layers(self) -> tuple[int, ...]:
@@ -73,15 +97,18 @@ class ModelRunner:
             self.speculator.allocate_kv_cache(num_blocks * self.block_size, self.kv_dtype)
         return num_blocks
 
-    def prepare(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Flat input ids / positions for the scheduled tokens of seqs (in order) and the forward context."""
+    def prepare(self, seqs: list[Sequence], tier: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flat input ids / positions for the scheduled tokens of seqs (in order) and the forward context (for
+        CUDA graph `tier` when the step replays one)."""
         input_ids, positions, slot_mapping = [], [], []
         for seq in seqs:
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + seq.num_scheduled_tokens
             input_ids += seq.scheduled_token_ids()
             positions += range(start, end)
             slot_mapping += slots(seq.block_table, self.block_size, start, end)
-        if triton_support.enabled():
+        if self.flashinfer is not None:
+            set_context(self.on_device(slot_mapping), [], None, self.plan_attention(seqs, tier))
+        elif triton_support.enabled():
             set_context(self.on_device(slot_mapping), [], self.varlen_batch(seqs))
         else:
             set_context(torch.tensor(slot_mapping), self.attention_groups(seqs))
@@ -98,6 +125,15 @@ class ModelRunner:
         cu = [0] + self.cumulative_ends(seqs)
         return VarlenBatch(self.on_device(cu, torch.int32), self.on_device(kv_slots), self.on_device(kv_lens, torch.int32),
                            max(q_lens))
+
+    def plan_attention(self, seqs: list[Sequence], tier: int | None) -> FlashInferAttention:
+        """Plan FlashInfer for this step: the eager wrapper, or graph `tier`'s, padded to the graph's request count."""
+        attention = self.flashinfer if tier is None else self.graphs.attention[tier]
+        q_lens = [s.num_scheduled_tokens for s in seqs]
+        kv_lens = [s.num_computed_tokens + q for s, q in zip(seqs, q_lens)]
+        seats = 0 if tier is None else self.graphs.seats(tier)
+        attention.plan(page_table(q_lens, kv_lens, [s.block_table for s in seqs], self.block_size, seats))
+        return attention
 
     @staticmethod
     def is_short(seq: Sequence) -> bool:
@@ -143,7 +179,8 @@ class ModelRunner:
         max_q_len = 1 + (self.speculator.num_draft_tokens if self.speculator else 0)
         max_tokens = min(self.config.max_num_batched_tokens, self.config.max_num_seqs * max_q_len)
         self.graphs = TargetGraphs(self.model, self.device, self.config.max_num_seqs, max_q_len, max_model_len,
-                                   max_tokens, self.capture_layers)
+                                   max_tokens, self.capture_layers,
+                                   self.make_flashinfer if self.flashinfer is not None else None, self.block_size)
         if self.speculator:
             self.speculator.capture_graphs(self.config.max_num_seqs, max_model_len, self.graphs.pool)
 
@@ -164,8 +201,8 @@ class ModelRunner:
         """execute(), plus each seq's captured target features [num_scheduled, len(capture_layers) * h]."""
         order = sorted(range(len(seqs)), key=lambda i: not self.is_short(seqs[i]))
         ordered = [seqs[i] for i in order]
-        input_ids, positions = self.prepare(ordered)
         tier = self.graph_tier(ordered, capture_layers)
+        input_ids, positions = self.prepare(ordered, tier)
         if tier is None:
             hidden, captured = self.model(input_ids, positions, capture_layers)
         else:

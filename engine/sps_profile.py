@@ -35,7 +35,8 @@ def profile_key(engine) -> dict:
             "spec_method": c.spec_method, "num_draft_tokens": c.num_draft_tokens, "dtype": c.dtype,
             "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.machine(),
             "cpu": platform.processor() or platform.node(), "device": device_name(c.device), "kernels": c.kernels,
-            "graph_tiers": graph_tiers(engine), "draft_vocab": draft_vocab_size(engine), "code": code_version(),
+            "attention": engine.model_runner.attention, "graph_tiers": graph_tiers(engine),
+            "draft_vocab": draft_vocab_size(engine), "code": code_version(),
             "native_bf16": c.device == "cpu" and cpu_linear.native_bf16_available(),  # no CPU kernel build on GPU
             "huge_pages": c.device == "cpu" and c.huge_pages}
 

@@ -99,7 +99,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Ten
            scale: float) -> torch.Tensor:
     """q [T, H, D], k/v [T, Hkv, D] of the flat batch -> [T, H, D], through the paged cache."""
     ctx = get_context()
-    if ctx.varlen is not None:
+    if ctx.varlen is not None or ctx.planned is not None:
         return varlen_attend(q, k, v, k_cache, v_cache, scale, ctx)
     fused = cpu_ops.usable(q)
     if fused:
@@ -122,9 +122,12 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Ten
 
 
 def varlen_attend(q, k, v, k_cache, v_cache, scale: float, ctx) -> torch.Tensor:
-    """The Triton path: store the step's K/V, then one varlen paged attention call over every row."""
+    """The Triton path: store the step's K/V, then one varlen paged attention call over every row (FlashInfer's when
+    the step was planned for it, else ours)."""
     from kernels.triton_attention import varlen_paged_attention
     dispatch.store_kvcache(k, v, k_cache, v_cache, ctx.slot_mapping)
+    if ctx.planned is not None:
+        return ctx.planned.run(q, k_cache, v_cache)
     b = ctx.varlen
     return varlen_paged_attention(q, k_cache, v_cache, b.cu_seqlens_q, b.kv_slots, b.kv_lens, None, scale,
                                   b.max_q_len)
