@@ -11,6 +11,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[server,bench,test]'
+	# FlashInfer's Python API without its CUDA libraries: the tests check our calls against it (it runs only on a GPU)
+	$(PY) -m pip install --quiet --no-deps flashinfer-python==0.6.18 apache-tvm-ffi==0.1.9 einops==0.8.2 \
+		tabulate==0.10.0 nvidia-ml-py==13.580.82
 	touch $@
 
 model: $(VENV)/.installed

@@ -1,4 +1,5 @@
 """Wire one engine, its loop, metrics and the routes into an ASGI app."""
+import logging
 from pathlib import Path
 
 from fastapi import FastAPI
@@ -12,6 +13,8 @@ from server.gpu_stats import GpuStats
 from server.metrics import Metrics
 from server.prompts import PromptBuilder
 
+log = logging.getLogger("server")
+
 
 def create_app(config: EngineConfig, served_model_name: str = "", api_key: str = "", max_waiting: int = 256,
                max_body_bytes: int = 1 << 20) -> FastAPI:
@@ -19,6 +22,10 @@ def create_app(config: EngineConfig, served_model_name: str = "", api_key: str =
     metrics = Metrics(name)
     loop = EngineLoop(lambda: LLMEngine(config), metrics, max_waiting)
     engine = loop.engine
+    runner = engine.model_runner
+    log.info("serving %s on %s: kernels %s, target attention %s, CUDA graphs %s, speculation %s (%s), %d KV blocks",
+             name, config.device, config.kernels, runner.attention, "on" if runner.graphs else "off",
+             config.spec_method, config.verify_policy, runner.num_blocks)
     gpu = GpuStats.for_engine(engine)
     if gpu:
         metrics.attach_gpu(gpu)

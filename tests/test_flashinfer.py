@@ -2,6 +2,7 @@
 from FlashInfer's documented contract (tests/fake_flashinfer.py) checks how the engine drives it: page tables,
 the HND view of our cache, padding to a CUDA graph's fixed request count, planning once per step. Where a GPU has the
 real flashinfer (the Docker image), the same attention is checked against our torch twin on CUDA."""
+import inspect
 import json
 import sys
 
@@ -93,11 +94,52 @@ def test_wrapper_matches_the_torch_twin_on_a_ragged_step(fake):
     assert attention_error("cpu", torch.float32, corrupt=True) > 1e-2   # the comparison sees a wrong page table
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or bool(flashinfer_attention.unavailable_reason()),
-                    reason="the real FlashInfer needs a GPU with flashinfer installed")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the real FlashInfer runs on a GPU")
 def test_real_flashinfer_matches_the_torch_twin():
+    real_flashinfer()
     assert attention_error("cuda", torch.bfloat16) < 3e-2
     assert attention_error("cuda", torch.bfloat16, graph_requests=8) < 3e-2
+
+
+def real_flashinfer():
+    """The installed flashinfer package (its Python API imports without a GPU), else skip."""
+    if flashinfer_attention.unavailable_reason():
+        pytest.skip("flashinfer is not installed (make setup installs its Python API)")
+    import flashinfer
+    return flashinfer
+
+
+def test_calls_bind_to_the_installed_flashinfer_api(monkeypatch):
+    """Our constructor, plan and run calls fit the real signatures, FlashInfer's own helpers read our page table as
+    the right key counts and our cache view as HND pages (no GPU needed for either)."""
+    real = real_flashinfer()
+    cls, calls = real.BatchPrefillWithPagedKVCacheWrapper, []
+
+    class Recorder:
+        def __init__(self, *args, **kwargs):
+            calls.append(inspect.signature(cls.__init__).bind(self, *args, **kwargs).arguments)
+
+        def plan(self, *args, **kwargs):
+            calls.append(inspect.signature(cls.plan).bind(self, *args, **kwargs).arguments)
+
+        def run(self, *args, **kwargs):
+            calls.append(inspect.signature(cls.run).bind(self, *args, **kwargs).arguments)
+            return args[0]
+    monkeypatch.setattr(real, "BatchPrefillWithPagedKVCacheWrapper", Recorder)
+    q, k_cache, v_cache, tables = ragged_step("cpu", torch.bfloat16, Q_LENS, KV_LENS)
+    workspace = torch.empty(8, dtype=torch.uint8)
+    for graph_requests in (0, 8):
+        attention = FlashInferAttention("cpu", 4, 2, 16, PAGE, torch.bfloat16, 0.25, workspace, graph_requests, 32)
+        table = page_table(Q_LENS, KV_LENS, tables, PAGE, graph_requests)
+        attention.plan(table)
+        attention.run(q, k_cache, v_cache)
+        assert real.page.get_seq_lens(table.kv_indptr, table.last_page_len, PAGE).tolist() == (
+            KV_LENS + [0] * (graph_requests - len(KV_LENS)))
+    init, plan, run = calls[3:]
+    assert init["kv_layout"] == "HND" and init["use_cuda_graph"] and len(init["qo_indptr_buf"]) == 9
+    assert plan["causal"] and plan["sm_scale"] == 0.25 and plan["q_data_type"] == torch.bfloat16
+    k_pages, _ = real.utils._unpack_paged_kv_cache(run["paged_kv_cache"], "HND")
+    assert k_pages.shape == (12, 2, PAGE, 16)  # [pages, Hkv, page_size, D]
 
 
 PROMPTS = [[1, 17, 33, 9, 250, 4], [1, 5] * 11, [1, 99]]
