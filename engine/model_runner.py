@@ -8,6 +8,7 @@ from engine.cpu import keep_freed_memory, move_to_huge_pages, return_freed_memor
 from engine.loader import load_model
 from engine.models.layers import pack_linears_for_cpu
 from engine.sampler import SamplingTensors, sample
+from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
 from engine.speculator import Speculator
 from engine.timing import TIMINGS
@@ -17,7 +18,7 @@ from kernels.flashinfer_attention import FlashInferAttention, page_table
 
 SHORT_QUERY = 16  # sequences with at most this many new tokens share one padded attention call
 
-GPU_KV_SHARE = 0.8  # of the GPU memory free after loading the weights
+GPU_MEMORY_UTILIZATION = 0.9  # of the GPU memory free after loading and a warm-up step; the rest is slack
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 CPU_KV_DTYPE = torch.float32  # CPU attention math runs in fp32 (no fast bf16 batched matmul): store it so
@@ -78,16 +79,47 @@ class ModelRunner:
         return per_token * self.block_size
 
     def free_gpu_kv_gb(self) -> float:
-        """GiB for the KV cache (target + draft) on the GPU: a share of the memory still free after loading both,
-        the rest left for activations, logits and CUDA graphs."""
+        """GiB for the KV cache (target + draft) on the GPU, measured: what is free after loading both and a warm-up
+        of the largest step, less that step's activation peak twice over (eager steps, and the CUDA graphs' pool)."""
+        dev = self.device
         torch.cuda.empty_cache()
-        free, _ = torch.cuda.mem_get_info(self.device)
-        return GPU_KV_SHARE * free / 2**30
+        torch.cuda.reset_peak_memory_stats(dev)
+        resident = torch.cuda.memory_allocated(dev)
+        self.warm_up()
+        peak = torch.cuda.max_memory_allocated(dev) - resident
+        torch.cuda.empty_cache()
+        free, _ = torch.cuda.mem_get_info(dev)
+        kv_bytes = GPU_MEMORY_UTILIZATION * free - 2 * peak
+        if kv_bytes < self.kv_bytes_per_block():
+            raise ValueError(f"no GPU memory left for a KV cache: {free / 2**30:.2f} GiB free after loading the models, "
+                             f"and the largest step needs {peak / 2**30:.2f} GiB of activations (lower "
+                             f"--max-num-batched-tokens or --max-num-seqs, or give --kv-cache-gb)")
+        return kv_bytes / 2**30
+
+    @torch.inference_mode()
+    def warm_up(self):
+        """The largest step the engine takes, on a one-block cache (every K/V lands in block 0): a prefill chunk of
+        max_num_batched_tokens, then the logits and probabilities of every row a verify step can sample."""
+        self.allocate_blocks(1)
+        c = self.config
+        n = min(c.max_num_batched_tokens, self.model.config.get("max_position_embeddings", 4096))
+        rows = min(n, c.max_num_seqs * (1 + (self.speculator.num_draft_tokens if self.speculator else 0)))
+        seq = Sequence([0] * n, SamplingParams())
+        seq.block_table, seq.num_scheduled_tokens = [0] * -(-n // self.block_size), n
+        input_ids, positions = self.prepare([seq])
+        try:
+            hidden, _ = self.model(input_ids, positions, self.capture_layers)
+        finally:
+            reset_context()
+        self.model.compute_logits(hidden[-rows:]).softmax(-1)
 
     def allocate_kv_cache(self, kv_cache_gb: float) -> int:
         num_blocks = int(kv_cache_gb * 2**30) // self.kv_bytes_per_block()
         if num_blocks < 1:
             raise ValueError(f"kv_cache_gb={kv_cache_gb} is too small for even one KV block")
+        return self.allocate_blocks(num_blocks)
+
+    def allocate_blocks(self, num_blocks: int) -> int:
         attn = self.model.layers[0].self_attn
         shape = (2, len(self.model.layers), attn.num_kv_heads, num_blocks * self.block_size, attn.head_dim)
         self.kv_cache = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)

@@ -30,3 +30,17 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
 def kernel_device() -> torch.device:
     """Where Triton kernel tests put their inputs: the GPU when there is one, else CPU (Triton's interpreter)."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture
+def gpu_memory(monkeypatch):
+    """torch.cuda's memory readings, faked (no GPU in CI): 3 GiB resident, the warm-up peaking 1 GiB above it."""
+    GIB = 2**30
+    reading = {"free": 10 * GIB, "calls": []}
+    cuda = torch.cuda
+    monkeypatch.setattr(cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(cuda, "reset_peak_memory_stats", lambda dev: reading["calls"].append("reset"))
+    monkeypatch.setattr(cuda, "memory_allocated", lambda dev: 3 * GIB)
+    monkeypatch.setattr(cuda, "max_memory_allocated", lambda dev: 4 * GIB)
+    monkeypatch.setattr(cuda, "mem_get_info", lambda dev: (reading["free"], 80 * GIB))
+    return reading

@@ -14,7 +14,7 @@ TINY_DRAFT |= {"num_target_layers": 4, "num_hidden_layers": 1, "target_layer_ids
                "markov_rank": 8, "layer_types": ["full_attention"]}
 
 
-def test_gpu_check_measures_and_reports_on_a_tiny_model(tmp_path):
+def test_gpu_check_measures_and_reports_on_a_tiny_model(tmp_path, gpu_memory):
     engine = gpu_check.build_engine(tmp_path, 0.01, TINY_TARGET, TINY_DRAFT, device="cpu", kernels="triton",
                                     dtype="float32", max_num_seqs=2)
     bench = gpu_check.measure(engine, context_len=24, repeats=1, tokens=(1, 8, 16), requests=(1, 2), draft_vocab=100)
@@ -27,8 +27,9 @@ def test_gpu_check_measures_and_reports_on_a_tiny_model(tmp_path):
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks  # the profile freed its KV
     assert set(bench["draft_vocab_ms"]) == {1, 2} and all(t > 0 for t in bench["draft_vocab_ms"].values())
     assert engine.model_runner.speculator.draft.vocab_head.weight.shape[0] == 100
+    assert bench["kv_budget"] == f"{0.9 * 10 - 2 * 1:.1f} GiB" and gpu_memory["calls"] == ["reset"]
     report = {"device": "cpu", "torch": "t", "triton": "t", "seconds": 1.0, "bench": bench,
               "tests": {"passed": True, "summary": "1 passed", "seconds": 1.0}}
     text = gpu_check.markdown(json.loads(json.dumps(report)))
     assert "aten::" in bench["kernel_profile"] and bench["kernel_profile"] in text
-    assert "| 8 |" in text and "graphs_over_eager_b1" in text and "PASSED" in text and "100-token" in text
+    assert "7.0 GiB" in text and "| 8 |" in text and "graphs_over_eager_b1" in text and "PASSED" in text and "100-token" in text
