@@ -155,12 +155,17 @@ def draft(tmp_path_factory, tiny_llama_dir):
     return save_tiny_draft(root / "dspark", tiny_llama_dir, block_size=4, mask_token_id=5), root / "sps.json"
 
 
-def generate(target, draft, method: str, graphs: bool = False, **options) -> tuple[list, LLM]:
+def make_llm(target, draft, method: str, graphs: bool = False, **options) -> LLM:
     llm = LLM(model=str(target), dtype="float32", spec_method=method, draft=str(draft[0]) if method != "none" else "",
               sps_profile=str(draft[1]), verify_policy="full", kv_cache_gb=0.02, kv_block_size=PAGE, max_num_seqs=4,
               enforce_eager=not graphs, **options)
     if graphs and llm.model_runner.graphs is None:  # CPU: captured by hand (CUDA graphs need a GPU)
         llm.model_runner.capture_graphs(llm.max_model_len)
+    return llm
+
+
+def generate(target, draft, method: str, graphs: bool = False, **options) -> tuple[list, LLM]:
+    llm = make_llm(target, draft, method, graphs, **options)
     return [c.token_ids for c in llm.generate(PROMPTS, SETTINGS, use_tqdm=False)], llm
 
 
@@ -194,6 +199,21 @@ def test_flashinfer_path_gives_the_torch_path_tokens(tiny_llama_dir, draft, fake
     if graphs:
         assert calls["replays"] > 5 and set(runner.graphs.attention) == set(runner.graphs.tiers)
         assert not hasattr(runner.graphs, "kv_slots")  # no varlen buffers: FlashInfer reads the page tables
+
+
+@pytest.mark.parametrize("method", ["none", "dspark"])
+def test_prefill_chunks_and_prefix_hits_through_flashinfer(tiny_llama_dir, draft, fake, method):
+    """Prefill in chunks (fewer queries than keys) and a prompt whose first blocks come from the prefix cache give
+    the torch path's tokens."""
+    shared = [1] + list(range(7, 7 + 3 * PAGE))  # three full blocks and a bit, in both prompts
+    prompts = [shared + [40, 41, 42], shared + [50]]
+    tokens = {}
+    for path, options in [("torch", {"device": "cpu", "kernels": "torch"}),
+                          ("flashinfer", {"kernels": "triton", "attention": "flashinfer"})]:
+        llm = make_llm(tiny_llama_dir, draft, method, max_num_batched_tokens=8, **options)  # chunks of <= 8 tokens
+        tokens[path] = [llm.generate([p], SETTINGS[1:2], use_tqdm=False)[0].token_ids for p in prompts]
+        assert llm.block_manager.num_hit_tokens >= 3 * PAGE  # the second prompt found the shared blocks
+    assert tokens["flashinfer"] == tokens["torch"]
 
 
 def test_tokens_comparison_sees_a_wrong_page_table(tiny_llama_dir, draft, fake, monkeypatch):
