@@ -1,9 +1,10 @@
 """Turns a scheduled batch into one flat varlen forward of the target model, and samples."""
 import torch
 
+from engine import attention_inputs as inputs
 from engine.block_manager import slots
 from engine.config import EngineConfig
-from engine.context import AttentionGroup, VarlenBatch, device_tensor, get_context, reset_context, set_context
+from engine.context import device_tensor, get_context, reset_context, set_context
 from engine.cpu import keep_freed_memory, move_to_huge_pages, return_freed_memory
 from engine.loader import load_model
 from engine.models.layers import pack_linears_for_cpu
@@ -13,10 +14,7 @@ from engine.sequence import Sequence
 from engine.speculator import Speculator
 from engine.timing import TIMINGS
 from kernels import flashinfer_attention, triton_support
-from kernels.attention import attention_mask
-from kernels.flashinfer_attention import FlashInferAttention, page_table
-
-SHORT_QUERY = 16  # sequences with at most this many new tokens share one padded attention call
+from kernels.flashinfer_attention import FlashInferAttention
 
 GPU_MEMORY_UTILIZATION = 0.9  # of the GPU memory free after loading and a warm-up step; the rest is slack
 
@@ -141,66 +139,19 @@ class ModelRunner:
         if self.flashinfer is not None:
             set_context(self.on_device(slot_mapping), [], None, self.plan_attention(seqs, tier))
         elif triton_support.enabled():
-            set_context(self.on_device(slot_mapping), [], self.varlen_batch(seqs))
+            set_context(self.on_device(slot_mapping), [], inputs.varlen_batch(seqs, self.block_size, self.device))
         else:
-            set_context(torch.tensor(slot_mapping), self.attention_groups(seqs))
+            set_context(torch.tensor(slot_mapping), inputs.attention_groups(seqs, self.block_size))
         return self.on_device(input_ids), self.on_device(positions)
 
     def on_device(self, values: list, dtype: torch.dtype = torch.long) -> torch.Tensor:
         return device_tensor(values, self.device, dtype)
 
-    def varlen_batch(self, seqs: list[Sequence]) -> VarlenBatch:
-        q_lens = [s.num_scheduled_tokens for s in seqs]
-        kv_lens = [s.num_computed_tokens + s.num_scheduled_tokens for s in seqs]
-        lmax = max(kv_lens)
-        kv_slots = [slots(s.block_table, self.block_size, 0, n) + [0] * (lmax - n) for s, n in zip(seqs, kv_lens)]
-        cu = [0] + self.cumulative_ends(seqs)
-        return VarlenBatch(self.on_device(cu, torch.int32), self.on_device(kv_slots), self.on_device(kv_lens, torch.int32),
-                           max(q_lens))
-
     def plan_attention(self, seqs: list[Sequence], tier: int | None) -> FlashInferAttention:
         """Plan FlashInfer for this step: the eager wrapper, or graph `tier`'s, padded to the graph's request count."""
         attention = self.flashinfer if tier is None else self.graphs.attention[tier]
-        q_lens = [s.num_scheduled_tokens for s in seqs]
-        kv_lens = [s.num_computed_tokens + q for s, q in zip(seqs, q_lens)]
-        seats = 0 if tier is None else self.graphs.seats(tier)
-        attention.plan(page_table(q_lens, kv_lens, [s.block_table for s in seqs], self.block_size, seats))
+        attention.plan(inputs.page_table(seqs, self.block_size, 0 if tier is None else self.graphs.seats(tier)))
         return attention
-
-    @staticmethod
-    def is_short(seq: Sequence) -> bool:
-        return seq.num_scheduled_tokens <= SHORT_QUERY and seq.num_computed_tokens > 0
-
-    def attention_groups(self, seqs: list[Sequence]) -> list[AttentionGroup]:
-        """seqs come short-first: the short ones share one padded call, each long one gets its own."""
-        short = [s for s in seqs if self.is_short(s)]
-        groups, row = ([self.paged_group(short, 0)] if short else []), sum(s.num_scheduled_tokens for s in short)
-        for seq in seqs[len(short):]:
-            n = seq.num_scheduled_tokens
-            causal = seq.num_computed_tokens == 0
-            groups.append(AttentionGroup(None, None, None, True, row, n, 1, n, None) if causal
-                          else self.paged_group([seq], row))
-            row += n
-        return groups
-
-    def paged_group(self, members: list[Sequence], row_start: int) -> AttentionGroup:
-        """Members occupy consecutive rows of the flat batch starting at row_start."""
-        q_lens = [s.num_scheduled_tokens for s in members]
-        kv_lens = [s.num_computed_tokens + s.num_scheduled_tokens for s in members]
-        qmax, lmax = max(q_lens), max(kv_lens)
-        uniform_q = all(q == qmax for q in q_lens)
-        starts = [row_start + sum(q_lens[:b]) for b in range(len(members))]
-        q_rows = None if uniform_q else torch.tensor([[r + min(i, q - 1) for i in range(qmax)]
-                                                      for r, q in zip(starts, q_lens)])
-        out_rows = None if uniform_q else torch.tensor([b * qmax + i for b, q in enumerate(q_lens) for i in range(q)])
-        kv_slots = torch.tensor([slots(s.block_table, self.block_size, 0, n) + [0] * (lmax - n)
-                                 for s, n in zip(members, kv_lens)])
-        mask = None if len(set(kv_lens)) == 1 and qmax == 1 else attention_mask(q_lens, kv_lens)
-        group = AttentionGroup(q_rows, kv_slots, mask, False, row_start, sum(q_lens), len(members), qmax, out_rows)
-        if qmax <= SHORT_QUERY:
-            group.row_seq = torch.tensor([b for b, q in enumerate(q_lens) for _ in range(q)])
-            group.row_limit = torch.tensor([n - q + i + 1 for q, n in zip(q_lens, kv_lens) for i in range(q)])
-        return group
 
     def capture_graphs(self, max_model_len: int):
         """CUDA graphs of the decode/verify forward per token tier and of the draft step per request bucket
@@ -231,7 +182,7 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, seqs: list[Sequence], num_logits: list[int], capture_layers: tuple[int, ...] = ()):
         """execute(), plus each seq's captured target features [num_scheduled, len(capture_layers) * h]."""
-        order = sorted(range(len(seqs)), key=lambda i: not self.is_short(seqs[i]))
+        order = sorted(range(len(seqs)), key=lambda i: not inputs.is_short(seqs[i]))
         ordered = [seqs[i] for i in order]
         tier = self.graph_tier(ordered, capture_layers)
         input_ids, positions = self.prepare(ordered, tier)

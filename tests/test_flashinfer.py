@@ -226,7 +226,7 @@ def test_tokens_comparison_sees_a_wrong_page_table(tiny_llama_dir, draft, fake, 
         table = real(*args, **kwargs)
         table.last_page_len.clamp_(max=PAGE - 1)
         return table
-    monkeypatch.setattr("engine.model_runner.page_table", short)
+    monkeypatch.setattr(flashinfer_attention, "page_table", short)
     got, _ = generate(tiny_llama_dir, draft, "none", kernels="triton", attention="flashinfer")
     assert got != expected
 
