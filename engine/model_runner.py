@@ -1,4 +1,6 @@
 """Turns a scheduled batch into one flat varlen forward of the target model, and samples."""
+import logging
+
 import torch
 
 from engine import attention_inputs as inputs
@@ -17,6 +19,8 @@ from kernels import flashinfer_attention, triton_support
 from kernels.flashinfer_attention import FlashInferAttention
 
 GPU_MEMORY_UTILIZATION = 0.9  # of the GPU memory free after loading and a warm-up step; the rest is slack
+
+log = logging.getLogger("engine")
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 CPU_KV_DTYPE = torch.float32  # CPU attention math runs in fp32 (no fast bf16 batched matmul): store it so
@@ -40,25 +44,32 @@ class ModelRunner:
             move_to_huge_pages(self.model, *([self.speculator.draft] if self.speculator else []))
             return_freed_memory()
         self.attention = self.choose_attention()
-        if self.attention == "flashinfer":
-            self.workspace = torch.empty(flashinfer_attention.WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
-            self.flashinfer = self.make_flashinfer()
-        else:
-            self.flashinfer = None
+        self.flashinfer = self.make_flashinfer() if self.attention == "flashinfer" else None
         self.num_blocks = self.allocate_kv_cache(config.kv_cache_gb or self.free_gpu_kv_gb())
         self.graphs = None  # engine/graphs.TargetGraphs once captured
 
     def choose_attention(self) -> str:
-        """config.attention with 'auto' settled: FlashInfer on a GPU where it is installed and has kernels for this
-        model's head size and dtype, else our Triton kernel; 'torch' off the Triton path."""
+        """config.attention settled: 'torch' off the Triton path; for 'auto', FlashInfer on a GPU where it is
+        installed, has kernels for this model's heads and dtype and runs a probe step (its kernels compile then),
+        else our Triton kernel. A FlashInfer asked for by name that cannot run is an error."""
         c, attn = self.config, self.model.layers[0].self_attn
         if c.kernels != "triton":
             return "torch"
-        if c.attention != "auto":
-            return c.attention
-        fits = (c.device == "cuda" and self.kv_dtype in flashinfer_attention.DTYPES
-                and attn.head_dim in flashinfer_attention.HEAD_DIMS)
-        return "flashinfer" if fits and not flashinfer_attention.unavailable_reason() else "triton"
+        if c.attention == "triton":
+            return "triton"
+        if c.attention == "auto" and not (flashinfer_attention.has_kernels_for(self.device, self.kv_dtype, attn.head_dim)
+                                          and not flashinfer_attention.unavailable_reason()):
+            return "triton"
+        self.workspace = torch.empty(flashinfer_attention.WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
+        reason = flashinfer_attention.probe(self.device, attn.num_heads, attn.num_kv_heads, attn.head_dim,
+                                            self.block_size, self.kv_dtype, self.workspace)
+        if not reason:
+            return "flashinfer"
+        if c.attention == "flashinfer":
+            raise ValueError(f"attention='flashinfer' cannot run here: {reason}")
+        log.warning("FlashInfer is installed but cannot run here (%s); the target uses the Triton attention", reason)
+        self.workspace = None
+        return "triton"
 
     def make_flashinfer(self, graph_requests: int = 0, graph_pages: int = 0) -> FlashInferAttention:
         attn = self.model.layers[0].self_attn

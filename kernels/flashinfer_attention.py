@@ -24,6 +24,26 @@ def unavailable_reason() -> str:
     return ""
 
 
+def has_kernels_for(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether FlashInfer is built for this attention: CUDA, bf16/fp16, a head size its prefill kernels cover."""
+    return device.type == "cuda" and dtype in DTYPES and head_dim in HEAD_DIMS
+
+
+def probe(device: torch.device, num_qo_heads: int, num_kv_heads: int, head_dim: int, page_size: int,
+          dtype: torch.dtype, workspace: torch.Tensor) -> str:
+    """Why FlashInfer cannot run this attention here ("" when a one-token step runs). Its kernels compile on first
+    use, which needs a CUDA toolkit that an installed package does not guarantee."""
+    try:
+        attention = FlashInferAttention(device, num_qo_heads, num_kv_heads, head_dim, page_size, dtype,
+                                        head_dim ** -0.5, workspace)
+        cache = torch.zeros(num_kv_heads, page_size, head_dim, dtype=dtype, device=device)
+        attention.plan(page_table([1], [1], [[0]], page_size))
+        attention.run(torch.zeros(1, num_qo_heads, head_dim, dtype=dtype, device=device), cache, cache)
+    except Exception as error:  # noqa: BLE001 - whatever stops it, the engine says so or uses its own kernel
+        return f"{type(error).__name__}: {error}"
+    return ""
+
+
 @dataclass
 class PageTable:
     """A step's requests in FlashInfer's terms (int32, on the host; plan copies them to the GPU)."""

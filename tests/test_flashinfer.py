@@ -243,3 +243,31 @@ def test_attention_option_is_checked(tiny_llama_dir, monkeypatch):
         llm = LLM(model=str(tiny_llama_dir), dtype="float32", spec_method="none", kv_cache_gb=0.02, kernels=kernels,
                   enforce_eager=True, device="cpu")
         assert llm.model_runner.attention == chosen and llm.model_runner.flashinfer is None
+
+
+def broken_flashinfer(error: Exception):
+    """FlashInfer installed but unable to run (e.g. no CUDA toolkit for its first-use compile)."""
+    fake = fake_flashinfer.module()
+
+    class Broken(fake_flashinfer.BatchPrefillWithPagedKVCacheWrapper):
+        def plan(self, *args, **kwargs):
+            raise error
+    fake.BatchPrefillWithPagedKVCacheWrapper = Broken
+    return fake
+
+
+def test_a_flashinfer_that_cannot_run_is_an_error_by_name_and_passed_over_by_auto(tiny_llama_dir, monkeypatch,
+                                                                                  caplog):
+    def llm(**options):
+        return LLM(model=str(tiny_llama_dir), dtype="float32", spec_method="none", kv_cache_gb=0.02, device="cpu",
+                   kernels="triton", enforce_eager=True, **options)
+    monkeypatch.setitem(sys.modules, "flashinfer", broken_flashinfer(RuntimeError("nvcc not found")))
+    with pytest.raises(ValueError, match="cannot run here: RuntimeError: nvcc not found"):
+        llm(attention="flashinfer")
+    monkeypatch.setattr(flashinfer_attention, "has_kernels_for", lambda *args: True)  # as on a GPU
+    with caplog.at_level("WARNING", logger="engine"):
+        assert llm().model_runner.attention == "triton"
+    assert "cannot run here (RuntimeError: nvcc not found)" in caplog.text
+    monkeypatch.setitem(sys.modules, "flashinfer", fake_flashinfer.module())
+    assert llm().model_runner.attention == "flashinfer"  # auto takes a FlashInfer that runs
+
