@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 import fake_flashinfer
 from engine.config import EngineConfig
@@ -93,6 +94,23 @@ def test_wrapper_matches_the_torch_twin_on_a_ragged_step(fake):
     assert attention_error("cpu", torch.float32) < 1e-5
     assert attention_error("cpu", torch.float32, graph_requests=8) < 1e-5  # padded to a graph's 8 requests
     assert attention_error("cpu", torch.float32, corrupt=True) > 1e-2   # the comparison sees a wrong page table
+
+
+@settings(max_examples=40, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])  # the fixture only swaps the module in
+@given(st.lists(st.tuples(st.integers(1, 9), st.integers(0, 30)), min_size=1, max_size=5), st.integers(0, 3),
+       st.integers(0, 2**16))
+def test_random_ragged_steps_match_the_twin(fake, requests, extra_seats, seed):
+    """Any mix of prefill chunks, verify rows and decodes (q new tokens after c cached ones), padded or not."""
+    q_lens = [q for q, _ in requests]
+    kv_lens = [q + cached for q, cached in requests]
+    pages = sum(-(-n // PAGE) for n in kv_lens)
+    q, k_cache, v_cache, tables = ragged_step("cpu", torch.float32, q_lens, kv_lens, pages=pages, seed=seed)
+    seats = len(requests) + extra_seats if extra_seats else 0
+    attention = FlashInferAttention("cpu", 4, 2, 16, PAGE, torch.float32, 0.25, torch.empty(8), seats, pages)
+    attention.plan(page_table(q_lens, kv_lens, tables, PAGE, seats))
+    out = attention.run(q, k_cache, v_cache)
+    assert torch.allclose(out, twin_attention(q, k_cache, v_cache, q_lens, kv_lens, tables, 0.25), atol=1e-5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the real FlashInfer runs on a GPU")
