@@ -172,7 +172,7 @@ def markdown(report: dict) -> str:
             lines.append(f"| {name} | {bench[name]:.2f} | {'>=' if name.startswith('graphs') else '<='} {goal} |")
         lines.append(f"| draft_over_verify_b1 with the draft vocabulary | "
                      f"{bench['draft_over_verify_b1_with_draft_vocab']:.2f} | <= {GOALS['draft_over_verify_b1']} |")
-        lines += ["", f"KV cache the start-up sizing gives after a warm-up step (graphs resident): {bench['kv_budget']}"]
+        lines += ["", f"KV cache the start-up sizing gives after a warm-up (graphs resident): {bench['kv_budget']}"]
         lines += ["", "Kernels of a batch-1 decode step and draft step (eager, torch.profiler):", "", "```",
                   bench["kernel_profile"], "```"]
     if report.get("bench_error"):

@@ -25,8 +25,9 @@ def key_slots(seqs: list[Sequence], kv_lens: list[int], block_size: int) -> list
 def varlen_batch(seqs: list[Sequence], block_size: int, device: torch.device) -> VarlenBatch:
     q_lens, kv_lens = q_and_kv_lens(seqs)
     cu = torch.tensor([0] + q_lens).cumsum(0).tolist()
-    return VarlenBatch(device_tensor(cu, device, torch.int32), device_tensor(key_slots(seqs, kv_lens, block_size), device),
-                       device_tensor(kv_lens, device, torch.int32), max(q_lens))
+    kv_slots = device_tensor(key_slots(seqs, kv_lens, block_size), device)
+    return VarlenBatch(device_tensor(cu, device, torch.int32), kv_slots, device_tensor(kv_lens, device, torch.int32),
+                       max(q_lens))
 
 
 def page_table(seqs: list[Sequence], block_size: int, num_requests: int = 0) -> flashinfer_attention.PageTable:

@@ -88,7 +88,8 @@ def check_attention(attention: str, kernels: str):
     if attention != "auto" and kernels != "triton":
         raise ValueError(f"attention={attention!r} runs on the Triton path (kernels='triton'), not kernels={kernels!r}")
     if attention == "flashinfer" and (reason := flashinfer_attention.unavailable_reason()):
-        raise ValueError(f"attention='flashinfer' needs FlashInfer (pip install '.[gpu]'); importing it failed: {reason}")
+        raise ValueError(f"attention='flashinfer' needs FlashInfer (pip install '.[gpu]'); importing it failed: "
+                         f"{reason}")
 
 
 @dataclass

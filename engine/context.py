@@ -34,7 +34,7 @@ class Context:
     slot_mapping: torch.Tensor | None = None
     groups: list[AttentionGroup] = field(default_factory=list)
     varlen: VarlenBatch | None = None
-    planned: object = None  # the Triton path with FlashInfer: a kernels.flashinfer_attention wrapper planned for the step
+    planned: object = None  # with FlashInfer: the kernels.flashinfer_attention wrapper planned for this step
 
 
 _CONTEXT = Context()

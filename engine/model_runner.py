@@ -57,8 +57,8 @@ class ModelRunner:
             return "torch"
         if c.attention == "triton":
             return "triton"
-        if c.attention == "auto" and not (flashinfer_attention.has_kernels_for(self.device, self.kv_dtype, attn.head_dim)
-                                          and not flashinfer_attention.unavailable_reason()):
+        fits = flashinfer_attention.has_kernels_for(self.device, self.kv_dtype, attn.head_dim)
+        if c.attention == "auto" and not (fits and not flashinfer_attention.unavailable_reason()):
             return "triton"
         self.workspace = torch.empty(flashinfer_attention.WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
         reason = flashinfer_attention.probe(self.device, attn.num_heads, attn.num_kv_heads, attn.head_dim,
@@ -100,8 +100,8 @@ class ModelRunner:
         free, _ = torch.cuda.mem_get_info(dev)
         kv_bytes = GPU_MEMORY_UTILIZATION * free - 2 * peak
         if kv_bytes < self.kv_bytes_per_block():
-            raise ValueError(f"no GPU memory left for a KV cache: {free / 2**30:.2f} GiB free after loading the models, "
-                             f"and the largest step needs {peak / 2**30:.2f} GiB of activations (lower "
+            raise ValueError(f"no GPU memory left for a KV cache: {free / 2**30:.2f} GiB free after loading the "
+                             f"models, and the largest step needs {peak / 2**30:.2f} GiB of activations (lower "
                              f"--max-num-batched-tokens or --max-num-seqs, or give --kv-cache-gb)")
         return kv_bytes / 2**30
 
