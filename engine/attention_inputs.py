@@ -1,5 +1,7 @@
 """What one forward's attention needs, built on the host from the scheduled sequences (in flat-batch order), for each
 attention path: the torch twins' padded groups (CPU), our Triton kernel's varlen batch, FlashInfer's page tables."""
+from itertools import accumulate
+
 import torch
 
 from engine.block_manager import slots
@@ -24,7 +26,7 @@ def key_slots(seqs: list[Sequence], kv_lens: list[int], block_size: int) -> list
 
 def varlen_batch(seqs: list[Sequence], block_size: int, device: torch.device) -> VarlenBatch:
     q_lens, kv_lens = q_and_kv_lens(seqs)
-    cu = torch.tensor([0] + q_lens).cumsum(0).tolist()
+    cu = list(accumulate(q_lens, initial=0))
     kv_slots = device_tensor(key_slots(seqs, kv_lens, block_size), device)
     return VarlenBatch(device_tensor(cu, device, torch.int32), kv_slots, device_tensor(kv_lens, device, torch.int32),
                        max(q_lens))

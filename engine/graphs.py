@@ -8,6 +8,7 @@ request samples the same tokens with graphs as without."""
 import torch
 
 from engine.context import VarlenBatch, reset_context, set_context
+from engine.cost_model import split
 from kernels.flashinfer_attention import PageTable, page_table
 
 TOKEN_TIERS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
@@ -113,8 +114,7 @@ class TargetGraphs:
 
     def capture_table(self, t: int) -> PageTable:
         """A step that fills graph t: its t rows spread over its requests, each attending to itself in page 0."""
-        b = self.seats(t)
-        q_lens = [t // b + (i < t % b) for i in range(b)]
+        q_lens = split(t, self.seats(t))
         return page_table(q_lens, q_lens, [[0] * -(-q // self.page_size) for q in q_lens], self.page_size)
 
     def tier_for(self, q_lens: list[int], kv_lens: list[int], capture_layers: tuple[int, ...]) -> int | None:

@@ -58,7 +58,7 @@ class ModelRunner:
         if c.attention == "triton":
             return "triton"
         fits = flashinfer_attention.has_kernels_for(self.device, self.kv_dtype, attn.head_dim)
-        if c.attention == "auto" and not (fits and not flashinfer_attention.unavailable_reason()):
+        if c.attention == "auto" and (not fits or flashinfer_attention.unavailable_reason()):
             return "triton"
         self.workspace = torch.empty(flashinfer_attention.WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
         reason = flashinfer_attention.probe(self.device, attn.num_heads, attn.num_kv_heads, attn.head_dim,

@@ -17,9 +17,9 @@ from kernels import cpu_linear
 
 CACHE_DIR = Path(os.environ.get("DSPARK_CACHE", Path.home() / ".cache" / "dspark")) / "sps"
 QUICK_REPEATS = 5  # medians of 5: one stalled forward in 2 doubled a cached point once (8 tokens: 39 ms, not 20)
-TIMED_CODE = ("engine/models/*.py", "engine/drafts/*.py", "engine/model_runner.py", "engine/speculator.py",
-              "engine/graphs.py", "engine/sampler.py", "engine/cpu.py", "engine/cost_model.py", "kernels/*.py",
-              "kernels/csrc/*")
+TIMED_CODE = ("engine/models/*.py", "engine/drafts/*.py", "engine/model_runner.py", "engine/attention_inputs.py",
+              "engine/speculator.py", "engine/graphs.py", "engine/sampler.py", "engine/cpu.py", "engine/cost_model.py",
+              "kernels/*.py", "kernels/csrc/*")
 
 
 def code_version() -> str:
