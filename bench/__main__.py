@@ -6,120 +6,121 @@ from pathlib import Path
 from bench import peers
 from bench.serve import add_load_args, add_serve_args
 from bench.serve_sweep import add_sweep_args
+from engine.cli import add_engine_args
 from engine.config import DEFAULT_DRAFT
 
+WORKLOAD = {  # flags several benchmarks share, each with its own default
+    "max_tokens": dict(type=int), "max_prompt_tokens": dict(type=int), "num_prompts": dict(type=int),
+    "temperature": dict(type=float), "dataset": dict(), "concurrency": dict(type=int, nargs="+"),
+    "repeats": dict(type=int),
+}
 
-def main():
+
+def engine_flags(parser, *names: str, helps: dict[str, str] | None = None, **defaults):
+    """The engine's own flags (engine/cli.py) named; benchmarks pin 2 threads and take the default draft unless they
+    say otherwise."""
+    defaults = {"num_threads": 2, "draft": str(DEFAULT_DRAFT)} | defaults
+    add_engine_args(parser, names, helps, **{n: defaults[n] for n in names if n in defaults})
+
+
+def workload_flags(parser, out: str, **defaults):
+    """--out and the WORKLOAD flags named, with their defaults (a (default, help) pair for a flag with help)."""
+    for name, value in defaults.items():
+        default, help_text = value if isinstance(value, tuple) else (value, None)
+        parser.add_argument("--" + name.replace("_", "-"), default=default, help=help_text, **WORKLOAD[name])
+    parser.add_argument("--out", type=Path, default=Path(out))
+
+
+def throughput(p):
+    engine_flags(p, "model", "dtype", "num_threads", "seed")
+    workload_flags(p, "bench_out", max_tokens=128, max_prompt_tokens=256, dataset="mtbench")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
+    p.add_argument("--hf-max-tokens", type=int, default=32, help="transformers is slow at batch 32: fewer steps")
+    p.add_argument("--peers", default="hf,llama.cpp", help="comma list of hf, llama.cpp ('' for none)")
+    p.add_argument("--gguf", default=str(peers.DEFAULT_PEERS_DIR / peers.DEFAULT_GGUF_NAME))
+
+
+def spec(p):
+    engine_flags(p, "model", "draft", "dtype", "num_threads", "seed", helps={"draft": "DSpark draft directory"})
+    workload_flags(p, "bench_out", concurrency=[1, 8], max_tokens=48, max_prompt_tokens=256, temperature=1.0,
+                   dataset="mtbench", repeats=(1, "runs per engine, taking turns; medians reported"))
+    p.add_argument("--dflash-draft", default="", help="optionally also a DFlash draft")
+    p.add_argument("--gamma", type=int, default=7)
+    p.add_argument("--verify-policy", nargs="+", default=["full"], help="one drafter per policy, side by side")
+    p.add_argument("--draft-vocab-sizes", type=int, nargs="+", default=[0],
+                   help="one drafter per size, side by side: 0 = the draft's draft_vocab.json, -1 = every token")
+
+
+def draft_vocab(p):
+    engine_flags(p, "model", "draft", "verify_policy", "num_threads", "max_num_seqs", "seed", verify_policy="full",
+                 max_num_seqs=24, helps={"draft": "a DSpark draft with a draft_vocab.json"})
+    workload_flags(p, "bench_out/draft_vocab", num_prompts=(8, "per dataset"), max_tokens=64, max_prompt_tokens=256,
+                   temperature=1.0)
+    p.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
+    p.add_argument("--datasets", nargs="+", default=["humaneval", "mtbench", "math"])
+
+
+def sweep(p):
+    engine_flags(p, "model", "draft", "sps_profile", "kv_cache_gb", "dtype", "num_threads", "seed", kv_cache_gb=2.0,
+                 helps={"sps_profile": "cost table from python -m profiler ('' = quick profile)",
+                        "kv_cache_gb": "per engine (every policy's engine is loaded)"})
+    workload_flags(p, "bench_out", concurrency=[1, 2, 4, 8, 16, 32, 64], max_tokens=64, max_prompt_tokens=256,
+                   temperature=0.0, dataset="mtbench", num_prompts=128,
+                   repeats=(1, "runs of each level per policy, the policies taking turns; points are median runs"))
+    p.add_argument("--policies", nargs="+", default=["none", "fixed:1", "full", "threshold:0.5", "sps", "sps-lagged"])
+    p.add_argument("--rounds", type=int, default=2, help="prompts per concurrency = rounds x concurrency")
+
+
+def server_overhead(p):
+    engine_flags(p, "num_threads", "seed")
+    workload_flags(p, "bench_out", concurrency=[1, 32], max_tokens=64, dataset="mtbench")
+
+
+def accept(p):
+    engine_flags(p, "model", "dtype", "num_threads", "max_num_seqs", "kv_cache_gb", "seed", max_num_seqs=16,
+                 kv_cache_gb=1.0)
+    workload_flags(p, "bench_out/accept", num_prompts=(20, "per domain"), max_tokens=128, max_prompt_tokens=256)
+    p.add_argument("--drafts", nargs="*", default=[], help="method:dir each (method dspark | dflash); default: "
+                   "drafts/dspark-smollm2-135m and drafts/dflash-smollm2-135m where they exist")
+    p.add_argument("--domains", nargs="+", default=["chat=mtbench", "code=humaneval", "math=math"],
+                   help="name=prompt set each (mtbench, humaneval, math, sharegpt, jsonl:PATH)")
+    p.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0])
+    p.add_argument("--speed", action="store_true", help="also batch-1 greedy tokens/s, plain vs each draft")
+    p.add_argument("--speed-prompts", type=int, default=4)
+
+
+def prefix_cache(p):
+    engine_flags(p, "model", "dtype", "num_threads", "seed")
+    workload_flags(p, "bench_out/prefix_cache", num_prompts=8, max_tokens=64, dataset="sharegpt")
+
+
+def linear(p):
+    engine_flags(p, "model", "num_threads")
+    workload_flags(p, "bench_out/linear", repeats=5)
+    p.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128])
+
+
+COMMANDS = {  # name: (help, the function adding its flags); bench.<name with _> runs it
+    "throughput": ("decode tokens/s: ours vs transformers vs llama.cpp", throughput),
+    "spec": ("speculative decoding: tokens/s vs plain and the step cost split", spec),
+    "draft-vocab": ("expected acceptance with the draft's top-K tokens vs every token", draft_vocab),
+    "sweep": ("throughput vs per-user speed for each verify policy and concurrency", sweep),
+    "server-overhead": ("HTTP streaming throughput and TTFT vs the offline engine", server_overhead),
+    "accept": ("acceptance (tau, per-position) and confidence ECE per domain and temperature", accept),
+    "prefix-cache": ("second-turn time to first token with and without prefix caching", prefix_cache),
+    "linear": ("CPU linear paths (our kernels, torch bf16, oneDNN fp32) on the model's shapes", linear),
+    "serve": ("load test of a running OpenAI-compatible server (vllm bench serve)", add_serve_args),
+    "serve-sweep": ("start our server (and llama-server) per configuration, load it at each concurrency, plot the "
+                    "Pareto picture", lambda p: add_load_args(add_sweep_args(p))),
+}
+
+
+def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    tp = sub.add_parser("throughput", help="decode tokens/s: ours vs transformers vs llama.cpp")
-    tp.add_argument("--model", default="")
-    tp.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    tp.add_argument("--threads", type=int, default=2)
-    tp.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
-    tp.add_argument("--max-tokens", type=int, default=128)
-    tp.add_argument("--hf-max-tokens", type=int, default=32, help="transformers is slow at batch 32: fewer steps")
-    tp.add_argument("--max-prompt-tokens", type=int, default=256)
-    tp.add_argument("--dataset", default="mtbench")
-    tp.add_argument("--seed", type=int, default=0)
-    tp.add_argument("--peers", default="hf,llama.cpp", help="comma list of hf, llama.cpp ('' for none)")
-    tp.add_argument("--gguf", default=str(peers.DEFAULT_PEERS_DIR / peers.DEFAULT_GGUF_NAME))
-    tp.add_argument("--out", type=Path, default=Path("bench_out"))
-    sp = sub.add_parser("spec", help="speculative decoding: tokens/s vs plain and the step cost split")
-    sp.add_argument("--model", default="")
-    sp.add_argument("--draft", default=str(DEFAULT_DRAFT), help="DSpark draft directory")
-    sp.add_argument("--dflash-draft", default="", help="optionally also a DFlash draft")
-    sp.add_argument("--gamma", type=int, default=7)
-    sp.add_argument("--verify-policy", nargs="+", default=["full"], help="one drafter per policy, side by side")
-    sp.add_argument("--repeats", type=int, default=1, help="runs per engine, taking turns; medians reported")
-    sp.add_argument("--draft-vocab-sizes", type=int, nargs="+", default=[0],
-                    help="one drafter per size, side by side: 0 = the draft's draft_vocab.json, -1 = every token")
-    sp.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    sp.add_argument("--threads", type=int, default=2)
-    sp.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
-    sp.add_argument("--max-tokens", type=int, default=48)
-    sp.add_argument("--max-prompt-tokens", type=int, default=256)
-    sp.add_argument("--temperature", type=float, default=1.0)
-    sp.add_argument("--dataset", default="mtbench")
-    sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--out", type=Path, default=Path("bench_out"))
-    dv = sub.add_parser("draft-vocab", help="expected acceptance with the draft's top-K tokens vs every token")
-    dv.add_argument("--model", default="")
-    dv.add_argument("--draft", default=str(DEFAULT_DRAFT), help="a DSpark draft with a draft_vocab.json")
-    dv.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
-    dv.add_argument("--datasets", nargs="+", default=["humaneval", "mtbench", "math"])
-    dv.add_argument("--num-prompts", type=int, default=8, help="per dataset")
-    dv.add_argument("--max-tokens", type=int, default=64)
-    dv.add_argument("--max-prompt-tokens", type=int, default=256)
-    dv.add_argument("--temperature", type=float, default=1.0)
-    dv.add_argument("--verify-policy", default="full")
-    dv.add_argument("--threads", type=int, default=2)
-    dv.add_argument("--max-num-seqs", type=int, default=24)
-    dv.add_argument("--seed", type=int, default=0)
-    dv.add_argument("--out", type=Path, default=Path("bench_out/draft_vocab"))
-    sw = sub.add_parser("sweep", help="throughput vs per-user speed for each verify policy and concurrency")
-    sw.add_argument("--model", default="")
-    sw.add_argument("--draft", default=str(DEFAULT_DRAFT))
-    sw.add_argument("--sps-profile", default="", help="cost table from python -m profiler ('' = quick profile)")
-    sw.add_argument("--policies", nargs="+", default=["none", "fixed:1", "full", "threshold:0.5", "sps", "sps-lagged"])
-    sw.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
-    sw.add_argument("--rounds", type=int, default=2, help="prompts per concurrency = rounds x concurrency")
-    sw.add_argument("--repeats", type=int, default=1,
-                    help="runs of each level per policy, the policies taking turns; points are median runs")
-    sw.add_argument("--kv-cache-gb", type=float, default=2.0, help="per engine (every policy's engine is loaded)")
-    sw.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    sw.add_argument("--threads", type=int, default=2)
-    sw.add_argument("--max-tokens", type=int, default=64)
-    sw.add_argument("--max-prompt-tokens", type=int, default=256)
-    sw.add_argument("--temperature", type=float, default=0.0)
-    sw.add_argument("--dataset", default="mtbench")
-    sw.add_argument("--num-prompts", type=int, default=128)
-    sw.add_argument("--seed", type=int, default=0)
-    sw.add_argument("--out", type=Path, default=Path("bench_out"))
-    so = sub.add_parser("server-overhead", help="HTTP streaming throughput and TTFT vs the offline engine")
-    so.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])
-    so.add_argument("--max-tokens", type=int, default=64)
-    so.add_argument("--threads", type=int, default=2)
-    so.add_argument("--dataset", default="mtbench")
-    so.add_argument("--seed", type=int, default=0)
-    so.add_argument("--out", type=Path, default=Path("bench_out"))
-    ac = sub.add_parser("accept", help="acceptance (tau, per-position) and confidence ECE per domain and temperature")
-    ac.add_argument("--model", default="")
-    ac.add_argument("--drafts", nargs="*", default=[], help="method:dir each (method dspark | dflash); default: "
-                    "drafts/dspark-smollm2-135m and drafts/dflash-smollm2-135m where they exist")
-    ac.add_argument("--domains", nargs="+", default=["chat=mtbench", "code=humaneval", "math=math"],
-                    help="name=prompt set each (mtbench, humaneval, math, sharegpt, jsonl:PATH)")
-    ac.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0])
-    ac.add_argument("--num-prompts", type=int, default=20, help="per domain")
-    ac.add_argument("--max-tokens", type=int, default=128)
-    ac.add_argument("--max-prompt-tokens", type=int, default=256)
-    ac.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    ac.add_argument("--num-threads", type=int, default=2)
-    ac.add_argument("--max-num-seqs", type=int, default=16)
-    ac.add_argument("--kv-cache-gb", type=float, default=1.0)
-    ac.add_argument("--speed", action="store_true", help="also batch-1 greedy tokens/s, plain vs each draft")
-    ac.add_argument("--speed-prompts", type=int, default=4)
-    ac.add_argument("--seed", type=int, default=0)
-    ac.add_argument("--out", type=Path, default=Path("bench_out/accept"))
-    pc = sub.add_parser("prefix-cache", help="second-turn time to first token with and without prefix caching")
-    pc.add_argument("--model", default="")
-    pc.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    pc.add_argument("--threads", type=int, default=2)
-    pc.add_argument("--num-prompts", type=int, default=8)
-    pc.add_argument("--max-tokens", type=int, default=64)
-    pc.add_argument("--dataset", default="sharegpt")
-    pc.add_argument("--seed", type=int, default=0)
-    pc.add_argument("--out", type=Path, default=Path("bench_out/prefix_cache"))
-    li = sub.add_parser("linear", help="CPU linear paths (our kernels, torch bf16, oneDNN fp32) on the model's shapes")
-    li.add_argument("--model", default="")
-    li.add_argument("--threads", type=int, default=2)
-    li.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128])
-    li.add_argument("--repeats", type=int, default=5)
-    li.add_argument("--out", type=Path, default=Path("bench_out/linear"))
-    add_serve_args(sub.add_parser("serve", help="load test of a running OpenAI-compatible server (vllm bench serve)"))
-    add_load_args(add_sweep_args(sub.add_parser("serve-sweep", help="start our server (and llama-server) per "
-                                                "configuration, load it at each concurrency, plot the Pareto picture")))
-    args = parser.parse_args()
+    for name, (help_text, add_flags) in COMMANDS.items():
+        add_flags(sub.add_parser(name, help=help_text))
+    args = parser.parse_args(argv)
     if args.command == "throughput":
         args.peers = args.peers.split(",")
     module = importlib.import_module(f"bench.{args.command.replace('-', '_')}")

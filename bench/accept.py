@@ -8,12 +8,12 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from bench.datasets import REPO_ROOT, encode_prompt, load_prompts
 from bench.report import markdown_table, save_and_print
 from engine import LLM, SamplingParams
+from engine.calibration import load_scaling, pooled_metrics, position_metrics, rounds_from_records
+from engine.config import REPO_ROOT
 from engine.drafts.loader import CALIBRATION_FILE
-from engine.spec_stats import SpecStats
-from train import sts
+from engine.prompt_sets import encode_prompt, load_prompts
 
 DEFAULT_DOMAINS = ["chat=mtbench", "code=humaneval", "math=math"]
 DEFAULT_DRAFTS = ["dspark:drafts/dspark-smollm2-135m", "dflash:drafts/dflash-smollm2-135m"]
@@ -51,7 +51,7 @@ def run(args) -> dict:
     for method, draft in drafts:
         llm = LLM(**options, spec_method=method, draft=draft, verify_policy="full")
         label = f"{method} ({Path(draft).name})"
-        scaling = sts.load_scaling(Path(draft) / CALIBRATION_FILE)
+        scaling = load_scaling(Path(draft) / CALIBRATION_FILE)
         prompts = {d: [encode_prompt(llm, t, args.max_prompt_tokens) for t in ts] for d, ts in texts.items()}
         for domain, ids in prompts.items():
             for temperature in args.temperatures:
@@ -76,7 +76,7 @@ def first(prompts: dict[str, list], n: int) -> list:
 
 
 def measure(llm: LLM, prompts: list[list[int]], temperature: float, max_tokens: int, seed: int, scaling) -> dict:
-    llm.spec_stats = SpecStats()
+    llm.reset_spec_stats()
     records = llm.record_confidences()
     llm.generate(prompts, SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=seed), use_tqdm=False)
     llm.record_confidences(False)
@@ -95,11 +95,11 @@ def conditional_acceptance(stats: dict) -> list[float | None]:
 
 def calibration(records: list, scaling) -> dict:
     """ECE etc. of the cumulative product, per position and pooled: raw, and with the sts.json scaling."""
-    rounds = sts.rounds_from_records(records)
-    out = {"confidence_before": sts.position_metrics(rounds), "pooled_before": sts.pooled_metrics(rounds)}
+    rounds = rounds_from_records(records)
+    out = {"confidence_before": position_metrics(rounds), "pooled_before": pooled_metrics(rounds)}
     if scaling is not None:
-        out["confidence_after"] = sts.position_metrics(rounds, scaling)
-        out["pooled_after"] = sts.pooled_metrics(rounds, scaling)
+        out["confidence_after"] = position_metrics(rounds, scaling)
+        out["pooled_after"] = pooled_metrics(rounds, scaling)
     return out
 
 

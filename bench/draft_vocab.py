@@ -8,9 +8,9 @@ from pathlib import Path
 import torch
 
 import engine.speculator
-from bench.datasets import encode_prompt, load_prompts
 from engine import LLM, SamplingParams
 from engine.drafts.loader import VOCAB_FILE
+from engine.prompt_sets import encode_prompt, load_prompts
 
 
 class AcceptanceProbe:
@@ -44,7 +44,7 @@ def run(args) -> dict:
     sizes = [k for k in args.sizes if k <= len(ranked)]
     probe = AcceptanceProbe({k: torch.tensor(ranked[:k]) for k in sizes}, engine.speculator.rejection_sample)
     llm = LLM(model=args.model, spec_method="dspark", draft=args.draft, draft_vocab_size=-1,
-              verify_policy=args.verify_policy, num_threads=args.threads, max_num_seqs=args.max_num_seqs)
+              verify_policy=args.verify_policy, num_threads=args.num_threads, max_num_seqs=args.max_num_seqs)
     prompts = [encode_prompt(llm, text, args.max_prompt_tokens)
                for name in args.datasets for text in load_prompts(name, args.num_prompts, seed=args.seed)]
     engine.speculator.rejection_sample = probe

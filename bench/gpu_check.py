@@ -74,7 +74,7 @@ def random_draft(draft_dir, target, dtype, method, vocab_size=0):  # loader.load
 def build_engine(root: Path, kv_cache_gb: float, target=QWEN3_4B, draft=DSPARK_4B, device="cuda", kernels="triton",
                  dtype="bfloat16", max_num_seqs=64, attention="auto"):
     """The engine's model runner and block manager around random weights (no checkpoint to read)."""
-    from engine import model_runner, speculator
+    from engine import drafter, model_runner
     from engine.block_manager import BlockManager
     from engine.config import EngineConfig
     for name, cfg in (("target", target), ("draft", draft)):
@@ -83,13 +83,13 @@ def build_engine(root: Path, kv_cache_gb: float, target=QWEN3_4B, draft=DSPARK_4
     config = EngineConfig(model=str(root / "target"), draft=str(root / "draft"), spec_method="dspark", dtype=dtype,
                           device=device, kernels=kernels, kv_cache_gb=kv_cache_gb,
                           max_num_seqs=max_num_seqs, attention=attention)
-    loaders = model_runner.load_model, speculator.load_draft
+    loaders = model_runner.load_model, drafter.load_draft
     model_runner.load_model = lambda model_dir, dtype: random_target(model_dir, dtype, device)
-    speculator.load_draft = random_draft
+    drafter.load_draft = random_draft
     try:
         runner = model_runner.ModelRunner(config)
     finally:
-        model_runner.load_model, speculator.load_draft = loaders
+        model_runner.load_model, drafter.load_draft = loaders
     return SimpleNamespace(model_runner=runner, block_manager=BlockManager(runner.num_blocks, config.kv_block_size))
 
 
@@ -99,11 +99,11 @@ def kernel_profile(engine, context_len: int, repeats: int = 3, rows: int = 15) -
 
     from engine.cost_model import fake_requests, time_draft, time_forward
     on_gpu = engine.model_runner.device.type == "cuda"
-    seqs = fake_requests(engine, 1, context_len)
+    seqs = fake_requests(engine.model_runner, engine.block_manager, 1, context_len)
     try:
         with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * on_gpu) as prof:
-            time_forward(engine, seqs, [1], repeats)
-            time_draft(engine, seqs, repeats)
+            time_forward(engine.model_runner, seqs, [1], repeats)
+            time_draft(engine.model_runner, seqs, repeats)
     finally:
         engine.block_manager.free(seqs[0])
     return prof.key_averages().table(sort_by=f"self_{'device' if on_gpu else 'cpu'}_time_total", row_limit=rows)
@@ -120,20 +120,20 @@ def measure(engine, context_len: int, repeats: int, tokens=VERIFY_TOKENS, reques
     from engine.cost_model import ROWS_PER_REQUEST, measure_curve
     from engine.graphs import TOKEN_TIERS
     tokens = sorted(set(tokens) | {t for t in TOKEN_TIERS if t <= max(tokens)})  # the same grid for both
+    runner, blocks = engine.model_runner, engine.block_manager
     stage("eager step times")
-    eager = measure_curve(engine, tokens, requests, context_len, repeats)
-    runner = engine.model_runner
+    eager = measure_curve(runner, blocks, tokens, requests, context_len, repeats)
     stage("kernel profile (eager, batch 1)")
     profile_table = kernel_profile(engine, context_len)
     stage("capturing CUDA graphs")
     runner.capture_graphs(context_len + 2 * ROWS_PER_REQUEST)
     stage("graph step times")
-    graphs = measure_curve(engine, tokens, requests, context_len, repeats)
-    draft = runner.speculator.draft
+    graphs = measure_curve(runner, blocks, tokens, requests, context_len, repeats)
+    draft = runner.drafter.draft
     draft.restrict_vocab(torch.arange(draft_vocab, device=draft.fc.weight.device))
     stage(f"draft graphs with a {draft_vocab}-token vocabulary")
-    runner.speculator.capture_graphs(runner.config.max_num_seqs, context_len + 2 * ROWS_PER_REQUEST, runner.graphs.pool)
-    subset = dict(zip(*measure_curve(engine, (1,), requests, context_len, repeats).draft_cost))
+    runner.drafter.capture_graphs(runner.config.max_num_seqs, context_len + 2 * ROWS_PER_REQUEST, runner.graphs.pool)
+    subset = dict(zip(*measure_curve(runner, blocks, (1,), requests, context_len, repeats).draft_cost))
     stage("KV budget after a warm-up (start-up sizing; the graphs stay resident here)")
     try:  # last, and never at the cost of the numbers above
         kv_budget = f"{runner.free_gpu_kv_gb():.1f} GiB"

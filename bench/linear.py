@@ -13,7 +13,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from bench.report import save_and_print
-from engine.config import DEFAULT_MODELS_DIR, DEFAULT_MODEL_NAME
+from engine.config import DEFAULT_MODEL_NAME, DEFAULT_MODELS_DIR
 from engine.cpu import move_to_huge_pages
 from kernels import cpu_linear
 
@@ -44,7 +44,7 @@ def paths(native: bool) -> dict:
 
 
 def run(args) -> dict:
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.num_threads)
     model = Path(args.model or DEFAULT_MODELS_DIR / DEFAULT_MODEL_NAME)
     shapes = layer_shapes(json.loads((model / "config.json").read_text()))
     weights = [torch.randn(n, k).bfloat16() for n, k in shapes]
@@ -63,7 +63,7 @@ def run(args) -> dict:
                         fn(xs[w.shape[1]], w, p)
                     times[name][m].append(time.perf_counter() - start)
                     bar.update(1)
-    return {"model": str(model), "threads": args.threads, "layers": len(shapes),
+    return {"model": str(model), "threads": args.num_threads, "layers": len(shapes),
             "weight_mb": sum(w.numel() * 2 for w in weights) / 2**20,
             "native_bf16": cpu_linear.native_bf16_available(),
             "ms": {name: {m: 1000 * statistics.median(t) for m, t in per.items()} for name, per in times.items()}}

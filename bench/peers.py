@@ -1,4 +1,4 @@
-"""llama.cpp as a benchmark peer (DESIGN.md §7): build it, convert our model to GGUF, time it.
+"""llama.cpp, the engine a CPU user would pick, as a benchmark peer: build it, convert our model to GGUF, time it.
 
 Everything lives outside the repo, in `$DSPARK_PEERS_DIR` (default: a `peers/` folder beside the checkout).
 Reproduce on a new machine (needs cmake and a C++ compiler; the build takes ~5 min on 2 idle cores, 24 min on a
@@ -183,7 +183,7 @@ def main(argv=None):
     p.add_argument("--dest", type=Path, default=DEFAULT_PEERS_DIR)
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR, help="HF-format model dir to convert")
     p.add_argument("--gguf", type=Path, default=None, help=f"default: <dest>/{DEFAULT_GGUF_NAME}")
-    p.add_argument("-t", "--threads", type=int, default=2)
+    p.add_argument("-t", "--num-threads", type=int, default=2)
     p.add_argument("-j", "--jobs", type=int, default=2)
     p.add_argument("--n-gen", type=int, default=128)
     p.add_argument("--n-prompt", type=int, default=256)
@@ -198,11 +198,12 @@ def main(argv=None):
     if args.what in ("convert", "all"):
         results["gguf"] = str(convert_to_gguf_bf16(args.model, gguf, args.dest))
     if args.what in ("bench", "all"):
-        results["llama_bench"] = llama_bench_decode(gguf, args.threads, args.n_gen, args.n_prompt, args.depth,
+        results["llama_bench"] = llama_bench_decode(gguf, args.num_threads, args.n_gen, args.n_prompt, args.depth,
                                                     build_dir=build_dir)
     if args.what in ("batched", "all"):
         npl = tuple(int(x) for x in args.npl.split(","))
-        results["batched_bench"] = llama_batched_bench(gguf, args.threads, 128, args.n_gen, npl, build_dir=build_dir)
+        results["batched_bench"] = llama_batched_bench(gguf, args.num_threads, 128, args.n_gen, npl,
+                                                       build_dir=build_dir)
     print(json.dumps(results, indent=1))
 
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from bench.datasets import load_prompts
 from bench.report import save_and_print
 from engine import LLM, SamplingParams
+from engine.prompt_sets import load_prompts
 
 FOLLOW_UP = "Thanks. Now summarise your answer in two sentences."
 
@@ -37,7 +37,7 @@ def conversation(llm: LLM, question: str, params: SamplingParams) -> tuple[dict,
 
 def run(args) -> dict:
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens)
-    engines = {on: LLM(model=args.model, dtype=args.dtype, num_threads=args.threads, spec_method="none",
+    engines = {on: LLM(model=args.model, dtype=args.dtype, num_threads=args.num_threads, spec_method="none",
                        enable_prefix_caching=on) for on in (True, False)}
     for llm in engines.values():
         llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2), use_tqdm=False)  # warm-up
@@ -51,7 +51,7 @@ def run(args) -> dict:
                      "turn2_ttft_off_s": t2_off["ttft_s"]})
     summary = {k: statistics.median(r[k] for r in rows) for k in rows[0] if k != "same_answers"}
     summary["same_answers"] = sum(r["same_answers"] for r in rows)
-    return {"rows": rows, "median": summary, "num_conversations": len(rows), "threads": args.threads,
+    return {"rows": rows, "median": summary, "num_conversations": len(rows), "threads": args.num_threads,
             "max_tokens": args.max_tokens, "dataset": args.dataset}
 
 

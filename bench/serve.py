@@ -12,10 +12,10 @@ import dataclasses
 import time
 from pathlib import Path
 
-from bench.datasets import load_prompts
 from bench.report import save_and_print
 from bench.serve_client import LoadOptions, fetch_text, run_requests, served_model
 from bench.serve_metrics import parse_metrics, server_diff, summarize
+from engine.prompt_sets import load_prompts
 
 
 def add_load_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

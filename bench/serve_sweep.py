@@ -24,10 +24,11 @@ import httpx
 from tqdm.auto import tqdm
 
 from bench import peers
-from bench.datasets import load_prompts
 from bench.report import markdown_table, save_and_print
 from bench.serve import benchmark, fmt, load_options
+from engine.cli import add_engine_args
 from engine.config import DEFAULT_DRAFT
+from engine.prompt_sets import load_prompts
 
 CONFIGS = ("none", "full", "fixed:1", "sps", "sps-lagged")
 LLAMA = "llama-server"
@@ -52,12 +53,11 @@ def add_sweep_args(parser):
                         help="run each level this many times, the configurations taking turns with every server up "
                         "at once (give --server-args '--kv-cache-gb 1' to fit them); points are median rounds")
     parser.add_argument("--llama-server", action="store_true", help="also measure llama.cpp's llama-server")
-    parser.add_argument("--model", default="", help="model directory ('' = the embedded default)")
     parser.add_argument("--spec-method", default="dspark", choices=["dspark", "dflash"])
-    parser.add_argument("--draft", default=str(DEFAULT_DRAFT))
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    parser.add_argument("--num-threads", type=int, default=2)
-    parser.add_argument("--max-num-seqs", type=int, default=0, help="0 = the largest concurrency")
+    add_engine_args(parser, ["model", "draft", "dtype", "num_threads", "max_num_seqs"],
+                    {"model": "model directory ('' = the embedded default)",
+                     "max_num_seqs": "0 = the largest concurrency"},
+                    draft=str(DEFAULT_DRAFT), num_threads=2, max_num_seqs=0)
     parser.add_argument("--server-args", default="", help="extra flags for python -m server (one string)")
     parser.add_argument("--gguf", type=Path, default=peers.DEFAULT_PEERS_DIR / peers.DEFAULT_GGUF_NAME)
     parser.add_argument("--llama-ctx-per-slot", type=int, default=1024)

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import httpx
 
-from bench.datasets import load_prompts
 from bench.report import save_and_print
 from engine import LLM, SamplingParams
+from engine.prompt_sets import load_prompts
 
 
 def offline(prompts: list[str], concurrency: int, max_tokens: int, threads: int) -> dict:
@@ -80,15 +80,16 @@ def start_server(threads: int, max_num_seqs: int) -> tuple[subprocess.Popen, str
 
 def run(args) -> dict:
     prompts = load_prompts(args.dataset, max(args.concurrency), seed=args.seed)
-    rows = [{"concurrency": c, "offline": offline(prompts, c, args.max_tokens, args.threads)} for c in args.concurrency]
-    proc, url = start_server(args.threads, max(args.concurrency))
+    rows = [{"concurrency": c, "offline": offline(prompts, c, args.max_tokens, args.num_threads)}
+            for c in args.concurrency]
+    proc, url = start_server(args.num_threads, max(args.concurrency))
     try:
         for row in rows:
             row["server"] = asyncio.run(served(url, prompts, row["concurrency"], args.max_tokens))
     finally:
         proc.terminate()
         proc.wait(timeout=60)
-    return {"dataset": args.dataset, "max_tokens": args.max_tokens, "threads": args.threads, "rows": rows}
+    return {"dataset": args.dataset, "max_tokens": args.max_tokens, "threads": args.num_threads, "rows": rows}
 
 
 def report(results: dict, out_dir: Path):

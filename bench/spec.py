@@ -10,9 +10,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from bench.datasets import load_prompts
 from engine import LLM, SamplingParams
-from engine.timing import TIMINGS
+from engine.context import TIMINGS
+from engine.prompt_sets import load_prompts
 
 DRAFT_PARTS = ("draft_backbone", "draft_lm_head", "sequential_head", "draft_sampling", "confidence_head",
                "draft_fused")  # draft_fused: the whole step on the Triton path (graph or eager)
@@ -51,8 +51,8 @@ def measure(llm: LLM, prompts: list[list[int]], params: SamplingParams, label: s
 
 
 def run(args) -> dict:
-    torch.set_num_threads(args.threads)
-    common = dict(model=args.model, dtype=args.dtype, num_threads=args.threads, max_num_seqs=max(args.concurrency),
+    torch.set_num_threads(args.num_threads)
+    common = dict(model=args.model, dtype=args.dtype, num_threads=args.num_threads, max_num_seqs=max(args.concurrency),
                   max_num_batched_tokens=2048)
     engines = {"plain": LLM(**common, spec_method="none")}
     sizes, policies = args.draft_vocab_sizes, args.verify_policy
@@ -80,7 +80,7 @@ def run(args) -> dict:
                 runs.setdefault((c, name), []).append(row)
     TIMINGS.enabled = False
     rows = [median_row(r) for r in runs.values()]
-    return {"model": plain.config.model, "draft": args.draft, "dtype": args.dtype, "threads": args.threads,
+    return {"model": plain.config.model, "draft": args.draft, "dtype": args.dtype, "threads": args.num_threads,
             "gamma": args.gamma, "verify_policies": args.verify_policy, "temperature": args.temperature,
             "dataset": args.dataset, "max_tokens": args.max_tokens, "rows": rows}
 

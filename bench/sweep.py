@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from bench.datasets import encode_prompt, load_prompts
 from bench.report import save_and_print
 from engine import LLM, SamplingParams
+from engine.prompt_sets import encode_prompt, load_prompts
 
 
 def closed_loop(llm: LLM, prompts: list[list[int]], concurrency: int, params: SamplingParams, label: str) -> dict:
@@ -50,7 +50,7 @@ def closed_loop(llm: LLM, prompts: list[list[int]], concurrency: int, params: Sa
 def make_engine(args, policy: str) -> LLM:
     spec = {"spec_method": "none"} if policy == "none" else {
         "spec_method": "dspark", "draft": args.draft, "verify_policy": policy, "sps_profile": args.sps_profile}
-    return LLM(model=args.model, dtype=args.dtype, num_threads=args.threads, max_num_seqs=max(args.concurrency),
+    return LLM(model=args.model, dtype=args.dtype, num_threads=args.num_threads, max_num_seqs=max(args.concurrency),
                max_num_batched_tokens=2048, kv_cache_gb=args.kv_cache_gb, enable_prefix_caching=False, **spec)
 
 
@@ -61,7 +61,7 @@ def run(args) -> dict:
     than finding them cached. A point is the repeat with the median aggregate throughput."""
     if args.repeats < 1:
         raise SystemExit("--repeats must be at least 1")
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.num_threads)
     texts = load_prompts(args.dataset, args.num_prompts, seed=args.seed)
     params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed)
     engines = {policy: make_engine(args, policy) for policy in args.policies}
@@ -82,7 +82,7 @@ def run(args) -> dict:
             rows.append(median_run(runs[policy]))
     del engines, first
     gc.collect()
-    return {"model": args.model, "draft": args.draft, "dtype": args.dtype, "threads": args.threads,
+    return {"model": args.model, "draft": args.draft, "dtype": args.dtype, "threads": args.num_threads,
             "temperature": args.temperature, "max_tokens": args.max_tokens, "dataset": args.dataset,
             "repeats": args.repeats, "rows": rows, "all_repeats": every_run}
 

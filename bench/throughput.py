@@ -8,8 +8,8 @@ import torch
 from tqdm.auto import tqdm
 
 from bench import peers
-from bench.datasets import load_prompts
 from engine import LLM, SamplingParams
+from engine.prompt_sets import load_prompts
 
 
 def copy_bandwidth_gbs(size_mb: int = 512, reps: int = 7) -> float:
@@ -103,15 +103,15 @@ def llama_cpp_decode(gguf: Path, batch: int, max_tokens: int, prompt_len: int, t
 
 
 def run(args) -> dict:
-    torch.set_num_threads(args.threads)
-    llm = LLM(model=args.model, dtype=args.dtype, num_threads=args.threads, max_num_seqs=max(args.batch_sizes),
+    torch.set_num_threads(args.num_threads)
+    llm = LLM(model=args.model, dtype=args.dtype, num_threads=args.num_threads, max_num_seqs=max(args.batch_sizes),
               max_num_batched_tokens=2048, spec_method="none")  # plain decoding against llama.cpp's
     texts = load_prompts(args.dataset, max(args.batch_sizes), seed=args.seed)
     prompts = [llm.chat_prompt([{"role": "user", "content": t}])[:args.max_prompt_tokens] for t in texts]
     weight_bytes = sum(p.numel() * p.element_size() for p in llm.model_runner.model.parameters())
     bandwidth = copy_bandwidth_gbs()
     llm.generate(prompts[:2], SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up
-    results = {"model": llm.config.model, "dtype": args.dtype, "threads": args.threads, "dataset": args.dataset,
+    results = {"model": llm.config.model, "dtype": args.dtype, "threads": args.num_threads, "dataset": args.dataset,
                "max_tokens": args.max_tokens, "weight_bytes": weight_bytes, "copy_bandwidth_gbs": bandwidth,
                "floor_ms_per_token": weight_bytes / (bandwidth * 1e9) * 1e3, "rows": []}
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
@@ -122,7 +122,7 @@ def run(args) -> dict:
         if "hf" in args.peers:
             row["transformers"] = hf_decode(llm.config.model, batch_prompts, args.hf_max_tokens, dtype)
         if "llama.cpp" in args.peers:
-            row["llama.cpp"] = llama_cpp_decode(Path(args.gguf), batch, args.max_tokens, mean_prompt, args.threads)
+            row["llama.cpp"] = llama_cpp_decode(Path(args.gguf), batch, args.max_tokens, mean_prompt, args.num_threads)
         results["rows"].append(row)
     return results
 

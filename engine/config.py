@@ -1,14 +1,14 @@
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODELS_DIR = Path(os.environ.get("DSPARK_MODELS_DIR", REPO_ROOT / "models"))
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_DRAFT = REPO_ROOT / "drafts" / "dspark-smollm2-135m"  # trained by train/configs/dspark_smollm2*.json
-# The committed draft beats plain decoding at batch 1 on a native-bf16 CPU (1.06-1.19x) and the lagged planner keeps
-# batch 8 at plain or above (docs/benchmarks.md), so `auto` serves the default model (bf16) with it; False: plainly.
+# `auto` serves the default model (bf16) with its committed draft, which pays on a native-bf16 CPU
+# (docs/benchmarks.md); False: plainly.
 DEFAULT_MODEL_SPECULATES = True
 DEFAULT_MODEL_VERIFY_POLICY = "sps-lagged"  # drafts and verifies only what the measured step costs say pays
 SPEC_METHODS = ("auto", "none", "dflash", "dspark")
@@ -62,6 +62,7 @@ def resolve_device(device: str, kernels: str) -> tuple[str, str]:
     """'auto' -> the GPU when torch sees one; kernels 'auto' -> Triton on the GPU, the torch twins on CPU. Triton on
     CPU tensors only runs under its interpreter (TRITON_INTERPRET=1): slow, for tests."""
     import torch
+
     from kernels.triton_support import HAS_TRITON, INTERPRETING
     if device not in DEVICES:
         raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
@@ -104,7 +105,8 @@ class EngineConfig:
     kv_block_size: int = 16
     enable_prefix_caching: bool = True   # reuse the K/V of full blocks whose token prefix was computed before
     num_threads: int = 0                 # 0 = leave torch's default
-    seed: int = 0
+    seed: int = 0                        # seeds the requests that set no seed (reproducible runs, as vLLM's
+                                         # --seed); -1 = fresh entropy every run
     spec_method: str = "auto"            # auto | none | dflash | dspark (auto: see resolve_auto_spec)
     draft: str = ""                      # draft directory (DeepSpec format)
     num_draft_tokens: int = 0            # gamma: tokens drafted per step; 0 = the draft's block_size
@@ -119,7 +121,6 @@ class EngineConfig:
                                          # on cuda in bf16/fp16) | triton | flashinfer
     enforce_eager: bool = False          # no CUDA graphs (they are captured on cuda + triton otherwise)
     huge_pages: bool = True              # CPU: weights in 2 MB transparent huge pages (fewer TLB misses)
-    hf_config: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
         if not self.model:

@@ -1,3 +1,8 @@
+"""Module-level state a step's code reads without passing it down: the forward context the layers attend with, and
+the opt-in wall-clock accounting of the step's named parts (benchmarks and the profiler read it)."""
+import time
+from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -58,3 +63,28 @@ def set_context(slot_mapping: torch.Tensor, groups: list[AttentionGroup], varlen
 def reset_context():
     global _CONTEXT
     _CONTEXT = Context()
+
+
+class Timings:
+    def __init__(self):
+        self.enabled = False
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    @contextmanager
+    def section(self, name: str):
+        if not self.enabled:
+            yield
+            return
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] += time.perf_counter() - start
+
+    def take(self) -> dict[str, float]:
+        """The seconds accumulated since the last take(), by section."""
+        out, self.seconds = dict(self.seconds), defaultdict(float)
+        return out
+
+
+TIMINGS = Timings()

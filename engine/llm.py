@@ -4,7 +4,8 @@ from dataclasses import dataclass
 
 from tqdm.auto import tqdm
 
-from engine.llm_engine import LLMEngine, RequestOutput
+from engine.llm_engine import LLMEngine
+from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 
 
@@ -24,7 +25,7 @@ class LLM(LLMEngine):
                  use_tqdm: bool = True) -> list[Completion]:
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
-        params = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        params = params if isinstance(params, list) else [params or self.default_sampling_params()] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")
         ids = [self.add_request(p, sp) for p, sp in zip(prompts, params)]

@@ -6,15 +6,14 @@ import torch
 from engine import attention_inputs as inputs
 from engine.block_manager import slots
 from engine.config import EngineConfig
-from engine.context import device_tensor, get_context, reset_context, set_context
+from engine.context import TIMINGS, device_tensor, get_context, reset_context, set_context
 from engine.cpu import keep_freed_memory, move_to_huge_pages, return_freed_memory
+from engine.drafter import Drafter
 from engine.loader import load_model
 from engine.models.layers import pack_linears_for_cpu
 from engine.sampler import SamplingTensors, sample
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
-from engine.speculator import Speculator
-from engine.timing import TIMINGS
 from kernels import flashinfer_attention, triton_support
 from kernels.flashinfer_attention import FlashInferAttention
 
@@ -38,10 +37,10 @@ class ModelRunner:
         if self.device.type == "cpu":
             pack_linears_for_cpu(self.model)
         self.block_size = config.kv_block_size
-        self.speculator = (Speculator(config, self.model, self.dtype, self.block_size)
-                           if config.spec_method != "none" else None)
+        speculates = config.spec_method != "none"
+        self.drafter = Drafter(config, self.model, self.dtype, self.block_size) if speculates else None
         if self.device.type == "cpu" and config.huge_pages:
-            move_to_huge_pages(self.model, *([self.speculator.draft] if self.speculator else []))
+            move_to_huge_pages(self.model, *([self.drafter.draft] if self.drafter else []))
             return_freed_memory()
         self.attention = self.choose_attention()
         self.flashinfer = self.make_flashinfer() if self.attention == "flashinfer" else None
@@ -78,13 +77,13 @@ class ModelRunner:
 
     @property
     def capture_layers(self) -> tuple[int, ...]:
-        return self.speculator.capture_layers if self.speculator else ()
+        return self.drafter.capture_layers if self.drafter else ()
 
     def kv_bytes_per_block(self) -> int:
         attn = self.model.layers[0].self_attn
         per_token = 2 * len(self.model.layers) * attn.num_kv_heads * attn.head_dim * self.kv_dtype.itemsize
-        if self.speculator:
-            per_token += self.speculator.kv_bytes_per_token(self.kv_dtype)
+        if self.drafter:
+            per_token += self.drafter.kv_bytes_per_token(self.kv_dtype)
         return per_token * self.block_size
 
     def free_gpu_kv_gb(self) -> float:
@@ -112,7 +111,7 @@ class ModelRunner:
         self.allocate_blocks(1)
         c = self.config
         n = min(c.max_num_batched_tokens, self.model.config.get("max_position_embeddings", 4096))
-        rows = min(n, c.max_num_seqs * (1 + (self.speculator.num_draft_tokens if self.speculator else 0)))
+        rows = min(n, c.max_num_seqs * (1 + (self.drafter.num_draft_tokens if self.drafter else 0)))
         seq = Sequence([0] * n, SamplingParams())
         seq.block_table, seq.num_scheduled_tokens = [0] * -(-n // self.block_size), n
         input_ids, positions = self.prepare([seq])
@@ -134,8 +133,8 @@ class ModelRunner:
         self.kv_cache = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
         for i, layer in enumerate(self.model.layers):
             layer.self_attn.k_cache, layer.self_attn.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
-        if self.speculator:
-            self.speculator.allocate_kv_cache(num_blocks * self.block_size, self.kv_dtype)
+        if self.drafter:
+            self.drafter.allocate_kv_cache(num_blocks * self.block_size, self.kv_dtype)
         return num_blocks
 
     def prepare(self, seqs: list[Sequence], tier: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -170,13 +169,13 @@ class ModelRunner:
         from engine.graphs import TargetGraphs
         if not triton_support.enabled():
             raise ValueError("CUDA graphs need the Triton kernels (kernels='triton')")
-        max_q_len = 1 + (self.speculator.num_draft_tokens if self.speculator else 0)
+        max_q_len = 1 + (self.drafter.num_draft_tokens if self.drafter else 0)
         max_tokens = min(self.config.max_num_batched_tokens, self.config.max_num_seqs * max_q_len)
         self.graphs = TargetGraphs(self.model, self.device, self.config.max_num_seqs, max_q_len, max_model_len,
                                    max_tokens, self.capture_layers,
                                    self.make_flashinfer if self.flashinfer is not None else None, self.block_size)
-        if self.speculator:
-            self.speculator.capture_graphs(self.config.max_num_seqs, max_model_len, self.graphs.pool)
+        if self.drafter:
+            self.drafter.capture_graphs(self.config.max_num_seqs, max_model_len, self.graphs.pool)
 
     def graph_tier(self, seqs: list[Sequence], capture_layers: tuple[int, ...]) -> int | None:
         if self.graphs is None:
@@ -185,14 +184,11 @@ class ModelRunner:
         kv_lens = [s.num_computed_tokens + n for s, n in zip(seqs, q_lens)]
         return self.graphs.tier_for(q_lens, kv_lens, capture_layers)
 
-    def execute(self, seqs: list[Sequence], num_logits: list[int]) -> list[torch.Tensor]:
-        """One forward over the scheduled tokens of seqs; for each seq the fp32 logits of its last
-        num_logits[i] scheduled tokens ([num_logits[i], V], in input order)."""
-        return self.forward(seqs, num_logits)[0]
-
     @torch.inference_mode()
     def forward(self, seqs: list[Sequence], num_logits: list[int], capture_layers: tuple[int, ...] = ()):
-        """execute(), plus each seq's captured target features [num_scheduled, len(capture_layers) * h]."""
+        """One forward over the scheduled tokens of seqs: for each seq the fp32 logits of its last num_logits[i]
+        scheduled tokens ([num_logits[i], V], in input order) and, when capture_layers are given, its captured target
+        features [num_scheduled, len(capture_layers) * h]."""
         order = sorted(range(len(seqs)), key=lambda i: not inputs.is_short(seqs[i]))
         ordered = [seqs[i] for i in order]
         tier = self.graph_tier(ordered, capture_layers)
@@ -214,42 +210,20 @@ class ModelRunner:
             features = [by_seq[i] for i in range(len(seqs))]
         return [per_seq[i] for i in range(len(seqs))], features
 
-    def run(self, seqs: list[Sequence]) -> dict[int, tuple[list[int], int]]:
-        """Forward + sampling (or verification): for each seq whose scheduled tokens reach its end, the new tokens
-        and how many of its verified drafts were accepted."""
-        at_end = [s.num_pending_tokens == s.num_scheduled_tokens for s in seqs]
-        if self.speculator:
-            return self.run_speculative(seqs, at_end)
+    def run(self, seqs: list[Sequence]) -> dict[int, list[int]]:
+        """A plain decoding step: the forward, then a sampled token for each seq whose scheduled tokens reach its end;
+        computed counts advanced."""
+        at_end = [s.reaches_end for s in seqs]
         with TIMINGS.section("target"):
-            logits = self.execute(seqs, [int(e) for e in at_end])
+            logits, _ = self.forward(seqs, [int(e) for e in at_end])
+        for seq in seqs:
+            seq.advance()
         sampling = [s for s, e in zip(seqs, at_end) if e]
         if not sampling:
             return {}
         with TIMINGS.section("sampling"):
             tokens = self.sample(torch.cat([l for l, e in zip(logits, at_end) if e]), sampling)
-        return {s.seq_id: ([t], 0) for s, t in zip(sampling, tokens)}
-
-    def run_speculative(self, seqs: list[Sequence], at_end: list[bool]) -> dict[int, tuple[list[int], int]]:
-        spec = self.speculator
-        num_logits = [1 + len(s.spec_token_ids) if e else 0 for s, e in zip(seqs, at_end)]
-        with TIMINGS.section("target"):
-            logits, features = self.forward(seqs, num_logits, spec.capture_layers)
-        drafted = [i for i, e in enumerate(at_end) if e and seqs[i].spec_token_ids]
-        plain = [i for i, e in enumerate(at_end) if e and not seqs[i].spec_token_ids]
-        with TIMINGS.section("verify"):
-            verified = spec.verify([seqs[i] for i in drafted], [logits[i] for i in drafted]) if drafted else []
-        with TIMINGS.section("sampling"):
-            sampled = self.sample(torch.cat([logits[i] for i in plain]), [seqs[i] for i in plain]) if plain else []
-        results = {seqs[i].seq_id: (seqs[i].spec_token_ids[:a] + [t], a) for i, (a, t) in zip(drafted, verified)}
-        results |= {seqs[i].seq_id: ([t], 0) for i, t in zip(plain, sampled)}
-        committed = [s.num_scheduled_tokens - len(s.spec_token_ids) + results.get(s.seq_id, ([], 0))[1]
-                     for s in seqs]
-        with TIMINGS.section("draft_context"):
-            spec.extend_context(seqs, features, committed)
-        return results
-
-    def propose(self, seqs: list[Sequence], num_tokens: int | None = None):
-        self.speculator.propose(seqs, num_tokens)
+        return {s.seq_id: [t] for s, t in zip(sampling, tokens)}
 
     @staticmethod
     def cumulative_ends(seqs: list[Sequence]) -> list[int]:

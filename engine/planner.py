@@ -17,6 +17,12 @@ REFRESH_STEPS = 16    # after this many steps without drafting, draft once anywa
 MAX_REFRESH_STEPS = 256  # the wait doubles after each refresh that still finds drafting futile, up to this
 
 
+def check_policy(policy: str, has_confidence: bool):
+    """The policies that read confidences need a draft with a confidence head."""
+    if parse_verify_policy(policy)[0] in NEEDS_CONFIDENCE and not has_confidence:
+        raise ValueError(f"verify_policy={policy!r} needs a DSpark draft with a confidence head (spec_method='dspark')")
+
+
 class Planner:
     def __init__(self, policy: str, max_model_len: int, sps=None, draft_len: int = 0):
         self.kind, self.arg = parse_verify_policy(policy)
@@ -33,10 +39,9 @@ class Planner:
     def drafters(self, seqs: list[Sequence]) -> list[Sequence]:
         """The requests that draft this step (the others decode plainly): all of them, or none when drafting looks
         futile. Every so often one request drafts anyway so that survivals stay current: the one with the least draft
-        context queued, so a refresh costs a batch-1 draft step instead of writing every request's queued context (on
-        a busy machine that was a prefill's worth of draft work). A refresh that finds drafting still futile doubles
-        the wait for the next one. The choice looks only at survivals at least one step old and at queue lengths,
-        never at this step's drafts, so it is lossless."""
+        context queued, so a refresh costs a batch-1 draft step instead of writing every request's queued context. A
+        refresh that finds drafting still futile doubles the wait for the next one. The choice looks only at survivals
+        at least one step old and at queue lengths, never at this step's drafts, so it is lossless."""
         if not self.drafting_futile(seqs):
             self.steps_without_drafts, self.refresh_steps = 0, REFRESH_STEPS
             return seqs
@@ -75,7 +80,7 @@ class Planner:
 
     def stale_survivals(self, seqs: list[Sequence]) -> list[list[float]]:
         rooms = [max(0, min(self.draft_len, self.room(s))) for s in seqs]
-        return [(s.last_survival or self.prior)[:n] for s, n in zip(seqs, rooms)]
+        return [(s.mean_survival or self.prior)[:n] for s, n in zip(seqs, rooms)]
 
     def keep_survivals(self, seqs: list[Sequence], survivals: list[list[float]]):
         """This step's live survivals are folded into each request's lagged ones (a running mean from the prior on,
@@ -83,7 +88,7 @@ class Planner:
         not the last block alone: one block drafted with low confidence would otherwise stop a request drafting
         until the next refresh."""
         for seq, row in zip(seqs, survivals):
-            seq.last_survival = blend(seq.last_survival or self.prior, row, SURVIVAL_MOMENTUM)
+            seq.mean_survival = blend(seq.mean_survival or self.prior, row, SURVIVAL_MOMENTUM)
         self.remember(survivals)
 
     def remember(self, survivals: list[list[float]]):
@@ -94,10 +99,6 @@ class Planner:
     @property
     def drafts_at_all(self) -> bool:
         return self.draft_len > 0 and not (self.kind == "fixed" and int(self.arg) == 0)
-
-    @property
-    def needs_confidence(self) -> bool:
-        return self.kind in NEEDS_CONFIDENCE
 
     def plan(self, seqs: list[Sequence]) -> list[int]:
         rooms = [max(0, min(len(s.proposal.tokens), self.room(s))) for s in seqs]
@@ -144,11 +145,11 @@ class Planner:
 
     def room(self, seq: Sequence) -> int:
         """Drafts beyond what max_tokens or the context length could still keep are never worth verifying, nor beyond
-        the request's own num_draft_tokens; the cap never depends on the draft tokens, so verification stays
+        the request's own max_verify_tokens; the cap never depends on the draft tokens, so verification stays
         lossless."""
         left = seq.params.max_tokens - seq.num_completion_tokens
         room = min(left, self.max_model_len - len(seq)) - 1
-        cap = seq.params.num_draft_tokens
+        cap = seq.params.max_verify_tokens
         return room if cap is None else min(room, cap)
 
 

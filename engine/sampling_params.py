@@ -1,7 +1,9 @@
 import math
 from dataclasses import dataclass, field
 
-GREEDY_EPS = 1e-5
+from kernels.sampling import GREEDY_EPS
+
+SAMPLING_DEFAULT_FIELDS = ("temperature", "top_p", "top_k", "min_p")  # a model's generation_config may set them
 
 
 @dataclass
@@ -16,7 +18,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     skip_special_tokens: bool = True
-    num_draft_tokens: int | None = None  # at most this many drafts verified per step for this request (0: no spec)
+    max_verify_tokens: int | None = None  # at most this many drafts verified per step for this request (0: no spec)
 
     def __post_init__(self):
         self.stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -27,7 +29,7 @@ class SamplingParams:
             ("top_k", self.top_k >= -1, ">= -1 (-1 or 0 = disabled)"),
             ("min_p", 0 <= self.min_p <= 1, "in [0, 1]"),
             ("max_tokens", self.max_tokens >= 1, ">= 1"),
-            ("num_draft_tokens", self.num_draft_tokens is None or self.num_draft_tokens >= 0, ">= 0 or None"),
+            ("max_verify_tokens", self.max_verify_tokens is None or self.max_verify_tokens >= 0, ">= 0 or None"),
         )
         for name, ok, rule in checks:
             if not ok:

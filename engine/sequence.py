@@ -3,8 +3,8 @@ from itertools import count
 
 import torch
 
+from engine.outputs import SpecStats
 from engine.sampling_params import SamplingParams
-from engine.spec_stats import SpecStats
 
 
 class SequenceStatus(Enum):
@@ -38,7 +38,7 @@ class Sequence:
         self.proposal = None                  # the drafted block for the current anchor (speculative decoding)
         self.spec_token_ids: list[int] = []   # the prefix of it the target verifies this step
         self.spec_stats = SpecStats()
-        self.last_survival: list[float] | None = None  # survivals of the previous proposal (sps-lagged)
+        self.mean_survival: list[float] | None = None  # running mean of its blocks' survivals (sps-lagged)
         self.pending_context: list = []  # (first position, target features) of committed rows without draft K/V yet
 
     def __len__(self) -> int:
@@ -64,16 +64,22 @@ class Sequence:
         """Running with everything but the last token (the anchor) in the KV cache."""
         return self.status is SequenceStatus.RUNNING and self.num_computed_tokens == len(self.token_ids) - 1
 
+    @property
+    def reaches_end(self) -> bool:
+        """This step's scheduled tokens are all it has pending: the step samples (or verifies) for it."""
+        return self.num_pending_tokens == self.num_scheduled_tokens
+
+    def advance(self):
+        """The scheduled tokens' K/V is now in the cache (a verify step then rolls back what it rejected)."""
+        self.num_computed_tokens += self.num_scheduled_tokens
+        self.num_scheduled_tokens = 0
+
     def scheduled_token_ids(self) -> list[int]:
         start = self.num_computed_tokens
         return (self.token_ids + self.spec_token_ids)[start:start + self.num_scheduled_tokens]
 
     def clear_draft(self):
         self.proposal, self.spec_token_ids = None, []
-
-    @property
-    def completion_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens:]
 
     @property
     def num_completion_tokens(self) -> int:

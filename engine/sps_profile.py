@@ -10,16 +10,18 @@ from pathlib import Path
 
 import torch
 
+from engine.block_manager import BlockManager
 from engine.config import REPO_ROOT
 from engine.cost_model import measure_curve
+from engine.model_runner import ModelRunner
 from engine.sps import SpsCurve
 from kernels import cpu_linear
 
 CACHE_DIR = Path(os.environ.get("DSPARK_CACHE", Path.home() / ".cache" / "dspark")) / "sps"
-QUICK_REPEATS = 5  # medians of 5: one stalled forward in 2 doubled a cached point once (8 tokens: 39 ms, not 20)
+QUICK_REPEATS = 5  # a median of 5 survives one stalled forward (of 2 it would not)
 TIMED_CODE = ("engine/models/*.py", "engine/drafts/*.py", "engine/model_runner.py", "engine/attention_inputs.py",
-              "engine/speculator.py", "engine/graphs.py", "engine/sampler.py", "engine/cpu.py", "engine/cost_model.py",
-              "kernels/*.py", "kernels/csrc/*")
+              "engine/drafter.py", "engine/speculator.py", "engine/graphs.py", "engine/sampler.py", "engine/cpu.py",
+              "engine/cost_model.py", "kernels/*.py", "kernels/csrc/*")
 
 
 def code_version() -> str:
@@ -28,48 +30,35 @@ def code_version() -> str:
     return hashlib.sha1(b"".join(f.read_bytes() for f in files)).hexdigest()[:12]
 
 
-def profile_key(engine) -> dict:
+def profile_key(runner: ModelRunner) -> dict:
     """What a profile was measured for: a profile for anything else is not reused."""
-    c = engine.config
+    c = runner.config
     return {"model": str(Path(c.model).resolve()), "draft": str(Path(c.draft).resolve()) if c.draft else "",
             "spec_method": c.spec_method, "num_draft_tokens": c.num_draft_tokens, "dtype": c.dtype,
             "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.machine(),
             "cpu": platform.processor() or platform.node(), "device": device_name(c.device), "kernels": c.kernels,
-            "attention": engine.model_runner.attention, "graph_tiers": graph_tiers(engine),
-            "draft_vocab": draft_vocab_size(engine), "code": code_version(),
+            "attention": runner.attention, "graph_tiers": [] if runner.graphs is None else list(runner.graphs.tiers),
+            "draft_vocab": runner.drafter.proposable_tokens if runner.drafter else 0, "code": code_version(),
             "native_bf16": c.device == "cpu" and cpu_linear.native_bf16_available(),  # no CPU kernel build on GPU
             "huge_pages": c.device == "cpu" and c.huge_pages}
-
-
-def draft_vocab_size(engine) -> int:
-    """How many tokens the draft may propose (0: none drafted; the draft's LM head cost scales with it)."""
-    speculator = engine.model_runner.speculator
-    if speculator is None:
-        return 0
-    ids = speculator.draft.vocab_ids
-    return speculator.vocab_size if ids is None else len(ids)
-
-
-def graph_tiers(engine) -> list[int]:
-    graphs = engine.model_runner.graphs
-    return [] if graphs is None else list(graphs.tiers)
 
 
 def device_name(device: str) -> str:
     return torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu"
 
 
-def load_sps_curve(engine, setting: str) -> SpsCurve | None:
+def load_sps_curve(runner: ModelRunner, blocks: BlockManager, setting: str) -> SpsCurve | None:
+    """setting: a profile file, "" for the cached quick profile (measured now if missing), or "none"."""
     if setting == "none":
         return None
     if setting:
         return SpsCurve.load(setting)
-    key = profile_key(engine)
+    key = profile_key(runner)
     path = CACHE_DIR / (hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16] + ".json")
     if path.is_file():
         return SpsCurve.load(path)
     before, start = cpu_snapshot(), time.monotonic()
-    curve = measure_curve(engine, repeats=QUICK_REPEATS)
+    curve = measure_curve(runner, blocks, repeats=QUICK_REPEATS)
     if measured_beside_other_work(before, cpu_snapshot(), time.monotonic() - start):
         warnings.warn("the quick SPS(B) profile was measured on a busy machine (other processes used the CPU while "
                       "it ran); it is used for this run only and not cached", stacklevel=2)

@@ -6,8 +6,8 @@ ops whose launch cost exceeds their math; these replace them with one call each.
 Inference only: `usable(x)` is False while autograd is recording, so training keeps the differentiable twins."""
 import torch
 
-from engine.sampling_params import GREEDY_EPS
 from kernels.cpu_build import available, module
+from kernels.sampling import GREEDY_EPS
 
 FLOAT_DTYPES = (torch.bfloat16, torch.float32)
 

@@ -3,8 +3,7 @@
 import torch
 import torch.nn.functional as F
 
-from engine.sampling_params import GREEDY_EPS
-from kernels.sampling import sample_inverse_cdf
+from kernels.sampling import GREEDY_EPS, sample_inverse_cdf
 
 
 def markov_sample(base_logits: torch.Tensor, anchors: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,

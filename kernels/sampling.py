@@ -2,6 +2,7 @@
 twins (CPU path and test oracle). Randomness comes in as tensors so each request's own generator drives it."""
 import torch
 
+GREEDY_EPS = 1e-5  # a temperature below this means greedy (argmax); shared by the engine and every sampling kernel
 RESIDUAL_EPS = 1e-8  # residual mass below this means p == q up to rounding: resample from p instead
 
 

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.sampling_params import GREEDY_EPS
+from kernels.sampling import GREEDY_EPS
 from kernels.triton_support import require_triton_device
 
 TILE = 8192  # elements of one [BLOCK_V, BLOCK_RANK] block of W2, held in registers across the requests

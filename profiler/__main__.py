@@ -28,13 +28,14 @@ def main():
     config.sps_profile, config.verify_policy = "none", "full"
     llm = LLM(config)
     curves = {}
-    num_tokens = len(token_grid(llm, args.tokens))
+    num_tokens = len(token_grid(llm.model_runner, args.tokens))
     total = len(args.context_lens) * (num_tokens + (len(args.requests) if config.spec_method != "none" else 0))
     with tqdm(total=total, desc="profiling") as bar:
         for ctx in args.context_lens:
-            curves[ctx] = measure_curve(llm, args.tokens, args.requests, ctx, args.repeats, bar)
+            curves[ctx] = measure_curve(llm.model_runner, llm.block_manager, args.tokens, args.requests, ctx,
+                                        args.repeats, bar)
     # the engine plans with the shortest context measured (the common case); all are kept for the picture
-    data = {"key": profile_key(llm), **curves[min(curves)].to_json(),
+    data = {"key": profile_key(llm.model_runner), **curves[min(curves)].to_json(),
             "by_context_len": {ctx: c.to_json() for ctx, c in curves.items()}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(data, indent=2))

@@ -6,11 +6,11 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import msgspec
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from engine.llm_engine import RequestOutput
+from engine.outputs import RequestOutput
 from server.engine_loop import Admission, EngineFailure, EngineLoop
 from server.errors import APIError, error_body, error_response, from_validation
 from server.prompts import PromptBuilder
@@ -38,94 +38,116 @@ class ServerOptions:
 
 
 def build_app(engine_loop: EngineLoop, prompts: PromptBuilder, options: ServerOptions) -> FastAPI:
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI):
-        engine_loop.start()
-        yield
-        await asyncio.to_thread(engine_loop.stop)
-
     app = FastAPI(title="dspark-serve", lifespan=lifespan)
-    app.state.engine_loop = engine_loop
-
+    app.state.engine_loop, app.state.prompts, app.state.options = engine_loop, prompts, options
     app.add_middleware(Guard, api_key=options.api_key, max_body_bytes=options.max_body_bytes)
-
-    @app.exception_handler(APIError)
-    async def api_error(request: Request, e: APIError):
-        return error_response(e)
-
-    @app.get("/health")
-    async def health():
-        return Response(status_code=200 if engine_loop.thread.is_alive() else 503)
-
-    @app.get("/metrics")
-    async def metrics():
-        return Response(engine_loop.metrics.render(), media_type=CONTENT_TYPE_LATEST)
-
-    @app.get("/v1/models")
-    async def models():
-        card = {"id": options.served_model_name, "object": "model", "created": now(), "owned_by": "dspark",
-                "root": engine_loop.engine.config.model, "max_model_len": engine_loop.engine.max_model_len}
-        return json_response({"object": "list", "data": [card]})
-
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        body = await read_body(request, CompletionRequest, options.max_body_bytes)
-        token_ids, params = prompts.completion(body)
-        return await respond(request, body, token_ids, params, CompletionFormat(options.served_model_name))
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        body = await read_body(request, ChatRequest, options.max_body_bytes)
-        token_ids, params = prompts.chat(body)
-        return await respond(request, body, token_ids, params, ChatFormat(options.served_model_name))
-
-    async def respond(request: Request, body, token_ids, params, fmt):
-        admission = engine_loop.submit(token_ids, params)
-        if body.stream:
-            return EventStream(stream(admission, fmt, body.include_usage), admission)
-        return await collect(request, admission, fmt)
-
-    async def stream(admission: Admission, fmt, include_usage: bool) -> AsyncIterator[bytes]:
-        finished, first = False, True
-        try:
-            async for out in engine_outputs(admission.outputs):
-                finished = out.finished
-                if out.delta_text or out.finished:
-                    yield sse(fmt.chunk(out.delta_text, out.finish_reason, first))
-                    first = False
-            if include_usage:
-                yield sse(fmt.usage_chunk(usage(out)))
-        except EngineFailure as e:
-            finished = True
-            yield sse(error_body(500, str(e)))
-        finally:
-            admission.release(finished)
-        yield b"data: [DONE]\n\n"
-
-    async def collect(request: Request, admission: Admission, fmt) -> Response:
-        async def gather() -> tuple[str, RequestOutput]:
-            text = ""
-            async for out in engine_outputs(admission.outputs):
-                text += out.delta_text
-            return text, out
-        finished = False
-        gathering, disconnect = asyncio.ensure_future(gather()), asyncio.ensure_future(wait_disconnect(request))
-        try:
-            await asyncio.wait((gathering, disconnect), return_when=asyncio.FIRST_COMPLETED)
-            if not gathering.done():
-                return Response(status_code=499)
-            finished = True
-            try:
-                text, last = gathering.result()
-            except EngineFailure as e:
-                raise APIError(500, str(e)) from e
-            return json_response(fmt.full(text, last.finish_reason, usage(last)))
-        finally:
-            gathering.cancel()
-            disconnect.cancel()
-            admission.release(finished)
-
+    app.add_exception_handler(APIError, api_error)
+    app.include_router(router)
     return app
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app: FastAPI):
+    app.state.engine_loop.start()
+    yield
+    await asyncio.to_thread(app.state.engine_loop.stop)
+
+
+async def api_error(request: Request, e: APIError) -> Response:
+    return error_response(e)
+
+
+router = APIRouter()
+
+
+@router.get("/health")
+async def health(request: Request):
+    return Response(status_code=200 if request.app.state.engine_loop.thread.is_alive() else 503)
+
+
+@router.get("/metrics")
+async def metrics(request: Request):
+    return Response(request.app.state.engine_loop.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/v1/models")
+async def models(request: Request):
+    state = request.app.state
+    card = {"id": state.options.served_model_name, "object": "model", "created": now(), "owned_by": "dspark",
+            "root": state.engine_loop.engine.config.model, "max_model_len": state.prompts.max_model_len}
+    return json_response({"object": "list", "data": [card]})
+
+
+@router.post("/v1/completions")
+async def completions(request: Request):
+    return await respond(request, CompletionRequest, PromptBuilder.completion, CompletionFormat)
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request):
+    return await respond(request, ChatRequest, PromptBuilder.chat, ChatFormat)
+
+
+async def respond(request: Request, schema: type, to_prompt, format_type: type) -> Response:
+    """Decode the body, build the prompt, wait for the engine to admit it, then stream or collect the answer."""
+    state = request.app.state
+    body = await read_body(request, schema, state.options.max_body_bytes)
+    token_ids, params = to_prompt(state.prompts, body)
+    fmt = format_type(state.options.served_model_name)
+    admission = state.engine_loop.submit(token_ids, params)
+    try:
+        await admission.admitted
+    except BaseException:
+        admission.release(finished=False)
+        raise
+    if body.stream:
+        return EventStream(stream(admission, fmt, body.include_usage), admission)
+    return await collect(request, admission, fmt)
+
+
+async def stream(admission: Admission, fmt, include_usage: bool) -> AsyncIterator[bytes]:
+    finished, first = False, True
+    try:
+        async for out in engine_outputs(admission.outputs):
+            finished = out.finished
+            if out.delta_text or out.finished:
+                yield sse(fmt.chunk(out.delta_text, out.finish_reason, first))
+                first = False
+        if include_usage:
+            yield sse(fmt.usage_chunk(usage(out)))
+    except EngineFailure as e:
+        finished = True
+        yield sse(error_body(500, str(e)))
+    finally:
+        admission.release(finished)
+    yield b"data: [DONE]\n\n"
+
+
+async def collect(request: Request, admission: Admission, fmt) -> Response:
+    finished = False
+    gathering = asyncio.ensure_future(gather(admission))
+    disconnect = asyncio.ensure_future(wait_disconnect(request))
+    try:
+        await asyncio.wait((gathering, disconnect), return_when=asyncio.FIRST_COMPLETED)
+        if not gathering.done():
+            return Response(status_code=499)
+        finished = True
+        try:
+            text, last = gathering.result()
+        except EngineFailure as e:
+            raise APIError(500, str(e)) from e
+        return json_response(fmt.full(text, last.finish_reason, usage(last)))
+    finally:
+        gathering.cancel()
+        disconnect.cancel()
+        admission.release(finished)
+
+
+async def gather(admission: Admission) -> tuple[str, RequestOutput]:
+    text = ""
+    async for out in engine_outputs(admission.outputs):
+        text += out.delta_text
+    return text, out
 
 
 class EventStream(StreamingResponse):

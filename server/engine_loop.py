@@ -9,7 +9,8 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from engine.llm_engine import LLMEngine, RequestOutput
+from engine.llm_engine import LLMEngine
+from engine.outputs import RequestError, RequestOutput
 from engine.sampling_params import SamplingParams
 from server.errors import APIError
 from server.metrics import Metrics
@@ -24,16 +25,18 @@ class EngineFailure(Exception):
 @dataclass
 class Tracked:
     queue: asyncio.Queue
+    admitted: asyncio.Future  # None once the engine took the request, or the APIError saying why it did not
     arrival: float
-    sequence: object = None       # the engine's Sequence, for per-request speculative stats
     last_output: float = 0.0
 
 
 @dataclass
 class Admission:
-    """A submitted request as its handler sees it; release() runs once however the response ends."""
+    """A submitted request as its handler sees it: await admitted (raises the engine's refusal as an APIError) before
+    reading outputs; release() runs once however the response ends."""
     request_id: str
     outputs: asyncio.Queue
+    admitted: asyncio.Future
     engine_loop: "EngineLoop"
     released: bool = False
 
@@ -44,10 +47,9 @@ class Admission:
 
 
 class EngineLoop:
-    """make_engine runs on the loop thread, so every torch op of the server runs on that one thread. OpenMP (libgomp)
-    keeps a pool of workers for each thread that opens parallel regions; with a second pool on a machine with few cores
-    its workers stop spinning between regions, and each of a decode step's ~200 regions waits for a wake-up: a
-    batch-1 step cost 1.45x on 2 cores when the engine was built on the main thread and stepped on this one."""
+    """make_engine runs on the loop thread, so every torch op of the server runs on that one thread: OpenMP keeps a
+    worker pool per thread that opens parallel regions, and a second pool on a machine with few cores makes every
+    region of a step wait for its workers to wake (docs/benchmarks.md measured what that costs)."""
 
     def __init__(self, make_engine: Callable[[], LLMEngine], metrics: Metrics, max_waiting: int):
         self.metrics = metrics
@@ -80,10 +82,10 @@ class EngineLoop:
                            headers={"Retry-After": "1"})
         if not self.thread.is_alive():
             raise APIError(503, "the engine is shutting down", headers={"Retry-After": "1"})
-        request_id, outputs = uuid.uuid4().hex, asyncio.Queue()
+        request_id, outputs, admitted = uuid.uuid4().hex, asyncio.Queue(), asyncio.get_running_loop().create_future()
         self.num_in_flight += 1
-        self.commands.put(("add", request_id, token_ids, params, Tracked(outputs, time.monotonic())))
-        return Admission(request_id, outputs, self)
+        self.commands.put(("add", request_id, token_ids, params, Tracked(outputs, admitted, time.monotonic())))
+        return Admission(request_id, outputs, admitted, self)
 
     def release(self, request_id: str, finished: bool):
         """Called once per submitted request when its handler is done; unfinished ones are aborted (KV freed)."""
@@ -108,7 +110,8 @@ class EngineLoop:
                 break
             if self.engine.has_unfinished():
                 self.step()
-            self.metrics.sync_engine(self.engine)
+            self.metrics.sync(self.engine.stats())
+        self.refuse_queued_adds()
         unfinished = list(self.tracked)
         for request_id in unfinished:
             outputs = self.tracked[request_id].queue
@@ -131,15 +134,26 @@ class EngineLoop:
             else:
                 self.abort(command[1])
 
+    def refuse_queued_adds(self):
+        """Requests submitted after the stop command get a 503 instead of waiting for an engine that has stopped."""
+        while True:
+            try:
+                command = self.commands.get(block=False)
+            except queue.Empty:
+                return
+            if command[0] == "add":
+                self.settle(command[-1].admitted, APIError(503, "the server is shutting down"))
+
     def add(self, request_id: str, token_ids: list[int], params: SamplingParams, tracked: Tracked):
-        self.tracked[request_id] = tracked
         try:
             self.engine.add_request(token_ids, params, request_id)
+        except RequestError as e:
+            return self.settle(tracked.admitted, APIError(400, str(e), e.field))
         except Exception as e:  # noqa: BLE001 - the request fails, the server goes on
-            self.tracked.pop(request_id)
-            self.post(tracked.queue, EngineFailure(f"{type(e).__name__}: {e}"))
-            return
-        tracked.sequence = self.engine.sequences.get(request_id)
+            log.exception("the engine could not take a request")
+            return self.settle(tracked.admitted, APIError(500, f"{type(e).__name__}: {e}"))
+        self.tracked[request_id] = tracked
+        self.settle(tracked.admitted, None)
 
     def abort(self, request_id: str, reason: str = "abort"):
         if self.tracked.pop(request_id, None) is not None:
@@ -175,6 +189,9 @@ class EngineLoop:
     def post(self, outputs: asyncio.Queue, item):
         self.loop.call_soon_threadsafe(put_all, [(outputs, item)])
 
+    def settle(self, admitted: asyncio.Future, refusal: APIError | None):
+        self.loop.call_soon_threadsafe(settle, admitted, refusal)
+
     def observe(self, tracked: Tracked, out: RequestOutput, now: float):
         m = self.metrics
         if not tracked.last_output:
@@ -187,8 +204,17 @@ class EngineLoop:
         if out.finished:
             m.e2e.observe(now - tracked.arrival)
             m.finished(out.finish_reason)
-            if tracked.sequence is not None and self.engine.model_runner.speculator:
-                m.verify_budget.observe(tracked.sequence.spec_stats.num_verified_tokens)
+            if self.engine.speculative:
+                m.verify_budget.observe(out.num_verified_tokens)
+
+
+def settle(admitted: asyncio.Future, refusal: APIError | None):
+    if admitted.done():  # the handler stopped waiting (its client left)
+        return
+    if refusal is None:
+        admitted.set_result(None)
+    else:
+        admitted.set_exception(refusal)
 
 
 def put_all(batch: list[tuple[asyncio.Queue, object]]):

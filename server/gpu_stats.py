@@ -13,13 +13,13 @@ class GpuStats:
         self.last_read = float("-inf")
 
     @classmethod
-    def for_engine(cls, engine) -> "GpuStats | None":
+    def for_device(cls, name: str) -> "GpuStats | None":
         """None on CPU, or when NVML is missing (then the GPU gauges stay absent rather than wrong)."""
-        device = engine.model_runner.device
+        import torch
+        device = torch.device(name)
         if device.type != "cuda":
             return None
         try:
-            import torch
             return cls(device.index if device.index is not None else torch.cuda.current_device())
         except (ImportError, OSError, RuntimeError):
             return None

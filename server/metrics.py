@@ -1,7 +1,7 @@
 """Prometheus metrics under vLLM's names (so existing benchmark clients read us) plus DSpark's own (dspark:*)."""
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 
-from engine.spec_stats import SpecStats
+from engine.outputs import EngineStats, SpecStats
 
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
                 40.0, 80.0, 160.0, 640.0, 2560.0)
@@ -87,34 +87,33 @@ class Metrics:
     def finished(self, reason: str):
         self.success.labels(self.model_name, reason).inc()
 
-    def sync_engine(self, engine):
-        """Gauges from the scheduler, counter increments from the engine's cumulative counts."""
-        scheduler, blocks = engine.scheduler, engine.block_manager
-        self.running.set(len(scheduler.running))
-        self.waiting.set(len(scheduler.waiting))
-        self.kv_usage.set(1 - blocks.num_free_blocks / blocks.num_blocks)
-        self.preemptions.inc(scheduler.num_preemptions - self.seen_preemptions)
-        self.seen_preemptions = scheduler.num_preemptions
-        queried, hit = blocks.num_queried_tokens, blocks.num_hit_tokens
-        self.prefix_queries.inc(queried - self.seen_prefix[0])
-        self.prefix_hits.inc(hit - self.seen_prefix[1])
-        self.seen_prefix = (queried, hit)
+    def sync(self, stats: EngineStats):
+        """Gauges from the engine's snapshot, counter increments from its cumulative counts."""
+        self.running.set(stats.num_running)
+        self.waiting.set(stats.num_waiting)
+        self.kv_usage.set(stats.kv_usage)
+        self.preemptions.inc(stats.num_preemptions - self.seen_preemptions)
+        self.seen_preemptions = stats.num_preemptions
+        self.prefix_queries.inc(stats.prefix_queried_tokens - self.seen_prefix[0])
+        self.prefix_hits.inc(stats.prefix_hit_tokens - self.seen_prefix[1])
+        self.seen_prefix = (stats.prefix_queried_tokens, stats.prefix_hit_tokens)
         reading = self.gpu.read() if self.gpu else None
         if reading:
             for gauge, value in zip(self.gpu_gauges, reading, strict=True):
                 gauge.set(value)
-        if engine.model_runner.speculator:
-            self.planner_budget.set(engine.planner.last_budget)
-            self.planner_theta.set(engine.planner.last_theta)
-            self.skipped_steps.inc(engine.planner.num_skipped_steps - self.seen_skipped_steps)
-            self.seen_skipped_steps = engine.planner.num_skipped_steps
-            self.sync_spec(engine.spec_stats)
+        if stats.spec is not None:
+            self.planner_budget.set(stats.planner_budget)
+            self.planner_theta.set(stats.planner_theta)
+            self.skipped_steps.inc(stats.planner_skipped_steps - self.seen_skipped_steps)
+            self.seen_skipped_steps = stats.planner_skipped_steps
+            self.sync_spec(stats.spec)
 
     def sync_spec(self, now: SpecStats):
         seen = self.seen
         if now.num_drafts == seen.num_drafts:
             return
-        self.planner_k.observe((now.num_verified_tokens - seen.num_verified_tokens) / (now.num_drafts - seen.num_drafts))
+        rounds = now.num_drafts - seen.num_drafts
+        self.planner_k.observe((now.num_verified_tokens - seen.num_verified_tokens) / rounds)
         self.drafts.inc(now.num_drafts - seen.num_drafts)
         self.draft_tokens.inc(now.num_draft_tokens - seen.num_draft_tokens)
         self.accepted.inc(now.num_accepted_tokens - seen.num_accepted_tokens)
@@ -123,8 +122,7 @@ class Metrics:
                                         (self.verified_per_pos, now.verified_per_pos, seen.verified_per_pos)):
             for pos, n in enumerate(counts):
                 counter.labels(self.model_name, str(pos)).inc(n - (before[pos] if pos < len(before) else 0))
-        self.seen = SpecStats(now.num_drafts, now.num_draft_tokens, now.num_verified_tokens, now.num_accepted_tokens,
-                              list(now.accepted_per_pos), list(now.verified_per_pos))
+        self.seen = now.copy()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

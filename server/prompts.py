@@ -1,4 +1,5 @@
-"""From a validated request body to what the engine takes: prompt token ids and SamplingParams."""
+"""From a validated request body to what the engine takes: prompt token ids and SamplingParams. The engine thread
+checks the prompt against the model and the KV cache when it admits the request."""
 from transformers import PreTrainedTokenizerBase
 
 from engine.llm_engine import LLMEngine
@@ -8,10 +9,13 @@ from server.schemas import ChatRequest, CompletionRequest, SamplingFields
 
 
 class PromptBuilder:
-    """Owns its own tokenizer: the engine's is used by the engine thread and HF tokenizers are not shared safely."""
+    """Owns its own tokenizer: the engine's is used by the engine thread and HF tokenizers are not shared safely. Reads
+    only what the engine fixed at start-up (context length, KV capacity, the model's sampling defaults)."""
 
     def __init__(self, engine: LLMEngine, tokenizer: PreTrainedTokenizerBase, served_model_name: str):
-        self.engine = engine
+        self.max_model_len = engine.max_model_len
+        self.kv_capacity_tokens = engine.kv_capacity_tokens
+        self.sampling_defaults = dict(engine.sampling_defaults)
         self.tokenizer = tokenizer
         self.served_model_name = served_model_name
 
@@ -50,23 +54,16 @@ class PromptBuilder:
             raise APIError(400, f"n must be 1, got {body.n}", "n")
 
     def params(self, body: SamplingFields, token_ids: list[int], max_tokens: int | None) -> SamplingParams:
-        room = self.engine.max_model_len - len(token_ids)
+        room = self.max_model_len - len(token_ids)
         if max_tokens is not None and max_tokens > room:
             raise APIError(400, f"max_tokens is {max_tokens} but the prompt has {len(token_ids)} tokens and the "
-                                f"context length is {self.engine.max_model_len}", "max_tokens")
+                                f"context length is {self.max_model_len}", "max_tokens")
         if max_tokens is None:
-            blocks = self.engine.block_manager
-            max_tokens = max(1, min(room, blocks.num_blocks * blocks.block_size - len(token_ids)))
+            max_tokens = max(1, min(room, self.kv_capacity_tokens - len(token_ids)))
         try:
-            params = SamplingParams(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
-                                    min_p=body.min_p, seed=body.seed, max_tokens=max_tokens, stop=body.stop,
-                                    stop_token_ids=body.stop_token_ids, ignore_eos=body.ignore_eos,
-                                    skip_special_tokens=body.skip_special_tokens,
-                                    num_draft_tokens=body.num_draft_tokens)
+            return SamplingParams(**(self.sampling_defaults | body.sampling_overrides()), seed=body.seed,
+                                  max_tokens=max_tokens, stop=body.stop, stop_token_ids=body.stop_token_ids,
+                                  ignore_eos=body.ignore_eos, skip_special_tokens=body.skip_special_tokens,
+                                  max_verify_tokens=body.max_verify_tokens)
         except ValueError as e:
             raise from_value_error(e) from e
-        try:
-            self.engine.check_prompt(token_ids, params)
-        except ValueError as e:
-            raise APIError(400, str(e), "max_tokens" if "KV blocks" in str(e) else "prompt") from e
-        return params

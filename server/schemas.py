@@ -30,13 +30,14 @@ class ChatMessage(Struct):
 
 
 class SamplingFields(Struct, kw_only=True):
-    """Fields shared by both routes (OpenAI names plus vLLM's top_k, min_p, ignore_eos, stop_token_ids)."""
+    """Fields shared by both routes (OpenAI names plus vLLM's top_k, min_p, ignore_eos, stop_token_ids). Sampling
+    fields left out (None) take the model's generation_config.json defaults, else OpenAI's."""
     model: str | None = None
     max_tokens: int | None = None
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1
-    min_p: float = 0.0
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
     seed: Seed | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
@@ -45,7 +46,12 @@ class SamplingFields(Struct, kw_only=True):
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
     skip_special_tokens: bool = True
-    num_draft_tokens: int | None = None  # ours: cap on drafts verified per step for this request (0: no spec)
+    max_verify_tokens: int | None = None  # ours: cap on drafts verified per step for this request (0: no spec)
+
+    def sampling_overrides(self) -> dict:
+        """The sampling fields this request sets."""
+        given = {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k, "min_p": self.min_p}
+        return {k: v for k, v in given.items() if v is not None}
 
     @property
     def include_usage(self) -> bool:

@@ -3,10 +3,10 @@ import json
 import sys
 
 import pytest
-
-from bench.datasets import load_prompts
-from engine.drafts.loader import CALIBRATION_FILE, read_calibration
 from tiny_models import save_tiny_draft, save_tiny_model
+
+from engine.drafts.loader import CALIBRATION_FILE, read_calibration
+from engine.prompt_sets import load_prompts
 
 
 @pytest.fixture(scope="module")

@@ -320,9 +320,10 @@ def test_rounds_take_turns_with_every_server_up_and_report_the_median_round(tmp_
 
 
 def test_serve_sweep_reports_a_server_that_cannot_start(tmp_path):
+    from tqdm import tqdm
+
     from bench.serve import add_load_args
     from bench.serve_sweep import add_sweep_args, sweep_servers
-    from tqdm import tqdm
     args = add_load_args(add_sweep_args(argparse.ArgumentParser())).parse_args(
         ["--concurrency", "1", "2", "--out", str(tmp_path), "--startup-timeout", "30"])
     crash = [sys.executable, "-c", "import sys; print('no model here'); sys.exit(3)"]

@@ -4,9 +4,9 @@ import json
 import sys
 
 import pytest
+from tiny_models import save_tiny_draft, save_tiny_model
 
 import bench.sweep
-from tiny_models import save_tiny_draft, save_tiny_model
 
 POLICIES = ["none", "fixed:1", "full", "sps-lagged"]
 
@@ -33,7 +33,7 @@ def test_sweep_takes_turns_and_reports_median_repeats(tiny, tmp_path, monkeypatc
     argv = ["bench", "sweep", "--model", target, "--draft", draft, "--sps-profile", profile,
             "--policies", *POLICIES, "--concurrency", "1", "2", "--rounds", "2",
             "--repeats", "3", "--max-tokens", "6", "--dataset", f"jsonl:{prompts}",
-            "--num-prompts", "4", "--threads", "1", "--kv-cache-gb", "0.05",
+            "--num-prompts", "4", "--num-threads", "1", "--kv-cache-gb", "0.05",
             "--out", out]
     monkeypatch.setattr(sys, "argv", [str(a) for a in argv])
     __import__("bench.__main__", fromlist=["main"]).main()

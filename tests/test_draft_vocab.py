@@ -78,7 +78,7 @@ def test_restricting_a_draft_packed_for_the_cpu_repacks_its_slices(tmp_path):
     target = save_tiny_model(tmp_path / "target", "qwen3")
     llm = LLM(model=str(target), dtype="bfloat16", spec_method="dspark", kv_cache_gb=0.01,
               draft=str(save_tiny_draft(tmp_path / "draft", target)))
-    draft = llm.model_runner.speculator.draft
+    draft = llm.model_runner.drafter.draft
     ids = torch.tensor([7, 3, 200, 11])
     hidden, latent = torch.randn(128, 64).bfloat16(), torch.randn(128, 8)  # > 96 rows: the packed GEMM path
     with torch.inference_mode():

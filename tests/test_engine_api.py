@@ -1,4 +1,7 @@
-"""Offline API behaviour: seeds, stop conditions, streaming, abort."""
+"""Offline API behaviour: seeds, sampling defaults, stop conditions, streaming, abort."""
+import json
+import shutil
+
 import pytest
 
 from engine import LLM, SamplingParams
@@ -81,3 +84,37 @@ def test_the_default_model_speculates_with_its_draft_and_the_lagged_planner(tmp_
     assert EngineConfig(draft=str(DEFAULT_DRAFT)).verify_policy == "full"
     assert EngineConfig(model=str(tmp_path)).spec_method == "none"
     assert EngineConfig(dtype="float32").spec_method == "none"  # measured to pay in bf16 only
+
+
+def sampled(llm: LLM, n: int = 3) -> list[list[int]]:
+    """Unseeded sampled answers of n copies of PROMPT."""
+    params = SamplingParams(temperature=1.0, max_tokens=12, ignore_eos=True)
+    return [c.token_ids for c in llm.generate([PROMPT] * n, params, use_tqdm=False)]
+
+
+def test_engine_seed_makes_unseeded_requests_reproducible(tiny_llama_dir):
+    """The engine's seed seeds each request that has none (vLLM's --seed): the same seed, the same answers; each
+    request its own stream (the copies differ); another seed, other answers; -1, fresh entropy every run."""
+    options = {"model": str(tiny_llama_dir), "dtype": "float32", "kv_cache_gb": 0.01, "kv_block_size": 4}
+    first, again = sampled(LLM(seed=7, **options)), sampled(LLM(seed=7, **options))
+    assert first == again and len({tuple(t) for t in first}) == 3
+    assert sampled(LLM(seed=8, **options)) != first
+    assert sampled(LLM(seed=-1, **options)) != sampled(LLM(seed=-1, **options))
+
+
+def test_requests_without_params_take_the_models_generation_config(tiny_llama_dir, tmp_path):
+    """generate() with no SamplingParams samples as the model's generation_config.json says (here greedily); the
+    negative control, the same model without those fields, samples at OpenAI's temperature 1.0."""
+    greedy = SamplingParams(temperature=0)  # and the other defaults, as generate() without params
+    plain = LLM(model=str(tiny_llama_dir), dtype="float32", kv_cache_gb=0.01)
+    assert "temperature" not in plain.sampling_defaults
+    expected = plain.generate([PROMPT], greedy, use_tqdm=False)[0].token_ids
+    assert [c.token_ids for c in plain.generate([PROMPT] * 4, use_tqdm=False)] != [expected] * 4
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama_dir, model)
+    config = model / "generation_config.json"
+    config.write_text(json.dumps(json.loads(config.read_text()) | {"temperature": 0.0, "top_k": 5}))
+    llm = LLM(model=str(model), dtype="float32", kv_cache_gb=0.01)
+    assert llm.sampling_defaults == {"temperature": 0.0, "top_k": 5}
+    assert [c.token_ids for c in llm.generate([PROMPT] * 4, use_tqdm=False)] == [expected] * 4
+    assert llm.default_sampling_params(temperature=0.5).temperature == 0.5

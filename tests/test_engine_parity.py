@@ -40,7 +40,7 @@ def test_full_prefill_logits(tiny_model_dir, reference):
     seq_id = llm.add_request(prompt, SamplingParams(max_tokens=1))
     [seq] = llm.scheduler.schedule()
     assert seq.request_id == seq_id and seq.num_scheduled_tokens == len(prompt)
-    [ours] = llm.model_runner.execute([seq], [len(prompt)])
+    [ours], _ = llm.model_runner.forward([seq], [len(prompt)])
     torch.testing.assert_close(ours, reference_logits(reference, prompt), atol=ATOL, rtol=0)
 
 
@@ -88,13 +88,13 @@ def test_mixed_rows_in_one_forward(tiny_model_dir, reference):
         if n:
             llm.block_manager.allocate(seq, n)
             seq.num_scheduled_tokens = n
-            runner.execute([seq], [0])
+            runner.forward([seq], [0])
             seq.num_computed_tokens = n
     scheduled = [5, 4, 30, 2]   # a verify-like row, a short row, a long chunk, a fresh prefill
     for seq, n in zip(seqs, scheduled):
         llm.block_manager.allocate(seq, seq.num_computed_tokens + n)
         seq.num_scheduled_tokens = n
-    logits = runner.execute(seqs, scheduled)
+    logits, _ = runner.forward(seqs, scheduled)
     for prompt, seq, n, ours in zip(prompts, seqs, scheduled, logits):
         end = seq.num_computed_tokens + n
         torch.testing.assert_close(ours, reference_logits(reference, prompt)[end - n:end], atol=ATOL, rtol=0)

@@ -5,6 +5,7 @@ import shutil
 import pytest
 
 from engine import LLM, EngineConfig, SamplingParams
+from engine.outputs import RequestError
 
 
 def test_unknown_architecture(tiny_llama_dir, tmp_path):
@@ -61,6 +62,16 @@ def test_bad_prompts(llm):
     with pytest.raises(ValueError, match="token ids must be in"):
         llm.generate([[5, 100000]], use_tqdm=False)
     assert not llm.has_unfinished(), "a rejected request must not stay queued"
+
+
+@pytest.mark.parametrize("prompt,max_tokens,field", [([], 4, "prompt"), ([5, 100000], 4, "prompt"),
+                                                      ([5] * 600, 4, "prompt"), ([5] * 100, 400, "max_tokens")])
+def test_refusals_name_the_field(llm, prompt, max_tokens, field):
+    """The engine's refusals are RequestErrors naming the input to change (the server's OpenAI `param`)."""
+    with pytest.raises(RequestError) as refusal:
+        llm.add_request(prompt, SamplingParams(max_tokens=max_tokens))
+    assert refusal.value.field == field
+    assert not llm.has_unfinished()
 
 
 @pytest.mark.parametrize("field,value", [("temperature", -0.5), ("top_p", 0.0), ("top_p", 1.5),

@@ -6,18 +6,20 @@ import inspect
 import json
 import sys
 
+import fake_flashinfer
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from tiny_models import save_tiny_draft
 
-import fake_flashinfer
 from engine.config import EngineConfig
 from engine.graphs import TargetGraphs
 from engine.llm import LLM
 from engine.sampling_params import SamplingParams
-from kernels import attention as twin, flashinfer_attention
+from kernels import attention as twin
+from kernels import flashinfer_attention
 from kernels.flashinfer_attention import FlashInferAttention, page_table, paged_view
-from tiny_models import save_tiny_draft
 
 PAGE = 8
 

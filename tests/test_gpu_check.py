@@ -18,7 +18,7 @@ def test_gpu_check_measures_and_reports_on_a_tiny_model(tmp_path, gpu_memory):
     engine = gpu_check.build_engine(tmp_path, 0.01, TINY_TARGET, TINY_DRAFT, device="cpu", kernels="triton",
                                     dtype="float32", max_num_seqs=2)
     bench = gpu_check.measure(engine, context_len=24, repeats=1, tokens=(1, 8, 16), requests=(1, 2), draft_vocab=100)
-    assert engine.model_runner.graphs is not None and engine.model_runner.speculator.graphs is not None
+    assert engine.model_runner.graphs is not None and engine.model_runner.drafter.graphs is not None
     assert set(bench["verify_ms"]) == {1, 2, 4, 8, 16} and set(bench["draft_ms"]) == {1, 2}  # + the graph tiers
     times = [ms[k] for ms in [*bench["verify_ms"].values(), *bench["draft_ms"].values()] for k in ("eager", "graphs")]
     assert all(t > 0 for t in times)
@@ -26,7 +26,7 @@ def test_gpu_check_measures_and_reports_on_a_tiny_model(tmp_path, gpu_memory):
     assert bench["graphs_over_eager_b1"] == bench["verify_ms"][1]["eager"] / bench["verify_ms"][1]["graphs"]
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks  # the profile freed its KV
     assert set(bench["draft_vocab_ms"]) == {1, 2} and all(t > 0 for t in bench["draft_vocab_ms"].values())
-    assert engine.model_runner.speculator.draft.vocab_head.weight.shape[0] == 100
+    assert engine.model_runner.drafter.draft.vocab_head.weight.shape[0] == 100
     assert bench["kv_budget"] == f"{0.9 * 10 - 2 * 1:.1f} GiB" and gpu_memory["calls"] == ["reset"]
     report = {"device": "cpu", "torch": "t", "triton": "t", "seconds": 1.0, "bench": bench,
               "tests": {"passed": True, "summary": "1 passed", "seconds": 1.0}}

@@ -3,9 +3,9 @@ module with known readings; the CPU engine must add no GPU gauges at all."""
 import sys
 from types import SimpleNamespace
 
-import torch
 from prometheus_client.parser import text_string_to_metric_families
 
+from engine.outputs import EngineStats
 from server import gpu_stats
 from server.gpu_stats import GpuStats
 from server.metrics import Metrics
@@ -29,11 +29,8 @@ class FakeNvml:
         return SimpleNamespace(used=5 * 2**30, total=141 * 2**30)
 
 
-def fake_engine(device: str):
-    scheduler = SimpleNamespace(running=[], waiting=[], num_preemptions=0)
-    blocks = SimpleNamespace(num_free_blocks=8, num_blocks=8, num_queried_tokens=0, num_hit_tokens=0)
-    return SimpleNamespace(model_runner=SimpleNamespace(device=torch.device(device), speculator=None),
-                           scheduler=scheduler, block_manager=blocks)
+IDLE = EngineStats(num_running=0, num_waiting=0, num_blocks=8, num_free_blocks=8, num_preemptions=0,
+                   prefix_queried_tokens=0, prefix_hit_tokens=0)
 
 
 def gauges(metrics: Metrics) -> dict:
@@ -45,30 +42,28 @@ def gauges(metrics: Metrics) -> dict:
 def test_gpu_gauges_come_from_nvml(monkeypatch):
     nvml = FakeNvml()
     monkeypatch.setitem(sys.modules, "pynvml", nvml)
-    engine = fake_engine("cuda:0")
-    stats = GpuStats.for_engine(engine)
+    stats = GpuStats.for_device("cuda:0")
     assert stats is not None and stats.handle == ("gpu", 0) and nvml.inits == 1
     metrics = Metrics("m")
     metrics.attach_gpu(stats)
-    metrics.sync_engine(engine)
+    metrics.sync(IDLE)
     assert gauges(metrics) == {"dspark:gpu_utilization_ratio": 0.37, "dspark:gpu_memory_used_bytes": 5 * 2**30,
                                "dspark:gpu_memory_total_bytes": 141 * 2**30}
-    metrics.sync_engine(engine)  # within READ_EVERY_S: no second NVML query
+    metrics.sync(IDLE)  # within READ_EVERY_S: no second NVML query
     assert nvml.reads == 1
     monkeypatch.setattr(gpu_stats, "READ_EVERY_S", 0.0)
-    metrics.sync_engine(engine)
+    metrics.sync(IDLE)
     assert nvml.reads == 2
 
 
 def test_cpu_engine_has_no_gpu_gauges(monkeypatch):
     monkeypatch.setitem(sys.modules, "pynvml", FakeNvml())
-    engine = fake_engine("cpu")
-    assert GpuStats.for_engine(engine) is None
+    assert GpuStats.for_device("cpu") is None
     metrics = Metrics("m")
-    metrics.sync_engine(engine)
+    metrics.sync(IDLE)
     assert gauges(metrics) == {}
 
 
 def test_missing_nvml_leaves_gauges_absent(monkeypatch):
     monkeypatch.setitem(sys.modules, "pynvml", None)  # import raises ImportError
-    assert GpuStats.for_engine(fake_engine("cuda:0")) is None
+    assert GpuStats.for_device("cuda:0") is None

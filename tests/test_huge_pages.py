@@ -8,8 +8,14 @@ import torch
 from torch import nn
 
 from engine import LLM, SamplingParams
-from engine.cpu import (ALIGN, huge_page_buffer, huge_pages_available, keep_freed_memory, move_to_huge_pages,
-                        return_freed_memory)
+from engine.cpu import (
+    ALIGN,
+    huge_page_buffer,
+    huge_pages_available,
+    keep_freed_memory,
+    move_to_huge_pages,
+    return_freed_memory,
+)
 
 THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 

@@ -3,9 +3,9 @@ largest step. The memory readings are faked here (tests/conftest.py: no GPU in C
 on every attention path."""
 import sys
 
+import fake_flashinfer
 import pytest
 
-import fake_flashinfer
 from engine.llm import LLM
 
 GIB = 2**30

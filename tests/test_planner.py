@@ -6,13 +6,12 @@ from itertools import pairwise
 
 import pytest
 import torch
+from tiny_models import save_tiny_draft, save_tiny_model
 
 from engine import LLM, SamplingParams
 from engine.planner import REFRESH_STEPS, Planner
-from engine.sps import (SpsCurve, admission_order, best_budget, drafting_pays, early_stop_lengths,
-                        top_k_lengths)
+from engine.sps import SpsCurve, admission_order, best_budget, drafting_pays, early_stop_lengths, top_k_lengths
 from kernels.sampling import rejection_sample
-from tiny_models import save_tiny_draft, save_tiny_model
 
 
 def table(values: dict[int, float]):
@@ -88,7 +87,7 @@ def test_skipped_drafting_refreshes_its_survivals_periodically():
         num_completion_tokens = 0
 
         def __init__(self, queued_rows: int = 0):
-            self.last_survival = [0.1, 0.01, 0.001, 0.0001]  # a history that says drafting does not pay
+            self.mean_survival = [0.1, 0.01, 0.001, 0.0001]  # a history that says drafting does not pay
             self.pending_context = [(0, [None] * queued_rows)]
 
         def __len__(self):
@@ -98,7 +97,7 @@ def test_skipped_drafting_refreshes_its_survivals_periodically():
     assert [i for i, d in enumerate(decisions) if d] == refreshes
     assert planner.num_skipped_steps == 200 - len(refreshes)
     paying = Seq()
-    paying.last_survival = [0.9, 0.8, 0.7, 0.6]
+    paying.mean_survival = [0.9, 0.8, 0.7, 0.6]
     assert planner.drafters([paying]) == [paying]  # drafting pays again: the wait goes back to 16
     decisions = [bool(planner.drafters([Seq()])) for _ in range(REFRESH_STEPS + 1)]
     assert decisions == [False] * REFRESH_STEPS + [True]
@@ -114,7 +113,7 @@ class LaggedSeq:
     num_completion_tokens = 0
 
     def __init__(self, last):
-        self.last_survival = last
+        self.mean_survival = last
 
     def __len__(self):
         return 10
@@ -241,7 +240,8 @@ def test_steps_that_skip_drafting_stay_greedy_identical(models, tmp_path):
     llm = LLM(model=str(target), dtype="float32", spec_method="dspark", draft=str(draft), verify_policy="sps-lagged",
               sps_profile=str(profile), kv_cache_gb=0.01)
     decisions = []
-    llm.planner.drafters = lambda seqs: seqs if decisions.append(len(decisions) % 3 != 1) or decisions[-1] else []
+    planner = llm.speculator.planner
+    planner.drafters = lambda seqs: seqs if decisions.append(len(decisions) % 3 != 1) or decisions[-1] else []
     assert [o.token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)] == plain
     assert decisions.count(False) >= 5 and llm.spec_stats.num_drafts >= 3 * decisions.count(True) - 6
 
@@ -259,7 +259,7 @@ def test_quick_profile_is_measured_once_and_cached(models, tmp_path, monkeypatch
     assert llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
     again = LLM(model=str(target), dtype="float32", spec_method="dspark", draft=str(draft), verify_policy="sps",
                 kv_cache_gb=0.05)
-    assert again.planner.sps.to_json() == SpsCurve.load(cached).to_json()
+    assert again.speculator.planner.sps.to_json() == SpsCurve.load(cached).to_json()
 
 
 def test_quick_profile_from_a_busy_machine_is_not_cached(models, tmp_path, monkeypatch):
@@ -271,7 +271,7 @@ def test_quick_profile_from_a_busy_machine_is_not_cached(models, tmp_path, monke
     with pytest.warns(UserWarning, match="busy machine"):
         llm = LLM(model=str(target), dtype="float32", spec_method="dspark", draft=str(draft), verify_policy="sps",
                   kv_cache_gb=0.05)
-    assert llm.planner.sps is not None and not list(tmp_path.glob("*.json"))
+    assert llm.speculator.planner.sps is not None and not list(tmp_path.glob("*.json"))
 
 
 def test_other_work_during_a_profile_is_seen_at_once():
@@ -331,7 +331,7 @@ def test_profiler_writes_a_monotone_table_the_engine_reproduces(models, tmp_path
               sps_profile=str(out), kv_cache_gb=0.05)
     for b, cost in data["step_cost_s"].items():
         draft_cost = data["draft_cost_s"]["1"]
-        assert llm.planner.sps.steps_per_second(int(b), 1) == pytest.approx(1 / (cost + draft_cost))
+        assert llm.speculator.planner.sps.steps_per_second(int(b), 1) == pytest.approx(1 / (cost + draft_cost))
 
 
 def test_profile_points_take_turns_so_a_slow_spell_bends_no_point(models, monkeypatch):
@@ -346,16 +346,16 @@ def test_profile_points_take_turns_so_a_slow_spell_bends_no_point(models, monkey
     def slowed(seconds: float) -> float:
         calls.append(seconds)
         return seconds * (3 if 8 <= len(calls) < 13 else 1)  # calls 8-12: the machine at a third of its speed
-    monkeypatch.setattr(cost_model, "forward_seconds", lambda engine, seqs, sizes: slowed(sum(sizes) * 1e-3))
-    monkeypatch.setattr(cost_model, "draft_seconds", lambda engine, seqs: slowed(len(seqs) * 1e-4))
+    monkeypatch.setattr(cost_model, "forward_seconds", lambda runner, seqs, sizes: slowed(sum(sizes) * 1e-3))
+    monkeypatch.setattr(cost_model, "draft_seconds", lambda runner, seqs: slowed(len(seqs) * 1e-4))
     tokens, requests = (1, 2, 4, 8), (1, 2)
-    curve = cost_model.measure_curve(llm, tokens, requests, context_len=8, repeats=4)
+    curve = cost_model.measure_curve(llm.model_runner, llm.block_manager, tokens, requests, context_len=8, repeats=4)
     assert len(calls) == 5 * 6
     assert dict(zip(*curve.step_cost)) == pytest.approx({b: b * 1e-3 for b in tokens})
     assert dict(zip(*curve.draft_cost)) == pytest.approx({r: r * 1e-4 for r in requests})
     calls.clear()
-    seqs = cost_model.fake_requests(llm, 1, 8)
-    one_after_another = {b: cost_model.time_forward(llm, seqs, [b], 4) for b in tokens}
+    seqs = cost_model.fake_requests(llm.model_runner, llm.block_manager, 1, 8)
+    one_after_another = {b: cost_model.time_forward(llm.model_runner, seqs, [b], 4) for b in tokens}
     assert max(one_after_another[b] / (b * 1e-3) for b in tokens) > 2
 
 
@@ -382,8 +382,8 @@ def test_lagged_survivals_are_a_running_mean_over_a_requests_blocks():
     planner = Planner("sps-lagged", 1000, SpsCurve({1: 0.010, 2: 0.011}, {1: 0.002}), draft_len=3)
     seen = LaggedSeq([0.9, 0.8, 0.7])
     planner.keep_survivals([seen], [[0.1, 0.0]])
-    assert seen.last_survival == pytest.approx([0.5, 0.4, 0.7])
+    assert seen.mean_survival == pytest.approx([0.5, 0.4, 0.7])
     new = LaggedSeq(None)
     prior = list(planner.prior)
     planner.keep_survivals([new], [[1.0, 1.0, 1.0]])
-    assert new.last_survival == pytest.approx([(p + 1.0) / 2 for p in prior])
+    assert new.mean_survival == pytest.approx([(p + 1.0) / 2 for p in prior])

@@ -14,9 +14,9 @@ from transformers import AutoModelForCausalLM
 from engine import LLM, SamplingParams
 from engine.block_manager import BlockManager, slots
 from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
+from engine.speculator import Speculator
 
 NUM_BLOCKS, BS = 16, 4
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
@@ -177,7 +177,7 @@ def confidences_over_two_turns(target_dir, draft_dir, **options) -> tuple[LLM, l
     llm = LLM(model=str(target_dir), dtype="float32", spec_method="dspark", draft=str(draft_dir),
               verify_policy="full", kv_cache_gb=0.01, kv_block_size=BS, **options)
     steps = iter(range(10**6))
-    llm.planner.drafters = lambda seqs: seqs if next(steps) % 8 == 0 else []
+    llm.speculator.planner.drafters = lambda seqs: seqs if next(steps) % 8 == 0 else []
     records = llm.record_confidences()
     firsts = [list(range(3, 30)), list(range(50, 90))]
     outs = llm.generate(firsts, GREEDY, use_tqdm=False)
@@ -193,7 +193,7 @@ def test_reused_blocks_carry_the_draft_context(target_dir, draft_dir, monkeypatc
     torch.testing.assert_close(torch.tensor(cached), torch.tensor(uncached), atol=1e-5, rtol=0)
     # negative control: filing blocks whose draft context was still queued reuses garbage draft K/V
     monkeypatch.setattr(Sequence, "num_complete_tokens", property(lambda s: s.num_computed_tokens))
-    monkeypatch.setattr(LLMEngine, "complete_draft_context", lambda self, seq: None)
+    monkeypatch.setattr(Speculator, "finish", lambda self, seq: None)
     _, naive = confidences_over_two_turns(target_dir, draft_dir)
     assert len(naive) == len(uncached) and not torch.allclose(torch.tensor(naive), torch.tensor(uncached), atol=1e-3)
 
@@ -206,11 +206,12 @@ def test_prefix_caching_flag_is_checked():
 def test_prefix_cache_benchmark_serves_the_second_turn_from_the_cache(tmp_path):
     from argparse import Namespace
 
-    from bench import prefix_cache
     from test_server import CHAT_TEMPLATE
+
+    from bench import prefix_cache
     model = save_tiny_model(tmp_path / "chat", "llama")
     (model / "chat_template.jinja").write_text(CHAT_TEMPLATE)
-    args = Namespace(model=str(model), dtype="float32", threads=1, num_prompts=2, max_tokens=6, dataset="sharegpt",
+    args = Namespace(model=str(model), dtype="float32", num_threads=1, num_prompts=2, max_tokens=6, dataset="sharegpt",
                      seed=0)
     result = prefix_cache.run(args)
     assert len(result["rows"]) == 2

@@ -3,9 +3,9 @@ import math
 
 import pytest
 import torch
+from test_default_model import GOLDEN_IDS, MODEL_DIR, PARAGRAPH, converted  # noqa: F401
 
 from engine import LLM, SamplingParams
-from test_default_model import GOLDEN_IDS, MODEL_DIR, PARAGRAPH, converted  # noqa: F401
 
 PROMPTS = ["Write a haiku about the sea.", "List three prime numbers and explain why they are prime.",
            "def fibonacci(n):"]
@@ -39,7 +39,7 @@ def test_perplexity_is_sane(llm):
     ids = llm.tokenize(PARAGRAPH)
     llm.add_request(ids, SamplingParams(max_tokens=1), request_id="ppl")
     [seq] = llm.scheduler.schedule()
-    [logits] = llm.model_runner.execute([seq], [len(ids)])
+    [logits], _ = llm.model_runner.forward([seq], [len(ids)])
     llm.abort("ppl")
     nll = torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(ids[1:]))
     assert math.exp(nll.item()) < 30

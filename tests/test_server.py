@@ -323,3 +323,22 @@ def test_engine_is_built_and_stepped_on_one_thread_not_the_main_one(model_dir, m
     missing = EngineConfig(model=str(model_dir / "missing"), dtype="float32")
     with pytest.raises(FileNotFoundError):
         create_app(missing, "tiny")
+
+
+def test_requests_take_the_models_sampling_defaults_where_they_set_none():
+    """Fields a request leaves out come from the model's generation_config (vLLM's behaviour); fields it sets win;
+    without model defaults, OpenAI's (temperature 1.0)."""
+    from types import SimpleNamespace
+
+    from server.prompts import PromptBuilder
+    from server.schemas import CompletionRequest
+    engine = SimpleNamespace(max_model_len=64, kv_capacity_tokens=128, sampling_defaults={"temperature": 0.2,
+                                                                                           "top_p": 0.9})
+    prompts = PromptBuilder(engine, tokenizer=None, served_model_name="m")
+    defaults = prompts.params(CompletionRequest(prompt=[1, 2]), [1, 2], None)
+    assert (defaults.temperature, defaults.top_p, defaults.top_k, defaults.max_tokens) == (0.2, 0.9, -1, 62)
+    chosen = prompts.params(CompletionRequest(prompt=[1, 2], temperature=0.0, top_k=3), [1, 2], 5)
+    assert (chosen.temperature, chosen.top_p, chosen.top_k, chosen.max_tokens) == (0.0, 0.9, 3, 5)
+    engine.sampling_defaults = {}
+    openai_defaults = PromptBuilder(engine, None, "m").params(CompletionRequest(prompt=[1]), [1], 4)
+    assert (openai_defaults.temperature, openai_defaults.top_p) == (1.0, 1.0)

@@ -114,7 +114,7 @@ def test_speculative_decoding_is_greedy_exact_and_reports_spec_counters(target_d
 
 
 def test_per_request_draft_cap(target_dir, tmp_path):
-    """num_draft_tokens in the body caps what the target verifies for that request (0: no speculation)."""
+    """max_verify_tokens in the body caps what the target verifies for that request (0: no speculation)."""
     draft = save_tiny_draft(tmp_path / "draft", target_dir, block_size=4)
     plain = LLM(model=str(target_dir), dtype="float32", kv_cache_gb=0.01)
     [want] = plain.generate(["The quick brown fox"], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
@@ -125,12 +125,12 @@ def test_per_request_draft_cap(target_dir, tmp_path):
             before = stats.num_verified_tokens
             r = httpx.post(s.url + "/v1/completions", json={"prompt": "The quick brown fox", "max_tokens": 12,
                                                             "temperature": 0, "ignore_eos": True,
-                                                            "num_draft_tokens": cap})
+                                                            "max_verify_tokens": cap})
             assert r.json()["choices"][0]["text"] == want.text
             verified = stats.num_verified_tokens - before
             assert verified == 0 if cap == 0 else 0 < verified <= 11  # at most one draft per step
-        bad = httpx.post(s.url + "/v1/completions", json={"prompt": "hi", "num_draft_tokens": -1})
-        assert bad.status_code == 400 and bad.json()["error"]["param"] == "num_draft_tokens"
+        bad = httpx.post(s.url + "/v1/completions", json={"prompt": "hi", "max_verify_tokens": -1})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "max_verify_tokens"
 
 
 def test_cli_process_finishes_in_flight_request_on_sigterm(target_dir):

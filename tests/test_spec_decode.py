@@ -10,6 +10,7 @@ from tiny_models import save_tiny_draft, save_tiny_model
 
 from engine import LLM, SamplingParams
 from engine.drafts.dspark import Proposal
+from engine.speculator import verify_greedy
 
 GREEDY = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
 
@@ -54,17 +55,17 @@ def oracle_drafter(llm: LLM, continuations: dict[tuple, list[int]], error_rate: 
     """Replace the draft with one that proposes the true greedy continuation, corrupting each token with
     probability error_rate (one-hot q), so that blocks are accepted in part, in full, or not at all."""
     rng = random.Random(seed)
-    speculator = llm.model_runner.speculator
-    vocab = speculator.vocab_size
+    drafter = llm.model_runner.drafter
+    vocab = drafter.vocab_size
 
     def propose(seqs, num_tokens=None):
         for seq in seqs:
             truth = continuations[tuple(seq.token_ids[:seq.num_prompt_tokens])]
             done = seq.num_completion_tokens
             tokens = [(truth[i] if i < len(truth) and rng.random() > error_rate else rng.randrange(vocab))
-                      for i in range(done, done + (num_tokens or speculator.num_draft_tokens))]
+                      for i in range(done, done + (num_tokens or drafter.num_draft_tokens))]
             seq.proposal = Proposal(tokens, torch.eye(vocab)[tokens], None)
-    speculator.propose = propose
+    drafter.propose = propose
 
 
 @pytest.mark.parametrize("method", ["dspark", "dspark-rnn", "dflash", "dspark-vocab", "dflash-vocab"])
@@ -127,6 +128,22 @@ def test_counters_consistent(target_dir, drafts, prompts):
     assert all(a <= v for a, v in zip(s.accepted_per_pos, s.verified_per_pos))
     assert sum(s.accepted_per_pos) == s.num_accepted_tokens
     assert all(0 <= c <= 1 for c in s.conditional_acceptance)
+    engine = llm.stats()
+    assert engine.spec.as_dict() == s.as_dict() and engine.num_running == engine.num_waiting == 0
+
+
+def test_final_outputs_carry_each_requests_verified_and_accepted_counts(target_dir, drafts, prompts):
+    """The last RequestOutput of a request counts its own drafts; over all requests they add up to the engine's."""
+    llm = spec_llm(target_dir, drafts["dspark"])
+    for i, prompt in enumerate(prompts):
+        llm.add_request(prompt, SamplingParams(temperature=1.0, seed=i, max_tokens=20, ignore_eos=True))
+    finals = []
+    while llm.has_unfinished():
+        finals += [out for out in llm.step() if out.finished]
+    assert len(finals) == len(prompts)
+    assert sum(o.num_verified_tokens for o in finals) == llm.spec_stats.num_verified_tokens > 0
+    assert sum(o.num_accepted_tokens for o in finals) == llm.spec_stats.num_accepted_tokens
+    assert all(o.num_accepted_tokens <= o.num_verified_tokens for o in finals)
 
 
 def test_seeded_sampling_reproducible(target_dir, drafts, prompts):
@@ -153,11 +170,11 @@ def test_draft_vocab_size_chooses_among_the_drafts_token_list(target_dir, drafts
     ids = json.loads((drafts["dspark-vocab"] / "draft_vocab.json").read_text())["token_ids"]
 
     def draft_of(**options):
-        return spec_llm(target_dir, drafts["dspark-vocab"], **options).model_runner.speculator.draft
+        return spec_llm(target_dir, drafts["dspark-vocab"], **options).model_runner.drafter.draft
     assert draft_of().vocab_ids.tolist() == ids
     assert draft_of(draft_vocab_size=40).vocab_ids.tolist() == ids[:40]  # the 40 most frequent: the file's head
     assert draft_of(draft_vocab_size=-1).vocab_ids is None
-    assert spec_llm(target_dir, drafts["dspark"]).model_runner.speculator.draft.vocab_ids is None
+    assert spec_llm(target_dir, drafts["dspark"]).model_runner.drafter.draft.vocab_ids is None
     with pytest.raises(ValueError, match="draft_vocab_size must be >= -1"):
         spec_llm(target_dir, drafts["dspark-vocab"], draft_vocab_size=-2)
     with pytest.raises(ValueError, match="exceeds the 150 token ids"):
@@ -176,8 +193,8 @@ def test_fixed_k_drafts_only_the_positions_it_can_verify(target_dir, drafts, pro
     output is still plain greedy's. Near max_tokens the block shrinks to the room left."""
     llm = spec_llm(target_dir, drafts["dspark-vocab"], verify_policy="fixed:2")
     drafted = []
-    real = llm.model_runner.speculator.draft.draft_block
-    llm.model_runner.speculator.draft.draft_block = lambda *a, **k: drafted.append(a[4]) or real(*a, **k)
+    real = llm.model_runner.drafter.draft.draft_block
+    llm.model_runner.drafter.draft.draft_block = lambda *a, **k: drafted.append(a[4]) or real(*a, **k)
     assert [o.token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)] == plain_outputs
     assert set(drafted) == {1, 2} and drafted.count(2) > 10 * drafted.count(1)
     assert llm.spec_stats.num_draft_tokens <= 2 * llm.spec_stats.num_drafts
@@ -186,8 +203,8 @@ def test_fixed_k_drafts_only_the_positions_it_can_verify(target_dir, drafts, pro
 def test_greedy_verification_shortcut_equals_rejection_sampling(target_dir, drafts):
     """All-greedy steps compare drafts with the target's argmax instead of rejection sampling one-hot distributions:
     the same (accepted, next token) on every case, including ties in the target's logits and a draft vocabulary."""
-    speculator = spec_llm(target_dir, drafts["dspark-vocab"]).model_runner.speculator
-    ids = speculator.draft.vocab_ids
+    speculator = spec_llm(target_dir, drafts["dspark-vocab"]).speculator
+    ids = speculator.drafter.draft.vocab_ids
     g = torch.Generator().manual_seed(0)
     seqs, logits = [], []
     for case in range(40):
@@ -201,6 +218,6 @@ def test_greedy_verification_shortcut_equals_rejection_sampling(target_dir, draf
         seqs.append(SimpleNamespace(spec_token_ids=drafts_, params=SamplingParams(temperature=0), proposal=proposal,
                                     generator=torch.Generator().manual_seed(case)))
         logits.append(rows)
-    fast, slow = speculator.verify_greedy(seqs, logits), speculator.verify_by_rejection(seqs, logits)
+    fast, slow = verify_greedy(seqs, logits), speculator.verify_by_rejection(seqs, logits)
     assert fast == slow
     assert {a for a, _ in fast} >= {0, 1, 2} and any(a == len(s.spec_token_ids) > 0 for (a, _), s in zip(fast, seqs))

@@ -18,8 +18,8 @@ from tiny_models import save_tiny_draft, tiny_config, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
 import engine.speculator
-from engine.drafts.dspark import DSparkDraft
 from engine import LLM, SamplingParams
+from engine.drafts.dspark import DSparkDraft
 from kernels.sampling import rejection_sample as true_rejection_sample
 from kernels.sampling import sample_inverse_cdf
 
@@ -85,7 +85,7 @@ def llms(tmp_path_factory, target_dir):
             for name, (m, d, policy) in engines.items()}
     # threshold:c skips drafting once the lagged confidences are all below c (tests/test_planner.py); here every step
     # drafts so that its cut is what gets verified ("dspark-skipping" covers steps without drafts)
-    llms["dspark-threshold:0.5"].planner.drafting_futile = lambda seqs: False
+    llms["dspark-threshold:0.5"].speculator.planner.drafting_futile = lambda seqs: False
     steps = iter(range(10**9))
 
     def some_draft(seqs):
@@ -93,7 +93,7 @@ def llms(tmp_path_factory, target_dir):
         a different fifth sitting out each step (as when a refresh drafts for some requests only)."""
         step = next(steps)
         return [] if step % 4 == 3 else [s for s in seqs if (s.seq_id + step) % 5]
-    llms["dspark-skipping"].planner.drafters = some_draft
+    llms["dspark-skipping"].speculator.planner.drafters = some_draft
     return llms
 
 

@@ -86,7 +86,7 @@ def test_checkpoint_resumes_and_loads_in_engine(tmp_path, tiny_llama_dir, datase
     for (name, a), b in zip(trainer.draft.state_dict().items(), resumed.draft.state_dict().values()):
         assert torch.equal(a, b), name
     llm = LLM(model=str(tiny_llama_dir), spec_method="dspark", draft=str(tmp_path / "run" / "draft"))
-    served = llm.model_runner.speculator.draft.state_dict()
+    served = llm.model_runner.drafter.draft.state_dict()
     for name, tensor in trainer.draft.state_dict().items():
         assert torch.equal(served[name], tensor.to(served[name].dtype)), name
 
@@ -121,7 +121,7 @@ def test_run_from_a_draft_over_its_vocabulary_in_bf16(tmp_path, tiny_llama_dir, 
     assert log[-1]["accept"][0] > first["accept_sum"][0] / first["accept_count"][0]
     assert json.loads((draft_dir / "draft_vocab.json").read_text()) == json.loads(vocab.read_text())
     llm = LLM(model=str(tiny_llama_dir), spec_method="dspark", draft=str(draft_dir))
-    assert llm.model_runner.speculator.draft.vocab_ids.tolist() == frequent.tolist()
+    assert llm.model_runner.drafter.draft.vocab_ids.tolist() == frequent.tolist()
     with pytest.raises(ValueError, match="init_from"):
         Trainer(tiny_config(tiny_llama_dir, dataset, tmp_path / "c", init_from=str(source), num_layers=2))
 

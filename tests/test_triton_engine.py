@@ -4,12 +4,12 @@ import json
 
 import pytest
 import torch
+from tiny_models import save_tiny_draft
 
 from engine.config import EngineConfig
 from engine.llm import LLM
 from engine.sampling_params import SamplingParams
 from kernels import triton_attention, triton_budget, triton_kv, triton_markov, triton_rejection
-from tiny_models import save_tiny_draft
 
 PROMPTS = [[1, 17, 33, 9, 250, 4], [1, 5] * 11, [1, 99]]
 SETTINGS = [SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True),

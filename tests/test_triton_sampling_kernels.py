@@ -3,14 +3,13 @@ interpreter when there is no GPU: vocabularies and batches are small, but span s
 from types import SimpleNamespace
 
 import pytest
+import test_rejection_sampling as exact
 import torch
 
-import test_rejection_sampling as exact
 from engine.drafts.dspark import DSparkDraft
 from engine.drafts.heads import VanillaMarkov
 from engine.sampler import SamplingTensors
-from kernels import markov, sampling
-from kernels import triton_markov
+from kernels import markov, sampling, triton_markov
 from kernels.triton_markov import markov_sample
 from kernels.triton_rejection import rejection_sample
 

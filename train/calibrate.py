@@ -6,21 +6,31 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.calibration import (
+    Rounds,
+    Scaling,
+    bin_stats,
+    cumulative,
+    pooled_metrics,
+    position_metrics,
+    rounds_from_records,
+    save_scaling,
+)
 from engine.drafts.loader import CALIBRATION_FILE
 from engine.sampling_params import SamplingParams
 from train import sts
 
 
 def prompt_texts(name: str, n: int, seed: int) -> list[str]:
-    from bench.datasets import load_prompts, sharegpt_prompts
+    from engine.prompt_sets import load_prompts, sharegpt_prompts
     if name == "sharegpt-test":
         return sharegpt_prompts(n, seed, split="test")
     return load_prompts(name, n, seed)
 
 
 def rollout(args) -> list:
-    from bench.datasets import encode_prompt
     from engine.llm import LLM
+    from engine.prompt_sets import encode_prompt
     llm = LLM(model=args.model, dtype=args.dtype, spec_method="dspark", draft=args.draft, verify_policy="full",
               num_threads=args.num_threads, max_num_seqs=args.max_num_seqs, kv_cache_gb=args.kv_cache_gb,
               seed=args.seed)
@@ -46,16 +56,16 @@ def calibrate(args) -> dict:
         Path(args.save_records).parent.mkdir(parents=True, exist_ok=True)
         Path(args.save_records).write_text("".join(json.dumps(r if isinstance(r, dict) else vars(r)) + "\n"
                                                     for r in records))
-    rounds = sts.rounds_from_records(records, block_size)
+    rounds = rounds_from_records(records, block_size)
     with_bias = args.scaling == "affine"
     scaling = sts.fit_sts(rounds, with_bias)
     result = {"draft": str(draft), "prompts": args.prompts, "num_prompts": args.num_prompts,
               "temperature": args.temperature, "max_tokens": args.max_tokens, "num_rounds": len(records),
               "scaling": args.scaling, "temperatures": scaling.temps.tolist(), "biases": scaling.biases.tolist(),
-              "before": sts.position_metrics(rounds), "after": sts.position_metrics(rounds, scaling),
+              "before": position_metrics(rounds), "after": position_metrics(rounds, scaling),
               "held_out": sts.cross_validated(rounds, with_bias),
-              "pooled_before": sts.pooled_metrics(rounds), "pooled_after": sts.pooled_metrics(rounds, scaling)}
-    sts.save_sts(draft / CALIBRATION_FILE, scaling, num_rounds=len(records), prompts=args.prompts,
+              "pooled_before": pooled_metrics(rounds), "pooled_after": pooled_metrics(rounds, scaling)}
+    save_scaling(draft / CALIBRATION_FILE, scaling, num_rounds=len(records), prompts=args.prompts,
                  temperature=args.temperature, ece_before=[m["ece"] for m in result["before"]],
                  ece_after=[m["ece"] for m in result["after"]], ece_held_out=[m["ece"] for m in result["held_out"]])
     out = Path(args.out or draft)
@@ -82,15 +92,15 @@ def print_table(result: dict):
               f"{b['ece']:.4f} | {a['ece']:.4f} | {h['ece']:.4f} | {b['auroc']:.3f} | {a['auroc']:.3f} |")
 
 
-def plot(rounds: sts.Rounds, scaling: sts.Scaling, result: dict, path: Path):
+def plot(rounds: Rounds, scaling: Scaling, result: dict, path: Path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.2))
     left.plot([0, 1], [0, 1], "k:", lw=1)
     for name, fitted in (("before", None), ("after STS", scaling)):
-        pairs = [sts.cumulative(rounds, fitted, k) for k in range(rounds.num_positions)]
-        count, pred, label = sts.bin_stats(np.concatenate([p for p, _ in pairs]), np.concatenate([y for _, y in pairs]))
+        pairs = [cumulative(rounds, fitted, k) for k in range(rounds.num_positions)]
+        count, pred, label = bin_stats(np.concatenate([p for p, _ in pairs]), np.concatenate([y for _, y in pairs]))
         full = count > 0
         left.plot(pred[full], label[full], "o-", label=name)
     left.set(xlabel="predicted prefix survival Π c_i", ylabel="observed acceptance", title="reliability (pooled)")

@@ -22,7 +22,7 @@ RECOMMENDED_SAMPLING = {"temperature": 0.2, "top_p": 0.9}  # SmolLM2-Instruct's 
 
 
 def training_prompts(num_prompts: int, seed: int, max_prompt_tokens: int, tokenizer) -> list[str]:
-    from bench.datasets import sharegpt_prompts
+    from engine.prompt_sets import sharegpt_prompts
     prompts = sharegpt_prompts(0, seed, split="train")
     kept = [p for p in prompts if len(tokenizer.encode(p, add_special_tokens=False)) <= max_prompt_tokens]
     return kept[:num_prompts]
@@ -65,9 +65,10 @@ def generate_dataset(out: str | Path, num_prompts: int = 1024, max_tokens: int =
 def sharegpt_dataset(out: str | Path, num_prompts: int, max_tokens: int = 256, max_prompt_tokens: int = 256,
                      seed: int = 0, model: str = "") -> Path:
     """num_prompts ShareGPT 'train' exchanges (shuffled by seed), the reply cut to max_tokens, written once."""
-    from bench.datasets import sharegpt_exchanges
-    from engine.config import DEFAULT_MODEL_NAME, DEFAULT_MODELS_DIR
     from transformers import AutoTokenizer
+
+    from engine.config import DEFAULT_MODEL_NAME, DEFAULT_MODELS_DIR
+    from engine.prompt_sets import sharegpt_exchanges
     out = Path(out)
     if out.exists():
         raise FileExistsError(f"{out} exists; choose another --out or delete it")

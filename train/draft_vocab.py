@@ -54,8 +54,8 @@ def coverage(token_ids: list[int], counts: Counter) -> float:
 def write_draft_vocab(args) -> Path:
     from transformers import AutoTokenizer
 
-    from bench.datasets import sharegpt_replies
     from engine.config import DEFAULT_MODEL_NAME, DEFAULT_MODELS_DIR
+    from engine.prompt_sets import sharegpt_replies
     from train.data import read_rows
     if not (Path(args.draft) / "config.json").is_file():
         raise SystemExit(f"{args.draft} is not a draft directory (no config.json)")

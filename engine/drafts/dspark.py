@@ -6,11 +6,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from engine.context import TIMINGS
 from engine.drafts.heads import SEQUENTIAL_HEADS, ConfidenceHead, VanillaMarkov
 from engine.models.decoder import MLP, cached_decoder_stack
 from engine.models.layers import Linear, RMSNorm, RotaryEmbedding, apply_rotary, rope_inv_freq
 from engine.sampler import SamplingTensors
-from engine.timing import TIMINGS
 from kernels import cpu_ops, triton_support
 from kernels.dispatch import block_attention, store_kvcache
 from kernels.sampling import sample_inverse_cdf

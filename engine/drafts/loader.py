@@ -1,11 +1,11 @@
 """Read a DeepSpec-format draft directory (config.json + model.safetensors or a sharded index) and check that it fits
 the target it will draft for."""
 import json
-import math
 from pathlib import Path
 
 import torch
 
+from engine.calibration import load_scaling
 from engine.drafts.dspark import DraftConfig, DSparkDraft
 from engine.drafts.heads import SEQUENTIAL_HEADS
 from engine.loader import read_tensors
@@ -92,22 +92,10 @@ def same_weights(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def read_calibration(draft_dir: Path, block_size: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     """sts.json's per-position temperatures and (optional, default 0) biases, or None without the file."""
-    path = draft_dir / CALIBRATION_FILE
-    if not path.is_file():
+    scaling = load_scaling(draft_dir / CALIBRATION_FILE, block_size)
+    if scaling is None:
         return None
-    data = json.loads(path.read_text())
-    data = data if isinstance(data, dict) else {}
-    temps, biases = data.get("temperatures"), data.get("biases", [0.0] * block_size)
-    if not numbers(temps, block_size) or not all(t > 0 for t in temps):
-        raise ValueError(f"{path}: 'temperatures' must be {block_size} positive finite numbers, got {temps!r}")
-    if not numbers(biases, block_size):
-        raise ValueError(f"{path}: 'biases' must be {block_size} finite numbers, got {biases!r}")
-    return torch.tensor(temps, dtype=torch.float32), torch.tensor(biases, dtype=torch.float32)
-
-
-def numbers(values, length: int) -> bool:
-    return (isinstance(values, list) and len(values) == length
-            and all(isinstance(v, (int, float)) and math.isfinite(v) for v in values))
+    return torch.tensor(scaling.temps, dtype=torch.float32), torch.tensor(scaling.biases, dtype=torch.float32)
 
 
 def read_draft_vocab(draft_dir: Path, size: int, vocab_size: int) -> torch.Tensor | None:

