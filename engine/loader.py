@@ -6,6 +6,10 @@ import torch
 from safetensors import safe_open
 
 from engine.models.decoder import ARCHITECTURES, DecoderModel
+from engine.models.deepseek_v4.checkpoint import load_v4_state
+from engine.models.deepseek_v4.model import V4Model
+
+V4_ARCHITECTURE = "DeepseekV4ForCausalLM"
 
 FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
@@ -19,8 +23,9 @@ def read_config(model_dir: str | Path) -> dict:
         raise FileNotFoundError(f"{path} is missing: a model directory needs config.json and safetensors weights")
     config = json.loads(path.read_text())
     arch = (config.get("architectures") or ["<none>"])[0]
-    if arch not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {arch!r} in {path}; supported: {', '.join(ARCHITECTURES)}")
+    if arch not in ARCHITECTURES and arch != V4_ARCHITECTURE:
+        raise ValueError(f"unknown architecture {arch!r} in {path}; supported: "
+                         f"{', '.join([*ARCHITECTURES, V4_ARCHITECTURE])}")
     if config.get("hidden_act", "silu") != "silu":
         raise ValueError(f"unsupported hidden_act {config['hidden_act']!r} in {path} (only silu)")
     return config
@@ -57,9 +62,11 @@ def fuse(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def load_model(model_dir: str | Path, dtype: torch.dtype) -> DecoderModel:
+def load_model(model_dir: str | Path, dtype: torch.dtype) -> DecoderModel | V4Model:
     model_dir = Path(model_dir)
     config = read_config(model_dir)
+    if config["architectures"][0] == V4_ARCHITECTURE:
+        return load_v4(model_dir, config, dtype)
     with torch.device("meta"):
         model = DecoderModel(config)
     state = fuse(read_tensors(model_dir))
@@ -75,4 +82,17 @@ def load_model(model_dir: str | Path, dtype: torch.dtype) -> DecoderModel:
     if model.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     model.rotary = model.make_rotary()
+    return model.eval().requires_grad_(False)
+
+
+def load_v4(model_dir: Path, config: dict, dtype: torch.dtype) -> V4Model:
+    """A released DeepSeek-V4 checkpoint (FP8 / FP4 dequantized to dtype); what the release keeps in fp32 stays fp32.
+    Its DSpark stages (mtp.*) are read by the DSpark module, not here."""
+    with torch.device("meta"):
+        model = V4Model(config)
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    state, _ = load_v4_state(model_dir, dtype, expected)
+    model.load_state_dict(state, assign=True)
+    for layer in model.layers:
+        layer.attn.make_rope(model.v4)
     return model.eval().requires_grad_(False)

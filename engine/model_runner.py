@@ -38,6 +38,9 @@ class ModelRunner:
             pack_linears_for_cpu(self.model)
         self.block_size = config.kv_block_size
         speculates = config.spec_method != "none"
+        if speculates and not self.model.feeds_drafts:
+            raise ValueError(f"{config.model}: speculative decoding with this target needs its own DSpark module, "
+                             "which is not supported yet (use spec_method='none')")
         self.drafter = Drafter(config, self.model, self.dtype, self.block_size) if speculates else None
         if self.device.type == "cpu" and config.huge_pages:
             move_to_huge_pages(self.model, *([self.drafter.draft] if self.drafter else []))
@@ -51,9 +54,10 @@ class ModelRunner:
         """config.attention settled: 'torch' off the Triton path; for 'auto', FlashInfer on a GPU where it is
         installed, has kernels for this model's heads and dtype and runs a probe step (its kernels compile then),
         else our Triton kernel. A FlashInfer asked for by name that cannot run is an error."""
-        c, attn = self.config, self.model.layers[0].self_attn
-        if c.kernels != "triton":
+        c = self.config
+        if c.kernels != "triton" or self.model.own_attention:
             return "torch"
+        attn = self.model.layers[0].self_attn
         if c.attention == "triton":
             return "triton"
         fits = flashinfer_attention.has_kernels_for(self.device, self.kv_dtype, attn.head_dim)
@@ -80,8 +84,7 @@ class ModelRunner:
         return self.drafter.capture_layers if self.drafter else ()
 
     def kv_bytes_per_block(self) -> int:
-        attn = self.model.layers[0].self_attn
-        per_token = 2 * len(self.model.layers) * attn.num_kv_heads * attn.head_dim * self.kv_dtype.itemsize
+        per_token = self.model.kv_bytes_per_token(self.kv_dtype)
         if self.drafter:
             per_token += self.drafter.kv_bytes_per_token(self.kv_dtype)
         return per_token * self.block_size
@@ -128,11 +131,7 @@ class ModelRunner:
         return self.allocate_blocks(num_blocks)
 
     def allocate_blocks(self, num_blocks: int) -> int:
-        attn = self.model.layers[0].self_attn
-        shape = (2, len(self.model.layers), attn.num_kv_heads, num_blocks * self.block_size, attn.head_dim)
-        self.kv_cache = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
-        for i, layer in enumerate(self.model.layers):
-            layer.self_attn.k_cache, layer.self_attn.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
+        self.kv_cache = self.model.allocate_kv_cache(num_blocks * self.block_size, self.kv_dtype, self.device)
         if self.drafter:
             self.drafter.allocate_kv_cache(num_blocks * self.block_size, self.kv_dtype)
         return num_blocks
@@ -148,7 +147,7 @@ class ModelRunner:
             slot_mapping += slots(seq.block_table, self.block_size, start, end)
         if self.flashinfer is not None:
             set_context(self.on_device(slot_mapping), [], None, self.plan_attention(seqs, tier))
-        elif triton_support.enabled():
+        elif triton_support.enabled() or self.model.own_attention:
             set_context(self.on_device(slot_mapping), [], inputs.varlen_batch(seqs, self.block_size, self.device))
         else:
             set_context(torch.tensor(slot_mapping), inputs.attention_groups(seqs, self.block_size))

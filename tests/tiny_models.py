@@ -1,9 +1,18 @@
 """Tiny random HF models (transformers' own classes) saved to disk, used as exact references."""
+import json
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen3Config
+from transformers import (
+    AutoModelForCausalLM,
+    DeepseekV4Config,
+    DeepseekV4ForCausalLM,
+    LlamaConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen3Config,
+)
 
 CORPUS = ["The quick brown fox jumps over the lazy dog.", "Paris is the capital of France.",
           "héllo wörld 你好 🎉 numbers 0123456789", "def add(a, b):\n    return a + b\n"] * 4
@@ -106,3 +115,61 @@ def save_tiny_draft(path: Path, target_dir: Path, *, rank: int = 8, head_type: s
     (path / "config.json").write_text(json.dumps(cfg, indent=2))
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path / "model.safetensors"))
     return path
+
+
+V4_KINDS = ["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention",
+            "compressed_sparse_attention"]
+V4_YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "beta_fast": 32, "beta_slow": 1}
+
+
+def tiny_v4(seed: int = 0, **overrides) -> DeepseekV4ForCausalLM:
+    """A random DeepSeek-V4 (transformers' own class, fp32) with every attention kind, a hash layer, 8 experts (top 2),
+    windows of 4 and 8 tokens and an 8-token sliding window; its sinks, biases, ape and hash table far from their
+    zero init, so each one matters. Eight indexer heads make exact ties in the indexer's scores rare."""
+    options = dict(vocab_size=320, hidden_size=64, moe_intermediate_size=32, num_hidden_layers=4,
+                   num_attention_heads=4, head_dim=32, q_lora_rank=32, n_routed_experts=8, num_experts_per_tok=2,
+                   o_groups=2, o_lora_rank=16, index_n_heads=8, index_head_dim=16, index_topk=3, sliding_window=8,
+                   layer_types=V4_KINDS, mlp_layer_types=["hash_moe"] + ["moe"] * 3, partial_rotary_factor=0.25,
+                   compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 8},
+                   initializer_range=0.1, rope_parameters=V4_YARN, max_position_embeddings=512, eos_token_id=0)
+    torch.manual_seed(seed)
+    model = DeepseekV4ForCausalLM(DeepseekV4Config(**(options | overrides))).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if any(s in name for s in ("position_bias", "sinks", "base", "e_score")):
+                p.normal_(0, 0.5)
+        for m in model.modules():
+            if hasattr(m, "tid2eid"):
+                m.tid2eid.copy_(torch.randint(0, model.config.n_routed_experts, m.tid2eid.shape))
+    return model
+
+
+def released_v4_config(model: DeepseekV4ForCausalLM) -> dict:
+    """transformers' config in the released config.json's own keys (compress_ratios, num_hash_layers,
+    qk_rope_head_dim, rope_theta / compress_rope_theta / rope_scaling)."""
+    c = json.loads(model.config.to_json_string())
+    kinds, rates, rope = c.pop("layer_types"), c.pop("compress_rates"), c.pop("rope_parameters")
+    c["compress_ratios"] = [0 if k == "sliding_attention" else rates[k] for k in kinds]
+    c["layer_types"] = kinds  # not in a release; lets transformers' AutoConfig (the tokenizer reads it) accept ratio 8
+    c["num_hash_layers"] = c.pop("mlp_layer_types").count("hash_moe")
+    c["qk_rope_head_dim"] = int(c["head_dim"] * c.pop("partial_rotary_factor"))
+    c["rope_theta"], c["compress_rope_theta"] = rope["main"]["rope_theta"], rope["compress"]["rope_theta"]
+    if rope["compress"]["rope_type"] == "yarn":
+        keys = ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow")
+        c["rope_scaling"] = {"type": "yarn"} | {k: rope["compress"][k] for k in keys}
+    return c | {"architectures": ["DeepseekV4ForCausalLM"]}
+
+
+def save_tiny_v4(path: Path, seed: int = 0, **overrides) -> DeepseekV4ForCausalLM:
+    """A tiny V4 checkpoint in the released layout (config keys and tensor names; fp32, unquantized) with a tokenizer;
+    returns transformers' model of the same weights."""
+    from safetensors.torch import save_file
+
+    from engine.models.deepseek_v4.checkpoint import released_state_from_transformers
+    model = tiny_v4(seed, **overrides)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(released_v4_config(model), indent=2))
+    state = released_state_from_transformers(model.state_dict())
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path / "model.safetensors"))
+    tiny_tokenizer().save_pretrained(path)
+    return model

@@ -118,6 +118,22 @@ class DecoderModel(nn.Module):
         self.lm_head = Linear(c["hidden_size"], c["vocab_size"], bias=False)
         self.stack = (None, None)  # (k cache address, kernels/cpu_ops.decoder_stack) for short-query steps
 
+    own_attention = False  # False: the runner picks its attention backend (torch twins, Triton, FlashInfer)
+    feeds_drafts = True   # its layers' outputs can be captured for a DSpark / DFlash draft
+
+    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
+        attn = self.layers[0].self_attn
+        return 2 * len(self.layers) * attn.num_kv_heads * attn.head_dim * dtype.itemsize
+
+    def allocate_kv_cache(self, num_slots: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """[2, layers, kv heads, slots, head_dim]; each layer's attention gets its K and V views."""
+        attn = self.layers[0].self_attn
+        cache = torch.zeros(2, len(self.layers), attn.num_kv_heads, num_slots, attn.head_dim, dtype=dtype,
+                            device=device)
+        for i, layer in enumerate(self.layers):
+            layer.self_attn.k_cache, layer.self_attn.v_cache = cache[0, i], cache[1, i]
+        return cache
+
     def make_rotary(self) -> RotaryEmbedding:
         head_dim = self.layers[0].self_attn.head_dim
         positions = self.config.get("max_position_embeddings", 4096)
