@@ -94,6 +94,24 @@ def prefix_cache(p):
     workload_flags(p, "bench_out/prefix_cache", num_prompts=8, max_tokens=64, dataset="sharegpt")
 
 
+def calibration(p):
+    workload_flags(p, "bench_out/calibration")
+    p.add_argument("--from-rounds", nargs="+", required=True, metavar="PATH",
+                   help="round logs a server wrote (--log-spec-rounds); each PATH after its rotated PATH.1")
+    p.add_argument("--draft", default="", help="the DSpark draft that logged them: checks their block size; its "
+                   "sts.json is the default --sts")
+    p.add_argument("--sts", nargs="*", metavar="FILE", help="sts.json files to compare with the raw confidences "
+                   "(default: the draft's own; --sts alone: raw only)")
+
+
+def drift(p):
+    engine_flags(p, "model", "draft", "verify_policy", "num_threads", "max_num_seqs", "seed", "calibration_window",
+                 "log_spec_rounds", verify_policy="full", max_num_seqs=16, calibration_window=4000)
+    workload_flags(p, "bench_out/drift", dataset="humaneval", num_prompts=64, max_tokens=128, max_prompt_tokens=256,
+                   temperature=0.0)
+    p.add_argument("--sample-every", type=int, default=250, help="rounds between samples of the monitor")
+
+
 def linear(p):
     engine_flags(p, "model", "num_threads")
     workload_flags(p, "bench_out/linear", repeats=5)
@@ -107,6 +125,8 @@ COMMANDS = {  # name: (help, the function adding its flags); bench.<name with _>
     "sweep": ("throughput vs per-user speed for each verify policy and concurrency", sweep),
     "server-overhead": ("HTTP streaming throughput and TTFT vs the offline engine", server_overhead),
     "accept": ("acceptance (tau, per-position) and confidence ECE per domain and temperature", accept),
+    "calibration": ("reliability diagram of logged rounds' confidences, raw and under each sts.json", calibration),
+    "drift": ("serve a prompt set logging rounds; the calibration monitor's ECE over time", drift),
     "prefix-cache": ("second-turn time to first token with and without prefix caching", prefix_cache),
     "linear": ("CPU linear paths (our kernels, torch bf16, oneDNN fp32) on the model's shapes", linear),
     "serve": ("load test of a running OpenAI-compatible server (vllm bench serve)", add_serve_args),

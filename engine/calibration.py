@@ -39,6 +39,35 @@ def rounds_from_records(records, num_positions: int = 0) -> Rounds:
     return Rounds(logits, verified, accepted)
 
 
+def rounds_from_log(records: list, block_size: int = 0, source: str = "the round log") -> Rounds:
+    """Rounds a server logged (engine.calibration_monitor.read_rounds) -> arrays padded to block_size, refusing
+    (ValueError naming source) a log with no rounds, a line that is not a round, a round with more confidence logits
+    than the draft's block_size (logged with another draft), or one whose lengths disagree (0 <= accepted <= verified
+    <= drafted = its number of logits). A shorter block is a round that drafted fewer tokens (a planner's choice, or
+    num_draft_tokens below the block size): its later positions carry no label."""
+    if not records:
+        raise ValueError(f"{source}: no logged rounds")
+    for i, r in enumerate(records):
+        if not isinstance(r, dict) or not {"logits", "drafted", "verified", "accepted"} <= r.keys():
+            raise ValueError(f"{source}: round {i} is not a logged round (logits, drafted, verified, accepted): {r!r}")
+        g = len(r["logits"])
+        if block_size and g > block_size:
+            raise ValueError(f"{source}: round {i} has {g} confidence logits but the draft's block_size is "
+                             f"{block_size}: were these rounds logged with another draft?")
+        if not 0 <= r["accepted"] <= r["verified"] <= r["drafted"] == g:
+            raise ValueError(f"{source}: round {i} is inconsistent: {g} logits, drafted {r['drafted']}, verified "
+                             f"{r['verified']}, accepted {r['accepted']}")
+    return rounds_from_records(records, block_size)
+
+
+def draft_block_size(draft_dir: Path) -> int:
+    """block_size from a draft directory's config.json."""
+    path = Path(draft_dir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"draft directory {draft_dir} has no config.json")
+    return int(json.loads(path.read_text())["block_size"])
+
+
 def sigmoid(z: np.ndarray) -> np.ndarray:
     return 0.5 * (1 + np.tanh(0.5 * z))  # no overflow for large |z|
 
@@ -120,10 +149,23 @@ def position_metrics(rounds: Rounds, scaling: Scaling | None = None) -> list[dic
     return [{"position": k + 1, **metrics(*cumulative(rounds, scaling, k))} for k in range(rounds.num_positions)]
 
 
+def pooled(rounds: Rounds, scaling: Scaling | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Predicted and true survival of every (round, verified position) pair, position 1's first."""
+    pairs = [cumulative(rounds, scaling, k) for k in range(rounds.num_positions)] or [(np.zeros(0), np.zeros(0, bool))]
+    return np.concatenate([p for p, _ in pairs]), np.concatenate([y for _, y in pairs])
+
+
 def pooled_metrics(rounds: Rounds, scaling: Scaling | None = None) -> dict:
     """The metrics over every (round, verified position) pair at once."""
-    pairs = [cumulative(rounds, scaling, k) for k in range(rounds.num_positions)]
-    return metrics(np.concatenate([p for p, _ in pairs]), np.concatenate([y for _, y in pairs]))
+    return metrics(*pooled(rounds, scaling))
+
+
+def reliability(pred, label, bins: int = NUM_BINS) -> dict:
+    """A reliability diagram's points: per non-empty equal-width bin of the prediction, how many pairs, their mean
+    prediction and the fraction of them that came true (ece() is the count-weighted mean gap between the two)."""
+    count, mean_pred, mean_label = bin_stats(pred, label, bins)
+    full = count > 0
+    return {"count": count[full].tolist(), "predicted": mean_pred[full].tolist(), "realised": mean_label[full].tolist()}
 
 
 def save_scaling(path: Path, scaling: Scaling, **meta) -> Path:

@@ -115,6 +115,10 @@ class EngineConfig:
     verify_policy: str = ""              # full | fixed:k | threshold:c | sps | sps-lagged; "" = auto: the default
                                          # model's own draft DEFAULT_MODEL_VERIFY_POLICY, any other draft full
     sps_profile: str = ""                # SPS(B) cost table JSON; "" = profile quickly at start-up (cached); none
+    calibration_window: int = 10000      # verified rounds the calibration monitor's ECE and survivals cover
+    calibration_ece_threshold: float = 0.05  # a window's pooled ECE above this is drift (a warning and a gauge)
+    log_spec_rounds: str = ""            # append each verified round's confidence logits and lengths (jsonl) here
+    log_spec_rounds_max_mb: float = 64.0  # then rotate to PATH.1 (at most twice this is kept)
     device: str = "auto"                 # auto (cuda when present) | cpu | cuda
     kernels: str = "auto"                # auto (triton on cuda, torch twins on cpu) | torch | triton
     attention: str = "auto"              # the target's attention on the Triton path: auto (flashinfer where installed,
@@ -142,6 +146,9 @@ class EngineConfig:
             self.verify_policy = DEFAULT_MODEL_VERIFY_POLICY if default_draft else "full"
         if self.spec_method != "none" and not self.draft:
             raise ValueError(f"spec_method={self.spec_method!r} needs a draft directory (draft=...)")
+        if self.calibration_window < 1 or not 0 < self.calibration_ece_threshold < 1:
+            raise ValueError(f"calibration_window must be >= 1 and calibration_ece_threshold in (0, 1), got "
+                             f"{self.calibration_window} and {self.calibration_ece_threshold}")
         if self.num_draft_tokens < 0:
             raise ValueError(f"num_draft_tokens must be >= 0 (0 = the draft's block size), got {self.num_draft_tokens}")
         if self.draft_vocab_size < -1:

@@ -8,8 +8,10 @@ import torch
 from transformers import AutoTokenizer
 
 from engine.block_manager import BlockManager
+from engine.calibration_monitor import CalibrationMonitor, RoundLog
 from engine.config import EngineConfig, uses_cuda_graphs
 from engine.detokenizer import IncrementalDetokenizer
+from engine.drafts.loader import CALIBRATION_FILE, read_calibration
 from engine.model_runner import ModelRunner
 from engine.outputs import ConfidenceRecord, EngineStats, RequestError, RequestOutput, SpecStats
 from engine.planner import Planner, check_policy
@@ -54,7 +56,18 @@ class LLMEngine:
         curve = (load_sps_curve(self.model_runner, self.block_manager, self.config.sps_profile)
                  if policy.startswith("sps") else None)
         planner = Planner(policy, self.max_model_len, curve, drafter.num_draft_tokens)
-        return Speculator(drafter, self.model_runner, self.block_manager, planner)
+        return Speculator(drafter, self.model_runner, self.block_manager, planner, *self.calibration_watch(drafter))
+
+    def calibration_watch(self, drafter) -> tuple[CalibrationMonitor | None, RoundLog | None]:
+        """The calibration monitor, and the round log when asked for, for a draft with a confidence head."""
+        c = self.config
+        if not drafter.draft.has_confidence:
+            if c.log_spec_rounds:
+                raise ValueError("log_spec_rounds needs a DSpark draft with a confidence head")
+            return None, None
+        monitor = CalibrationMonitor(drafter.num_draft_tokens, c.calibration_window, c.calibration_ece_threshold)
+        log = RoundLog(c.log_spec_rounds, int(c.log_spec_rounds_max_mb * 2**20)) if c.log_spec_rounds else None
+        return monitor, log
 
     def read_eos_ids(self, generation_config: dict) -> set[int]:
         eos = generation_config.get("eos_token_id")
@@ -170,6 +183,18 @@ class LLMEngine:
         """Start (with a fresh list) or stop recording one ConfidenceRecord per verify round; returns the list."""
         return self.speculator.record_confidences(enabled) if self.speculator else None
 
+    def reload_calibration(self) -> int:
+        """Read the draft's sts.json again (a refit wrote it) and use it from the next step; returns the calibration's
+        version (1 at start, one more per reload)."""
+        if self.speculator is None or self.speculator.monitor is None:
+            raise ValueError("no calibration to reload: the engine has no DSpark draft with a confidence head")
+        block = self.speculator.drafter.draft.config.block_size
+        path = Path(self.config.draft) / CALIBRATION_FILE
+        scaling = read_calibration(Path(self.config.draft), block)
+        if scaling is None:
+            raise ValueError(f"{path} is missing: write it with `python -m train calibrate`")
+        return self.speculator.set_calibration(*scaling)
+
     def stats(self) -> EngineStats:
         """A snapshot of the engine's gauges and cumulative counters, for metrics."""
         s, b = self.scheduler, self.block_manager
@@ -179,6 +204,7 @@ class LLMEngine:
             p = self.speculator.planner
             out.spec, out.planner_budget = self.speculator.stats.copy(), p.last_budget
             out.planner_theta, out.planner_skipped_steps = p.last_theta, p.num_skipped_steps
+            out.calibration = self.speculator.monitor.snapshot() if self.speculator.monitor else None
         return out
 
     def describe(self) -> dict:

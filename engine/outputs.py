@@ -2,6 +2,8 @@
 metrics, and the typed error for a request it refuses."""
 from dataclasses import dataclass, field
 
+from engine.calibration_monitor import CalibrationSnapshot
+
 
 @dataclass
 class SpecStats:
@@ -87,6 +89,7 @@ class EngineStats:
     planner_budget: int = 0             # drafts the planner let the target verify in the last step
     planner_theta: float = 0.0          # the sps planners' predicted tokens per second for the last step
     planner_skipped_steps: int = 0      # steps run plainly because drafting looked futile
+    calibration: CalibrationSnapshot | None = None  # with a confidence head: the monitor's window
 
     @property
     def kv_usage(self) -> float:

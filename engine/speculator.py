@@ -5,6 +5,7 @@ and every round is counted."""
 import torch
 
 from engine.block_manager import BlockManager
+from engine.calibration_monitor import CalibrationMonitor, RoundLog
 from engine.context import TIMINGS
 from engine.drafter import Drafter
 from engine.model_runner import ModelRunner
@@ -16,8 +17,10 @@ from kernels.dispatch import rejection_sample
 
 
 class Speculator:
-    def __init__(self, drafter: Drafter, runner: ModelRunner, block_manager: BlockManager, planner: Planner):
+    def __init__(self, drafter: Drafter, runner: ModelRunner, block_manager: BlockManager, planner: Planner,
+                 monitor: CalibrationMonitor | None = None, round_log: RoundLog | None = None):
         self.drafter, self.runner, self.block_manager, self.planner = drafter, runner, block_manager, planner
+        self.monitor, self.round_log = monitor, round_log  # both need a draft with a confidence head
         self.stats = SpecStats()
         self.confidence_records: list[ConfidenceRecord] | None = None  # a list while recording
 
@@ -95,8 +98,28 @@ class Speculator:
         args = (len(seq.proposal.tokens), len(seq.spec_token_ids), accepted)
         seq.spec_stats.record(*args)
         self.stats.record(*args)
-        if self.confidence_records is not None and seq.proposal.confidence_logits is not None:
-            self.confidence_records.append(ConfidenceRecord(seq.proposal.confidence_logits.tolist(), *args))
+        if seq.proposal.confidence_logits is None:
+            return
+        if self.monitor is not None:
+            self.monitor.record(seq.proposal.confidence.tolist(), *args[1:])
+        if self.confidence_records is None and self.round_log is None:
+            return
+        logits = seq.proposal.confidence_logits.tolist()
+        if self.round_log is not None:
+            self.round_log.write(logits, *args)
+        if self.confidence_records is not None:
+            self.confidence_records.append(ConfidenceRecord(logits, *args))
+
+    def set_calibration(self, temperatures: torch.Tensor, biases: torch.Tensor) -> int:
+        """A new STS scaling for the confidence head, copied in place (the draft's CUDA graphs read these tensors);
+        the monitor starts a window for it. Returns the calibration's version."""
+        head = self.drafter.draft.confidence_head
+        head.temperatures.copy_(temperatures)
+        head.biases.copy_(biases)
+        self.monitor.reset(self.monitor.version + 1)
+        if self.round_log is not None:
+            self.round_log.flush()
+        return self.monitor.version
 
     def record_confidences(self, enabled: bool = True) -> list[ConfidenceRecord] | None:
         """Start (with a fresh list) or stop recording one ConfidenceRecord per verify round; returns the list."""

@@ -1,6 +1,7 @@
 """`python -m server` / `dspark-serve`: the OpenAI-compatible server (engine flags are those of `python -m engine`)."""
 import argparse
 import logging
+import signal
 
 import uvicorn
 
@@ -27,6 +28,7 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     app = create_app(config_from_args(args), args.served_model_name, args.api_key, args.max_waiting,
                      args.max_body_bytes)
+    signal.signal(signal.SIGHUP, lambda *_: app.state.engine_loop.request_reload())  # reload the calibration
     uvicorn.run(app, host=args.host, port=args.port, log_level="info",
                 timeout_graceful_shutdown=args.graceful_timeout)
 

@@ -70,6 +70,14 @@ async def metrics(request: Request):
     return Response(request.app.state.engine_loop.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
+@router.post("/admin/reload-calibration")
+async def reload_calibration(request: Request):
+    """Read the draft's sts.json again (after `python -m train calibrate --from-rounds`); the planner uses it from the
+    next step. Behind the API key like every route but /health."""
+    version = await request.app.state.engine_loop.reload_calibration()
+    return json_response({"calibration_version": version})
+
+
 @router.get("/v1/models")
 async def models(request: Request):
     state = request.app.state

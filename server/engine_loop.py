@@ -87,6 +87,16 @@ class EngineLoop:
         self.commands.put(("add", request_id, token_ids, params, Tracked(outputs, admitted, time.monotonic())))
         return Admission(request_id, outputs, admitted, self)
 
+    async def reload_calibration(self) -> int:
+        """Have the engine thread read the draft's sts.json again; its new version, or an APIError saying why not."""
+        done = asyncio.get_running_loop().create_future()
+        self.commands.put(("reload", done))
+        return await done
+
+    def request_reload(self):
+        """From a signal handler (SIGHUP): reload on the engine thread, the outcome only logged."""
+        self.commands.put(("reload", None))
+
     def release(self, request_id: str, finished: bool):
         """Called once per submitted request when its handler is done; unfinished ones are aborted (KV freed)."""
         self.num_in_flight -= 1
@@ -131,8 +141,22 @@ class EngineLoop:
                 return False
             if command[0] == "add":
                 self.add(*command[1:])
+            elif command[0] == "reload":
+                self.reload(command[1])
             else:
                 self.abort(command[1])
+
+    def reload(self, done: asyncio.Future | None):
+        try:
+            version = self.engine.reload_calibration()
+        except (ValueError, OSError) as e:
+            log.error("calibration reload failed: %s", e)
+            if done is not None:
+                self.loop.call_soon_threadsafe(settle_value, done, APIError(400, str(e)))
+            return
+        log.info("calibration reloaded: version %d", version)
+        if done is not None:
+            self.loop.call_soon_threadsafe(settle_value, done, version)
 
     def refuse_queued_adds(self):
         """Requests submitted after the stop command get a 503 instead of waiting for an engine that has stopped."""
@@ -206,6 +230,16 @@ class EngineLoop:
             m.finished(out.finish_reason)
             if self.engine.speculative:
                 m.verify_budget.observe(out.num_verified_tokens)
+
+
+def settle_value(done: asyncio.Future, value):
+    """An exception value is raised to the awaiting handler, anything else returned."""
+    if done.done():
+        return
+    if isinstance(value, BaseException):
+        done.set_exception(value)
+    else:
+        done.set_result(value)
 
 
 def settle(admitted: asyncio.Future, refusal: APIError | None):

@@ -1,6 +1,7 @@
 """Prometheus metrics under vLLM's names (so existing benchmark clients read us) plus DSpark's own (dspark:*)."""
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 
+from engine.calibration_monitor import CalibrationSnapshot
 from engine.outputs import EngineStats, SpecStats
 
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
@@ -69,6 +70,7 @@ class Metrics:
         self.skipped_steps = one(Counter("dspark:planner_skipped_draft_steps",
                                          "Steps run without drafting because the sps planner judged (from lagged "
                                          "survivals) that speculation would not pay.", name, registry=r))
+        self.calibration = CalibrationGauges(r, model_name)
         self.gpu, self.gpu_gauges = None, ()  # an engine on CUDA adds its GPU's gauges (attach_gpu)
         self.seen = SpecStats()
         self.seen_preemptions = 0
@@ -107,6 +109,8 @@ class Metrics:
             self.skipped_steps.inc(stats.planner_skipped_steps - self.seen_skipped_steps)
             self.seen_skipped_steps = stats.planner_skipped_steps
             self.sync_spec(stats.spec)
+        if stats.calibration is not None:
+            self.calibration.set(stats.calibration)
 
     def sync_spec(self, now: SpecStats):
         seen = self.seen
@@ -126,3 +130,38 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class CalibrationGauges:
+    """The confidence head's calibration over the monitor's window (engine/calibration_monitor.py)."""
+
+    def __init__(self, r: CollectorRegistry, model_name: str):
+        name, pos = ["model_name"], ["model_name", "position"]
+        self.model_name = model_name
+        self.ece = Gauge("dspark:calibration_ece", "ECE of the predicted survival at this draft position, over the "
+                         "window.", pos, registry=r)
+        self.predicted = Gauge("dspark:survival_predicted", "Mean survival the planner predicted at this position.",
+                               pos, registry=r)
+        self.realised = Gauge("dspark:survival_realised", "Fraction of rounds that accepted this position.", pos,
+                              registry=r)
+        scalars = (("pooled", "dspark:calibration_ece_pooled", "ECE over every verified position of the window."),
+                   ("worst", "dspark:calibration_ece_worst", "The largest per-position ECE (positions verified at "
+                    "least 500 times in the window)."),
+                   ("drift", "dspark:calibration_drift", "1 when, at the last full window, a position's ECE was above "
+                    "the threshold."),
+                   ("version", "dspark:calibration_version", "Calibration loads: 1 at start, one more per reload."),
+                   ("rounds", "dspark:calibration_window_rounds", "Verified rounds in the window."),
+                   ("tokens_predicted", "dspark:tokens_per_round_predicted",
+                    "Tokens a round was predicted to produce (1 + predicted survivals), mean over the window."),
+                   ("tokens_realised", "dspark:tokens_per_round_realised",
+                    "Tokens a round produced (1 + accepted), mean over the window."))
+        self.scalars = {key: Gauge(metric, doc, name, registry=r).labels(model_name) for key, metric, doc in scalars}
+
+    def set(self, s: CalibrationSnapshot):
+        for gauge, values in ((self.ece, s.ece), (self.predicted, s.predicted), (self.realised, s.realised)):
+            for position, value in enumerate(values, 1):
+                gauge.labels(self.model_name, str(position)).set(value)
+        values = {"pooled": s.pooled_ece, "worst": s.worst_ece, "drift": float(s.drifting), "version": s.version,
+                  "rounds": s.rounds, "tokens_predicted": s.tokens_predicted, "tokens_realised": s.tokens_realised}
+        for key, value in values.items():
+            self.scalars[key].set(value)

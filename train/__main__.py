@@ -44,11 +44,18 @@ def main():
     cal.add_argument("--max-tokens", type=int, default=128)
     cal.add_argument("--max-prompt-tokens", type=int, default=256)
     cal.add_argument("--temperature", type=float, default=1.0)
-    cal.add_argument("--out", default="", help="where the metrics JSON and the reliability PNG go ('' = the draft)")
+    cal.add_argument("--out", default="", help="a directory for the metrics JSON and the reliability PNG ('' = the "
+                     "draft; sts.json goes next to the draft), or FILE.json: the sts.json to write, those beside it")
     cal.add_argument("--scaling", default="affine", choices=["affine", "temperature"],
                      help="per position a temperature and a bias (affine), or a temperature only (the paper's STS)")
     cal.add_argument("--save-records", default="", help="also write the confidence records (jsonl) here")
     cal.add_argument("--from-records", default="", help="refit from saved records instead of rolling out")
+    cal.add_argument("--from-rounds", nargs="+", default=[], metavar="PATH",
+                     help="refit from rounds a server logged (--log-spec-rounds; each PATH after its rotated PATH.1) "
+                     "instead of rolling out")
+    cal.add_argument("--holdout", type=float, default=0.2,
+                     help="with --from-rounds: the fraction of rounds (seeded by --seed) kept out of the fit to "
+                     "measure it (0 = fit every round, cross-validated halves reported)")
     vocab = sub.add_parser("draft-vocab", help="choose the tokens a draft may propose (FR-Spec) -> draft_vocab.json")
     vocab.add_argument("--draft", required=True)
     vocab.add_argument("--model", default="", help="target model directory ('' = the embedded default)")

@@ -146,9 +146,10 @@ def load_draft(draft_dir: str | Path, target: DecoderModel, dtype: torch.dtype, 
                          f"unexpected {sorted(unexpected)[:4]}, wrong shapes {wrong[:4]}")
     draft.load_state_dict(state, assign=True)
     draft.rotary = DSparkDraft.make_rotary(config)
-    calibration = read_calibration(draft_dir, config.block_size) or (torch.ones(0), torch.zeros(0))
-    if draft.confidence_head is not None:
-        draft.confidence_head.temperatures, draft.confidence_head.biases = calibration
+    if draft.confidence_head is not None:  # always a tensor per position, so a reload can copy in place (graphs)
+        identity = (torch.ones(config.block_size), torch.zeros(config.block_size))
+        draft.confidence_head.temperatures, draft.confidence_head.biases = (
+            read_calibration(draft_dir, config.block_size) or identity)
     draft.attach_target(target.embed_tokens, target.lm_head)
     token_ids = read_draft_vocab(draft_dir, vocab_size, config.hf["vocab_size"])
     if token_ids is not None:
