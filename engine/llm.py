@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from tqdm.auto import tqdm
 
 from engine.llm_engine import LLMEngine
-from engine.outputs import RequestOutput
+from engine.outputs import RequestOutput, TokenLogprob
 from engine.sampling_params import SamplingParams
 
 
@@ -17,6 +17,7 @@ class Completion:
     text: str
     finish_reason: str | None
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    logprobs: list[TokenLogprob] | None = None  # one per token, when SamplingParams.logprobs asked for them
 
 
 class LLM(LLMEngine):
@@ -43,6 +44,8 @@ class LLM(LLMEngine):
         result.text += out.delta_text
         result.finish_reason = out.finish_reason
         result.num_cached_tokens = out.num_cached_tokens
+        if out.delta_logprobs is not None:
+            result.logprobs = (result.logprobs or []) + out.delta_logprobs
 
     def chat_prompt(self, messages: list[dict]) -> list[int]:
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

@@ -13,7 +13,7 @@ from engine.config import EngineConfig, uses_cuda_graphs
 from engine.detokenizer import IncrementalDetokenizer
 from engine.drafts.loader import CALIBRATION_FILE, read_calibration
 from engine.model_runner import ModelRunner
-from engine.outputs import ConfidenceRecord, EngineStats, RequestError, RequestOutput, SpecStats
+from engine.outputs import ConfidenceRecord, Emitted, EngineStats, RequestError, RequestOutput, SpecStats
 from engine.planner import Planner, check_policy
 from engine.sampler import make_generator
 from engine.sampling_params import SAMPLING_DEFAULT_FIELDS, SamplingParams
@@ -43,6 +43,7 @@ class LLMEngine:
         self.block_manager = BlockManager(self.model_runner.num_blocks, self.config.kv_block_size,
                                           self.config.enable_prefix_caching)
         self.kv_capacity_tokens = self.block_manager.num_blocks * self.block_manager.block_size
+        self.vocab_size = self.model_runner.model.config["vocab_size"]
         self.scheduler = Scheduler(self.config, self.block_manager)
         self.speculator = self.make_speculator()
         self.seeds = random.Random(self.config.seed) if self.config.seed >= 0 else random.SystemRandom()
@@ -101,7 +102,7 @@ class LLMEngine:
         return seq.request_id
 
     def check_prompt(self, token_ids: list[int], params: SamplingParams):
-        vocab = self.model_runner.model.config["vocab_size"]
+        vocab = self.vocab_size
         if not token_ids:
             raise RequestError("the prompt is empty", "prompt")
         if min(token_ids) < 0 or max(token_ids) >= vocab:
@@ -129,14 +130,14 @@ class LLMEngine:
         if not seqs:
             return []
         runner = self.speculator or self.model_runner  # either runs the step and commits what it computed
-        new_tokens = runner.run(seqs)
-        return [self.append_tokens(seq, new_tokens[seq.seq_id]) for seq in seqs if seq.seq_id in new_tokens]
+        emitted = runner.run(seqs)
+        return [self.append_tokens(seq, emitted[seq.seq_id]) for seq in seqs if seq.seq_id in emitted]
 
-    def append_tokens(self, seq: Sequence, tokens: list[int]) -> RequestOutput:
+    def append_tokens(self, seq: Sequence, emitted: Emitted) -> RequestOutput:
         """Commit newly sampled tokens one by one, stopping exactly where a stop condition hits."""
         self.block_manager.cache_blocks(seq)
         text, added = "", []
-        for token in tokens:
+        for token in emitted.tokens:
             seq.token_ids.append(token)
             added.append(token)
             text += seq.detokenizer.add_tokens([token])
@@ -145,9 +146,10 @@ class LLMEngine:
                 self.finish(seq, reason)
                 break
         stats = seq.spec_stats
+        logprobs = None if emitted.logprobs is None else emitted.logprobs[:len(added)]
         return RequestOutput(seq.request_id, text, added, seq.is_finished, seq.finish_reason, seq.num_prompt_tokens,
                              seq.num_completion_tokens, seq.num_cached_tokens, stats.num_verified_tokens,
-                             stats.num_accepted_tokens)
+                             stats.num_accepted_tokens, logprobs)
 
     def finish(self, seq: Sequence, reason: str):
         if self.speculator:

@@ -11,7 +11,8 @@ from engine.cpu import keep_freed_memory, move_to_huge_pages, return_freed_memor
 from engine.drafter import Drafter
 from engine.loader import load_model
 from engine.models.layers import pack_linears_for_cpu
-from engine.sampler import SamplingTensors, sample
+from engine.outputs import Emitted
+from engine.sampler import SamplingTensors, emit, sample
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
 from kernels import flashinfer_attention, triton_support
@@ -209,7 +210,7 @@ class ModelRunner:
             features = [by_seq[i] for i in range(len(seqs))]
         return [per_seq[i] for i in range(len(seqs))], features
 
-    def run(self, seqs: list[Sequence]) -> dict[int, list[int]]:
+    def run(self, seqs: list[Sequence]) -> dict[int, Emitted]:
         """A plain decoding step: the forward, then a sampled token for each seq whose scheduled tokens reach its end;
         computed counts advanced."""
         at_end = [s.reaches_end for s in seqs]
@@ -221,8 +222,9 @@ class ModelRunner:
         if not sampling:
             return {}
         with TIMINGS.section("sampling"):
-            tokens = self.sample(torch.cat([l for l, e in zip(logits, at_end) if e]), sampling)
-        return {s.seq_id: [t] for s, t in zip(sampling, tokens)}
+            rows = [l for l, e in zip(logits, at_end) if e]
+            tokens = self.sample(torch.cat(rows), sampling)
+            return {s.seq_id: emit(row, [t], s.params) for s, row, t in zip(sampling, rows, tokens)}
 
     @staticmethod
     def cumulative_ends(seqs: list[Sequence]) -> list[int]:

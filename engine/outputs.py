@@ -62,6 +62,22 @@ class ConfidenceRecord:
 
 
 @dataclass
+class TokenLogprob:
+    """An emitted token's log-probability under the distribution it was drawn from (the target's, after the request's
+    temperature / top-k / top-p / min-p; the unprocessed one for greedy requests), and the top alternatives there."""
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass
+class Emitted:
+    """What one step gave a request: its new tokens, and their log-probabilities when it asked for them."""
+    tokens: list[int]
+    logprobs: list[TokenLogprob] | None = None
+
+
+@dataclass
 class RequestOutput:
     request_id: str
     delta_text: str
@@ -73,6 +89,7 @@ class RequestOutput:
     num_cached_tokens: int = 0    # prompt tokens whose K/V came from the prefix cache
     num_verified_tokens: int = 0  # drafts this request sent to the target so far (speculative decoding)
     num_accepted_tokens: int = 0  # of which accepted
+    delta_logprobs: list[TokenLogprob] | None = None  # one per delta token, when the request asked for logprobs
 
 
 @dataclass

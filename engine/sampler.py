@@ -2,6 +2,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.outputs import Emitted, TokenLogprob
 from engine.sampling_params import GREEDY_EPS, SamplingParams
 
 
@@ -121,3 +122,22 @@ class SamplingTensors:
 
     def probs(self, logits: torch.Tensor) -> torch.Tensor:
         return probs_from_logits(logits, self.temperature, self.top_k, self.top_p, self.min_p)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int], params: SamplingParams) -> list[TokenLogprob]:
+    """logits [n, V]: the rows the tokens were drawn from -> each token's log-probability and the request's top
+    `params.logprobs` alternatives, under the processed distribution (greedy: the raw softmax)."""
+    if params.greedy:
+        logp = torch.log_softmax(logits.float(), -1)
+    else:
+        logp = SamplingTensors.from_params([params], [logits.shape[0]], logits.device).probs(logits).log()
+    chosen = logp.gather(1, torch.tensor(tokens, device=logp.device)[:, None])[:, 0].tolist()
+    top = logp.topk(params.logprobs, dim=-1) if params.logprobs else None
+    alternatives = ([list(zip(i.tolist(), v.tolist())) for i, v in zip(top.indices, top.values)] if top is not None
+                    else [[] for _ in tokens])
+    return [TokenLogprob(t, c, a) for t, c, a in zip(tokens, chosen, alternatives)]
+
+
+def emit(logits: torch.Tensor, tokens: list[int], params: SamplingParams) -> Emitted:
+    """The tokens a step gives a request, with their log-probabilities (from the rows they were drawn from) if asked."""
+    return Emitted(tokens, None if params.logprobs is None else token_logprobs(logits, tokens, params))

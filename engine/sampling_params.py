@@ -3,6 +3,7 @@ from dataclasses import dataclass, field
 
 from kernels.sampling import GREEDY_EPS
 
+MAX_LOGPROBS = 20  # top alternatives per token, as OpenAI's top_logprobs
 SAMPLING_DEFAULT_FIELDS = ("temperature", "top_p", "top_k", "min_p")  # a model's generation_config may set them
 
 
@@ -19,6 +20,7 @@ class SamplingParams:
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     max_verify_tokens: int | None = None  # at most this many drafts verified per step for this request (0: no spec)
+    logprobs: int | None = None          # return each emitted token's log-probability and this many top alternatives
 
     def __post_init__(self):
         self.stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -26,10 +28,12 @@ class SamplingParams:
         checks = (
             ("temperature", math.isfinite(self.temperature) and self.temperature >= 0, ">= 0 and finite"),
             ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
-            ("top_k", self.top_k >= -1, ">= -1 (-1 or 0 = disabled)"),
+            ("top_k", -1 <= self.top_k < 2**31, ">= -1 (-1 or 0 = disabled) and < 2**31"),
             ("min_p", 0 <= self.min_p <= 1, "in [0, 1]"),
             ("max_tokens", self.max_tokens >= 1, ">= 1"),
             ("max_verify_tokens", self.max_verify_tokens is None or self.max_verify_tokens >= 0, ">= 0 or None"),
+            ("logprobs", self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS,
+             f"in [0, {MAX_LOGPROBS}] or None"),
         )
         for name, ok, rule in checks:
             if not ok:

@@ -9,9 +9,9 @@ from engine.calibration_monitor import CalibrationMonitor, RoundLog
 from engine.context import TIMINGS
 from engine.drafter import Drafter
 from engine.model_runner import ModelRunner
-from engine.outputs import ConfidenceRecord, SpecStats
+from engine.outputs import ConfidenceRecord, Emitted, SpecStats
 from engine.planner import Planner
-from engine.sampler import SamplingTensors
+from engine.sampler import SamplingTensors, emit
 from engine.sequence import Sequence
 from kernels.dispatch import rejection_sample
 
@@ -39,7 +39,7 @@ class Speculator:
         for seq, n in zip(drafting, self.planner.plan(drafting)):
             seq.spec_token_ids = seq.proposal.tokens[:n]
 
-    def run(self, seqs: list[Sequence]) -> dict[int, list[int]]:
+    def run(self, seqs: list[Sequence]) -> dict[int, Emitted]:
         """The step's target forward over prefill chunks and [anchor, drafts] rows, then verification (or plain
         sampling for requests without drafts); returns the new tokens of each seq whose scheduled tokens reach its
         end, with the computed counts advanced past what was committed."""
@@ -60,7 +60,11 @@ class Speculator:
             self.drafter.queue_context(seqs, features, [s.num_scheduled_tokens - r for s, r in zip(seqs, rejected)])
         for seq in seqs:
             seq.advance()
-        return {seqs[i].seq_id: self.accept(seqs[i], *outcome) for i, outcome in outcomes.items()}
+        emitted = {}
+        for i, outcome in outcomes.items():
+            tokens = self.accept(seqs[i], *outcome)
+            emitted[seqs[i].seq_id] = emit(logits[i][:len(tokens)], tokens, seqs[i].params)
+        return emitted
 
     def accept(self, seq: Sequence, accepted: int, next_token: int) -> list[int]:
         """Keep the first `accepted` verified drafts and the target's next token; forget the rest's K/V."""

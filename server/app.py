@@ -11,18 +11,29 @@ from fastapi.responses import Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from engine.outputs import RequestOutput
+from server import openapi
 from server.engine_loop import Admission, EngineFailure, EngineLoop
 from server.errors import APIError, error_body, error_response, from_validation
 from server.prompts import PromptBuilder
 from server.schemas import (
     ChatChoice,
+    ChatChunk,
     ChatChunkChoice,
+    ChatLogprobs,
     ChatRequest,
-    CompletionBody,
+    ChatResponse,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
+    CompletionResponse,
     Delta,
+    Health,
+    ModelCard,
+    ModelList,
     PromptTokensDetails,
+    ReloadResponse,
+    TokenLogprobEntry,
+    TopLogprob,
     Usage,
     encoder,
     new_id,
@@ -38,7 +49,9 @@ class ServerOptions:
 
 
 def build_app(engine_loop: EngineLoop, prompts: PromptBuilder, options: ServerOptions) -> FastAPI:
-    app = FastAPI(title="dspark-serve", lifespan=lifespan)
+    app = FastAPI(title="dspark-serve", version="1", lifespan=lifespan,
+                  description="An OpenAI-compatible server for DSpark speculative decoding (/docs renders this).")
+    app.openapi = lambda: openapi.document(app)
     app.state.engine_loop, app.state.prompts, app.state.options = engine_loop, prompts, options
     app.add_middleware(Guard, api_key=options.api_key, max_body_bytes=options.max_body_bytes)
     app.add_exception_handler(APIError, api_error)
@@ -62,7 +75,9 @@ router = APIRouter()
 
 @router.get("/health")
 async def health(request: Request):
-    return Response(status_code=200 if request.app.state.engine_loop.thread.is_alive() else 503)
+    alive = request.app.state.engine_loop.thread.is_alive()
+    return Response(encoder.encode(Health("ok" if alive else "stopped")), 200 if alive else 503,
+                    media_type="application/json")
 
 
 @router.get("/metrics")
@@ -74,16 +89,15 @@ async def metrics(request: Request):
 async def reload_calibration(request: Request):
     """Read the draft's sts.json again (after `python -m train calibrate --from-rounds`); the planner uses it from the
     next step. Behind the API key like every route but /health."""
-    version = await request.app.state.engine_loop.reload_calibration()
-    return json_response({"calibration_version": version})
+    return json_response(ReloadResponse(await request.app.state.engine_loop.reload_calibration()))
 
 
 @router.get("/v1/models")
 async def models(request: Request):
     state = request.app.state
-    card = {"id": state.options.served_model_name, "object": "model", "created": now(), "owned_by": "dspark",
-            "root": state.engine_loop.engine.config.model, "max_model_len": state.prompts.max_model_len}
-    return json_response({"object": "list", "data": [card]})
+    card = ModelCard(state.options.served_model_name, "model", now(), "dspark", state.engine_loop.engine.config.model,
+                     state.prompts.max_model_len)
+    return json_response(ModelList("list", [card]))
 
 
 @router.post("/v1/completions")
@@ -101,7 +115,7 @@ async def respond(request: Request, schema: type, to_prompt, format_type: type) 
     state = request.app.state
     body = await read_body(request, schema, state.options.max_body_bytes)
     token_ids, params = to_prompt(state.prompts, body)
-    fmt = format_type(state.options.served_model_name)
+    fmt = format_type(state.options.served_model_name, state.prompts.token_text)
     admission = state.engine_loop.submit(token_ids, params)
     try:
         await admission.admitted
@@ -118,8 +132,8 @@ async def stream(admission: Admission, fmt, include_usage: bool) -> AsyncIterato
     try:
         async for out in engine_outputs(admission.outputs):
             finished = out.finished
-            if out.delta_text or out.finished:
-                yield sse(fmt.chunk(out.delta_text, out.finish_reason, first))
+            if out.delta_text or out.finished or out.delta_logprobs:
+                yield sse(fmt.chunk(out.delta_text, out.finish_reason, first, out.delta_logprobs))
                 first = False
         if include_usage:
             yield sse(fmt.usage_chunk(usage(out)))
@@ -141,21 +155,23 @@ async def collect(request: Request, admission: Admission, fmt) -> Response:
             return Response(status_code=499)
         finished = True
         try:
-            text, last = gathering.result()
+            text, last, logprobs = gathering.result()
         except EngineFailure as e:
             raise APIError(500, str(e)) from e
-        return json_response(fmt.full(text, last.finish_reason, usage(last)))
+        return json_response(fmt.full(text, last.finish_reason, usage(last), logprobs))
     finally:
         gathering.cancel()
         disconnect.cancel()
         admission.release(finished)
 
 
-async def gather(admission: Admission) -> tuple[str, RequestOutput]:
-    text = ""
+async def gather(admission: Admission) -> tuple[str, RequestOutput, list | None]:
+    text, logprobs = "", None
     async for out in engine_outputs(admission.outputs):
         text += out.delta_text
-    return text, out
+        if out.delta_logprobs is not None:
+            logprobs = (logprobs or []) + out.delta_logprobs
+    return text, out, logprobs
 
 
 class EventStream(StreamingResponse):
@@ -226,9 +242,20 @@ async def read_body(request: Request, schema: type, limit: int):
         if len(body) > limit:
             raise APIError(413, f"the request body is over the {limit}-byte limit")
     try:
-        return msgspec.json.decode(bytes(body), type=schema)
+        return msgspec.convert(integral_as_int(msgspec.json.decode(bytes(body))), type=schema)
     except (msgspec.ValidationError, msgspec.DecodeError) as e:
-        raise from_validation(e) from e
+        raise from_validation(e, bytes(body)) from e
+
+
+def integral_as_int(value):
+    """JSON Schema counts 2.0 as an integer: integral floats become ints (float fields take ints as they are)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, list):
+        return [integral_as_int(v) for v in value]
+    if isinstance(value, dict):
+        return {k: integral_as_int(v) for k, v in value.items()}
+    return value
 
 
 def usage(out: RequestOutput) -> Usage:
@@ -244,33 +271,62 @@ def sse(obj) -> bytes:
     return b"data: " + encoder.encode(obj) + b"\n\n"
 
 
+def finite(logprob: float) -> float:
+    """JSON has no -inf: a token with no probability left after top-k / top-p gets OpenAI's -9999."""
+    return max(logprob, -9999.0)
+
+
 class CompletionFormat:
-    def __init__(self, model: str):
+    def __init__(self, model: str, token_text):
         self.id, self.model, self.created = new_id("cmpl"), model, now()
+        self.token_text, self.offset = token_text, 0  # text offset of the next token's piece
 
-    def body(self, choices: list, usage: Usage | None = None) -> CompletionBody:
-        return CompletionBody(self.id, "text_completion", self.created, self.model, choices, usage)
+    def body(self, choices: list, usage: Usage | None = None) -> CompletionResponse:
+        return CompletionResponse(self.id, "text_completion", self.created, self.model, choices, usage)
 
-    def chunk(self, text: str, finish_reason: str | None, first: bool = False) -> CompletionBody:
-        return self.body([CompletionChoice(0, text, finish_reason)])
+    def chunk(self, text: str, finish_reason: str | None, first: bool = False, logprobs=None) -> CompletionResponse:
+        return self.body([CompletionChoice(0, text, finish_reason, self.logprobs(logprobs))])
 
-    def usage_chunk(self, usage: Usage) -> CompletionBody:
+    def usage_chunk(self, usage: Usage) -> CompletionResponse:
         return self.body([], usage)
 
-    def full(self, text: str, finish_reason: str, usage: Usage) -> CompletionBody:
-        return self.body([CompletionChoice(0, text, finish_reason)], usage)
+    def full(self, text: str, finish_reason: str, usage: Usage, logprobs=None) -> CompletionResponse:
+        return self.body([CompletionChoice(0, text, finish_reason, self.logprobs(logprobs))], usage)
+
+    def logprobs(self, entries) -> CompletionLogprobs | None:
+        if entries is None:
+            return None
+        pieces = [self.token_text(e.token_id) for e in entries]
+        offsets = []
+        for piece in pieces:
+            offsets.append(self.offset)
+            self.offset += len(piece)
+        return CompletionLogprobs(pieces, [finite(e.logprob) for e in entries],
+                                  [{self.token_text(t): finite(v) for t, v in e.top} for e in entries], offsets)
 
 
 class ChatFormat(CompletionFormat):
-    def __init__(self, model: str):
-        self.id, self.model, self.created = new_id("chatcmpl"), model, now()
+    def __init__(self, model: str, token_text):
+        super().__init__(model, token_text)
+        self.id = new_id("chatcmpl")
 
-    def body(self, choices: list, usage: Usage | None = None, kind: str = "chat.completion.chunk") -> CompletionBody:
-        return CompletionBody(self.id, kind, self.created, self.model, choices, usage)
+    def body(self, choices: list, usage: Usage | None = None) -> ChatChunk:
+        return ChatChunk(self.id, "chat.completion.chunk", self.created, self.model, choices, usage)
 
-    def chunk(self, text: str, finish_reason: str | None, first: bool = False) -> CompletionBody:
+    def chunk(self, text: str, finish_reason: str | None, first: bool = False, logprobs=None) -> ChatChunk:
         delta = Delta(role="assistant" if first else None, content=text or ("" if first else None))
-        return self.body([ChatChunkChoice(0, delta, finish_reason)])
+        return self.body([ChatChunkChoice(0, delta, finish_reason, self.logprobs(logprobs))])
 
-    def full(self, text: str, finish_reason: str, usage: Usage) -> CompletionBody:
-        return self.body([ChatChoice(0, Delta("assistant", text), finish_reason)], usage, "chat.completion")
+    def full(self, text: str, finish_reason: str, usage: Usage, logprobs=None) -> ChatResponse:
+        choices = [ChatChoice(0, Delta("assistant", text), finish_reason, self.logprobs(logprobs))]
+        return ChatResponse(self.id, "chat.completion", self.created, self.model, choices, usage)
+
+    def logprobs(self, entries) -> ChatLogprobs | None:
+        if entries is None:
+            return None
+        return ChatLogprobs([TokenLogprobEntry(*self.entry(e.token_id, e.logprob),
+                                               [TopLogprob(*self.entry(t, v)) for t, v in e.top]) for e in entries])
+
+    def entry(self, token_id: int, logprob: float) -> tuple[str, float, list[int]]:
+        piece = self.token_text(token_id)
+        return piece, finite(logprob), list(piece.encode())

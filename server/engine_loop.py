@@ -152,7 +152,7 @@ class EngineLoop:
         except (ValueError, OSError) as e:
             log.error("calibration reload failed: %s", e)
             if done is not None:
-                self.loop.call_soon_threadsafe(settle_value, done, APIError(400, str(e)))
+                self.loop.call_soon_threadsafe(settle_value, done, APIError(409, str(e)))
             return
         log.info("calibration reloaded: version %d", version)
         if done is not None:

@@ -237,7 +237,7 @@ def test_a_resent_conversation_is_served_from_the_prefix_cache(server, client):
 
 BAD_INPUTS = [
     # (route, raw body or dict, status, param, words in the message)
-    ("completions", b"{not json", 400, None, "malformed"),
+    ("completions", b"{not json", 400, None, "not valid JSON"),
     ("completions", b"[1, 2]", 400, None, "object"),
     ("completions", {}, 400, None, "prompt"),
     ("completions", {"prompt": 5}, 400, "prompt", "Expected"),
@@ -246,26 +246,30 @@ BAD_INPUTS = [
     ("completions", {"prompt": "hi", "max_tokens": 0}, 400, "max_tokens", ">= 1"),
     ("completions", {"prompt": "hi", "temperature": -1}, 400, "temperature", ">= 0"),
     ("completions", {"prompt": "hi", "temperature": "hot"}, 400, "temperature", "float"),
-    ("completions", {"prompt": "hi", "top_p": 0}, 400, "top_p", "(0, 1]"),
+    ("completions", {"prompt": "hi", "top_p": 0}, 400, "top_p", "> 0.0"),
     ("completions", {"prompt": "hi", "top_k": -2}, 400, "top_k", ">= -1"),
-    ("completions", {"prompt": "hi", "min_p": 1.5}, 400, "min_p", "[0, 1]"),
+    ("completions", {"prompt": "hi", "min_p": 1.5}, 400, "min_p", "<= 1.0"),
     ("completions", {"prompt": "hi", "seed": -1}, 400, "seed", ">= 0"),
-    ("completions", {"prompt": "hi", "stop": [""]}, 400, "stop", "non-empty"),
+    ("completions", {"prompt": "hi", "stop": [""]}, 400, "stop[0]", "length >= 1"),
     ("completions", {"prompt": "hi", "stop": 3}, 400, "stop", "Expected"),
-    ("completions", {"prompt": "hi", "n": 2}, 400, "n", "n must be 1"),
+    ("completions", {"prompt": "hi", "n": 2}, 400, "n", "<= 1"),
     ("completions", {"prompt": "hi", "stream": "yes"}, 400, "stream", "bool"),
     ("completions", {"prompt": "hi", "stream_options": {"include_usage": 1}}, 400, "stream_options.include_usage",
      "bool"),
-    ("completions", {"prompt": "hi", "model": "gpt-4"}, 400, "model", "not served"),
+    ("completions", {"prompt": "hi", "model": "gpt-4"}, 404, "model", "does not exist"),
     ("completions", {"prompt": "hi", "max_tokens": 10_000}, 400, "max_tokens", "context length"),
     ("completions", {"prompt": "a " * 600, "max_tokens": 1}, 400, "max_tokens", "context length"),
     ("completions", {"prompt": [1, 2, 99999]}, 400, "prompt", "token ids"),
-    ("completions", {"prompt": ""}, 400, "prompt", "empty"),
-    ("completions", {"prompt": "hi", "logprobs": 2}, 400, "logprobs", "not supported"),
-    ("chat", {"messages": []}, 400, "messages", "empty"),
+    ("completions", {"prompt": ""}, 400, "prompt", "length >= 1"),
+    ("completions", {"prompt": "hi", "logprobs": 21}, 400, "logprobs", "<= 20"),
+    ("completions", {"prompt": "hi", "echo": True}, 400, "echo", "Invalid enum value"),
+    ("chat", b"", 400, None, "body is empty"),
+    ("chat", b"{not json", 400, None, "not valid JSON"),
+    ("chat", b"[1, 2]", 400, None, "must be a JSON object"),
+    ("chat", {"messages": []}, 400, "messages", "length >= 1"),
     ("chat", {"messages": "hello"}, 400, "messages", "array"),
     ("chat", {"messages": [{"content": "no role"}]}, 400, "messages[0]", "role"),
-    ("chat", {"messages": MESSAGES, "max_completion_tokens": -3}, 400, "max_tokens", ">= 1"),
+    ("chat", {"messages": MESSAGES, "max_completion_tokens": -3}, 400, "max_completion_tokens", ">= 1"),
 ]
 
 
@@ -332,8 +336,8 @@ def test_requests_take_the_models_sampling_defaults_where_they_set_none():
 
     from server.prompts import PromptBuilder
     from server.schemas import CompletionRequest
-    engine = SimpleNamespace(max_model_len=64, kv_capacity_tokens=128, sampling_defaults={"temperature": 0.2,
-                                                                                           "top_p": 0.9})
+    engine = SimpleNamespace(max_model_len=64, kv_capacity_tokens=128, vocab_size=100,
+                             sampling_defaults={"temperature": 0.2, "top_p": 0.9})
     prompts = PromptBuilder(engine, tokenizer=None, served_model_name="m")
     defaults = prompts.params(CompletionRequest(prompt=[1, 2]), [1, 2], None)
     assert (defaults.temperature, defaults.top_p, defaults.top_k, defaults.max_tokens) == (0.2, 0.9, -1, 62)
@@ -342,3 +346,26 @@ def test_requests_take_the_models_sampling_defaults_where_they_set_none():
     engine.sampling_defaults = {}
     openai_defaults = PromptBuilder(engine, None, "m").params(CompletionRequest(prompt=[1]), [1], 4)
     assert (openai_defaults.temperature, openai_defaults.top_p) == (1.0, 1.0)
+
+
+def test_logprobs_over_http_match_the_engine_streamed_or_not(server, offline, client):
+    """Chat (logprobs + top_logprobs) and completions (logprobs=k), streamed and not: each token's log-probability
+    is the engine's and its alternatives are k (a piece that is part of a UTF-8 character reads U+FFFD, as in vLLM).
+    """
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=2)
+    expected = offline.generate([PROMPTS[1]], params, use_tqdm=False)[0]
+    body = {"prompt": PROMPTS[1], "max_tokens": 6, "temperature": 0, "ignore_eos": True, "logprobs": 2}
+    whole = httpx.post(server.url + "/v1/completions", json=body).json()["choices"][0]
+    assert whole["logprobs"]["token_logprobs"] == pytest.approx([e.logprob for e in expected.logprobs], abs=1e-5)
+    assert whole["text"] == expected.text and len(whole["logprobs"]["tokens"]) == 6
+    assert whole["logprobs"]["text_offset"][0] == 0 and all(len(t) == 2 for t in whole["logprobs"]["top_logprobs"])
+    streamed = client.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=6, temperature=0, logprobs=2,
+                                         stream=True, extra_body=NO_EOS)
+    lps = [lp for chunk in streamed for c in chunk.choices if c.logprobs for lp in c.logprobs.token_logprobs]
+    assert lps == pytest.approx([e.logprob for e in expected.logprobs], abs=1e-5)
+    chat = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=5, temperature=0,
+                                          logprobs=True, top_logprobs=3, extra_body=NO_EOS).choices[0]
+    assert len(chat.logprobs.content) == 5 and all(len(e.top_logprobs) == 3 for e in chat.logprobs.content)
+    assert all(e.logprob <= 0 and e.bytes == list(e.token.encode()) for e in chat.logprobs.content)
+    plain = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=3, temperature=0).choices[0]
+    assert plain.logprobs is None
