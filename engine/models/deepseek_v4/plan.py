@@ -152,11 +152,16 @@ def block_tensors(cfg: V4Config, fm: Formats, component: str, kind: str, count: 
     """The tensors of `count` identical V4 blocks of one attention kind: attention, compressor / indexer, mHC,
     norms and the MoE. `component` names the attention's row (DSpark and NextN stages pass their own row name for
     all of a stage's tensors)."""
-    h, hd, heads, hc = cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.hc_mult
-    experts, inter = experts or cfg.num_experts, inter or cfg.moe_intermediate_size
     own = component.startswith(("DSpark", "MTP"))
     row = (lambda name: component) if own else (lambda name: name)
-    attention = row(f"attention: {KIND_TITLES[kind]}")
+    return (attention_tensors(cfg, fm, row, kind, count) + mhc_tensors(cfg, row("mHC"), count)
+            + moe_tensors(cfg, fm, row, count, hash_layer, experts or cfg.num_experts,
+                          inter or cfg.moe_intermediate_size))
+
+
+def attention_tensors(cfg: V4Config, fm: Formats, row, kind: str, count: int) -> list[Tensor]:
+    h, hd, heads = cfg.hidden_size, cfg.head_dim, cfg.num_heads
+    attention, norms = row(f"attention: {KIND_TITLES[kind]}"), row("norms")
     out = [
         Tensor(attention, "attn.wq_a", (cfg.q_lora_rank, h), fm.linear, count=count),
         Tensor(attention, "attn.wkv", (hd, h), fm.linear, count=count),
@@ -166,7 +171,6 @@ def block_tensors(cfg: V4Config, fm: Formats, component: str, kind: str, count: 
         Tensor(attention, "attn.wo_b", (h, cfg.o_groups * cfg.o_lora_rank), fm.linear, "cols", count),
         Tensor(attention, "attn.attn_sink", (heads,), "fp32", "rows", count),
     ]
-    norms = row("norms")
     out += [Tensor(norms, name, (dim,), "fp32", count=count)
             for name, dim in (("attn_norm", h), ("ffn_norm", h), ("attn.q_norm", cfg.q_lora_rank),
                               ("attn.kv_norm", hd))]
@@ -180,13 +184,19 @@ def block_tensors(cfg: V4Config, fm: Formats, component: str, kind: str, count: 
                        fm.linear, count=count),
                 Tensor(indexer, "attn.indexer.weights_proj", (cfg.index_n_heads, h), "bf16", count=count)]
         out += compressor_tensors(indexer, norms, "attn.indexer.compressor", 4, cfg.index_head_dim, True, h, count)
-    mhc, mix = row("mHC"), (2 + hc) * hc
-    for site in ("attn", "ffn"):
-        out += [Tensor(mhc, f"hc_{site}_fn", (mix, hc * h), "fp32", count=count),
-                Tensor(mhc, f"hc_{site}_base", (mix,), "fp32", count=count),
-                Tensor(mhc, f"hc_{site}_scale", (3,), "fp32", count=count)]
-    router, routed, shared = row("router"), row("routed experts"), row("shared experts")
-    out.append(Tensor(router, "ffn.gate.weight", (experts, h), "bf16", count=count))
+    return out
+
+
+def mhc_tensors(cfg: V4Config, component: str, count: int) -> list[Tensor]:
+    hc, mix = cfg.hc_mult, (2 + cfg.hc_mult) * cfg.hc_mult
+    return [Tensor(component, f"hc_{site}_{part}", shape, "fp32", count=count) for site in ("attn", "ffn")
+            for part, shape in (("fn", (mix, hc * cfg.hidden_size)), ("base", (mix,)), ("scale", (3,)))]
+
+
+def moe_tensors(cfg: V4Config, fm: Formats, row, count: int, hash_layer: bool, experts: int,
+                inter: int) -> list[Tensor]:
+    h, router, routed, shared = cfg.hidden_size, row("router"), row("routed experts"), row("shared experts")
+    out = [Tensor(router, "ffn.gate.weight", (experts, h), "bf16", count=count)]
     if hash_layer:
         out.append(Tensor(router, "ffn.gate.tid2eid", (cfg.vocab_size, cfg.num_experts_per_tok), "int64",
                           count=count))
