@@ -175,7 +175,7 @@ def attention_tensors(cfg: V4Config, fm: Formats, row, kind: str, count: int) ->
             for name, dim in (("attn_norm", h), ("ffn_norm", h), ("attn.q_norm", cfg.q_lora_rank),
                               ("attn.kv_norm", hd))]
     if kind != "window":
-        ratio = 4 if kind == "csa" else 128
+        ratio = next((r for r, k in zip(cfg.compress_ratios, cfg.layer_kinds) if k == kind), 128)
         out += compressor_tensors(row("compressor + indexer"), norms, "attn.compressor", ratio, hd, kind == "csa",
                                   h, count)
     if kind == "csa":
