@@ -2,6 +2,8 @@
 checkpoint in the released layout: greedy tokens equal transformers' generate, and every way of batching or chunking
 the same requests gives the same tokens as the whole-sequence reference (itself equal to transformers' logits,
 tests/test_v4_model.py)."""
+import json
+
 import pytest
 import torch
 from tiny_models import save_tiny_v4
@@ -83,3 +85,16 @@ def test_the_server_serves_it(v4):
                                                          "ignore_eos": True})
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 12
     assert r.json()["choices"][0]["text"] == engine(path).tokenizer.decode(expected)
+
+
+def test_the_plan_states_what_the_engine_allocates_today(v4):
+    """The plan's 'this engine today' line is the bytes the V4 caches really take per token (bf16)."""
+    from engine.models.deepseek_v4.config import read_v4_config
+    from engine.models.deepseek_v4.model import V4Model
+    from engine.models.deepseek_v4.plan import engine_today_per_token
+    path, _ = v4
+    model = V4Model(json.loads((path / "config.json").read_text()))
+    model.allocate_kv_cache(64, torch.bfloat16, torch.device("cpu"))
+    caches = [layer.attn.kv_cache for layer in model.layers] + [c.cache for layer in model.layers
+                                                                for c in layer.attn.caches()]
+    assert sum(t.numel() * t.element_size() for t in caches) == 64 * engine_today_per_token(read_v4_config(path))

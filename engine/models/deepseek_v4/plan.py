@@ -308,6 +308,13 @@ class KVRow:
     per_request: int     # fixed bytes per request, all layers of the kind together
 
 
+def engine_today_per_token(cfg: V4Config) -> int:
+    """Bytes per token of this engine's current V4 caches (engine/models/deepseek_v4/attention.py) in bf16: each
+    layer's K=V, plus wkv | wgate of each compressor (CSA's overlap doubles them; its indexer has its own)."""
+    width = {"window": cfg.head_dim, "hca": 3 * cfg.head_dim, "csa": 5 * cfg.head_dim + 4 * cfg.index_head_dim}
+    return 2 * sum(width[kind] for kind in cfg.layer_kinds)
+
+
 def kv_rows(cfg: V4Config) -> list[KVRow]:
     """KV bytes per token and fixed bytes per request by layer kind (bf16 logical; fp32 compressor state)."""
     hd, idx = cfg.head_dim, cfg.index_head_dim
@@ -466,7 +473,10 @@ class Plan:
         return ["KV cache (bf16, one K/V head, the same on every device)",
                 *table(("layer kind", "layers", "B/token/layer", "B/token", "MiB/request"), rows),
                 f"per request: ring of {self.kv_ring} entries per layer and stage, the compressors' fp32 partial "
-                "groups"]
+                "groups",
+                f"this engine today keeps per-token caches instead (every layer's K=V and each compressor's raw "
+                f"projections): {engine_today_per_token(self.cfg):,} B/token in bf16; the layout above is where its "
+                "V4 path is going"]
 
     @property
     def kv_ring(self) -> int:
