@@ -36,7 +36,7 @@ class CalibrationSnapshot:
 class CalibrationMonitor:
     def __init__(self, num_positions: int, window: int = 10000, threshold: float = 0.05, bins: int = NUM_BINS):
         self.window, self.threshold, self.bins = window, threshold, bins
-        self.rounds: deque[tuple[np.ndarray, np.ndarray, float]] = deque()
+        self.rounds: deque[tuple[np.ndarray, np.ndarray]] = deque()  # (predicted survivals, labels) per round
         shape = (num_positions, bins)
         self.count, self.pred_sum, self.label_sum = np.zeros(shape), np.zeros(shape), np.zeros(shape)
         self.token_sums = np.zeros(2)
@@ -47,17 +47,16 @@ class CalibrationMonitor:
         pred = np.cumprod(np.asarray(confidences[:verified], dtype=np.float64))
         label = (np.arange(verified) < accepted).astype(np.float64)
         self.add(pred, label, 1.0)
-        self.rounds.append((pred, label, 1.0 + float(pred.sum())))
-        self.token_sums += (1.0 + float(pred.sum()), 1.0 + accepted)
+        self.rounds.append((pred, label))
         if len(self.rounds) > self.window:
-            old_pred, old_label, old_tokens = self.rounds.popleft()
-            self.add(old_pred, old_label, -1.0)
-            self.token_sums -= (old_tokens, 1.0 + old_label.sum())
+            self.add(*self.rounds.popleft(), -1.0)
         self.since_check += 1
         if self.since_check >= self.window:
             self.check()
 
     def add(self, pred: np.ndarray, label: np.ndarray, sign: float):
+        """Add (sign 1) or remove (sign -1) a round's positions from the window's sums."""
+        self.token_sums += sign * np.array([1.0 + pred.sum(), 1.0 + label.sum()])
         k = np.arange(pred.size)
         b = np.minimum((np.clip(pred, 0, 1) * self.bins).astype(np.int64), self.bins - 1)
         np.add.at(self.count, (k, b), sign)

@@ -152,11 +152,11 @@ class EngineLoop:
         except (ValueError, OSError) as e:
             log.error("calibration reload failed: %s", e)
             if done is not None:
-                self.loop.call_soon_threadsafe(settle_value, done, APIError(409, str(e)))
+                self.settle(done, APIError(409, str(e)))
             return
         log.info("calibration reloaded: version %d", version)
         if done is not None:
-            self.loop.call_soon_threadsafe(settle_value, done, version)
+            self.settle(done, version)
 
     def refuse_queued_adds(self):
         """Requests submitted after the stop command get a 503 instead of waiting for an engine that has stopped."""
@@ -213,8 +213,9 @@ class EngineLoop:
     def post(self, outputs: asyncio.Queue, item):
         self.loop.call_soon_threadsafe(put_all, [(outputs, item)])
 
-    def settle(self, admitted: asyncio.Future, refusal: APIError | None):
-        self.loop.call_soon_threadsafe(settle, admitted, refusal)
+    def settle(self, done: asyncio.Future, value):
+        """Answer a handler's future from the engine thread (an APIError refuses)."""
+        self.loop.call_soon_threadsafe(settle, done, value)
 
     def observe(self, tracked: Tracked, out: RequestOutput, now: float):
         m = self.metrics
@@ -232,23 +233,15 @@ class EngineLoop:
                 m.verify_budget.observe(out.num_verified_tokens)
 
 
-def settle_value(done: asyncio.Future, value):
-    """An exception value is raised to the awaiting handler, anything else returned."""
+def settle(done: asyncio.Future, value):
+    """An exception value is raised to the awaiting handler, anything else returned; nothing once the handler stopped
+    waiting (its client left)."""
     if done.done():
         return
     if isinstance(value, BaseException):
         done.set_exception(value)
     else:
         done.set_result(value)
-
-
-def settle(admitted: asyncio.Future, refusal: APIError | None):
-    if admitted.done():  # the handler stopped waiting (its client left)
-        return
-    if refusal is None:
-        admitted.set_result(None)
-    else:
-        admitted.set_exception(refusal)
 
 
 def put_all(batch: list[tuple[asyncio.Queue, object]]):

@@ -133,12 +133,12 @@ class V4Attention(nn.Module):
         self.kv_cache = None  # [slots, head_dim]: each token's K=V after norm and rope
 
     def make_rope(self, c: V4Config):
-        """The rope frequencies (not in the checkpoint: made again after a load on the meta device)."""
+        """The rope frequencies (not in the checkpoint: made again after a load on the meta device). A compressed
+        layer's queries, keys, entries and indexer share the compress rope; a window-only layer has the plain one."""
         with torch.device("cpu"):
-            compress = inv_freq(c.rope_head_dim, c.compress_rope_theta, c.compress_rope_scaling)
-            own = inv_freq(c.rope_head_dim, c.rope_theta) if self.kind == "window" else compress
-        self.register_buffer("freqs", own, persistent=False)
-        self.register_buffer("compress_freqs", compress, persistent=False)
+            freqs = (inv_freq(c.rope_head_dim, c.rope_theta) if self.kind == "window" else
+                     inv_freq(c.rope_head_dim, c.compress_rope_theta, c.compress_rope_scaling))
+        self.register_buffer("freqs", freqs, persistent=False)
 
     def caches(self) -> list[nn.Module]:
         """The compressors whose raw projections are cached per token (besides this layer's K=V)."""
@@ -157,24 +157,27 @@ class V4Attention(nn.Module):
             compressor.store(x, slot_mapping)
         out = torch.empty_like(q)
         for seg in segments:
-            keys, allowed = self.context(x[seg.rows], q_low[seg.rows], positions[seg.rows], seg.context_slots)
+            rows = seg.rows
+            keys, allowed = self.context(x[rows], q_low[rows], positions[rows], cos[rows], sin[rows],
+                                         seg.context_slots)
             out[seg.rows] = sink_attention(q[seg.rows], keys, allowed, self.attn_sink, self.dim ** -0.5)
         grouped = rotate(out, cos, -sin).reshape(x.shape[0], self.groups, -1)
         w = self.wo_a.weight.view(self.groups, -1, grouped.shape[-1])
         return self.wo_b(torch.einsum("sgi,gri->sgr", grouped, w.to(grouped.dtype)).flatten(1))
 
-    def context(self, x: torch.Tensor, q_low: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor):
-        """A sequence's keys (its window's K=V, then the compressor's entries) and which each query row sees."""
+    def context(self, x: torch.Tensor, q_low: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
+                sin: torch.Tensor, slots: torch.Tensor):
+        """A sequence's keys (its window's K=V, then the compressor's entries) and which each query row sees; cos / sin
+        are its rows' rope angles."""
         keys = self.kv_cache[slots].to(x.dtype)
         gap = positions[:, None] - torch.arange(slots.shape[0], device=x.device)[None, :]
         allowed = (gap >= 0) & (gap < self.window)
         if self.kind == "window":
             return keys, allowed
-        entries = self.compressor.entries(slots, self.compress_freqs, x.dtype)
+        entries = self.compressor.entries(slots, self.freqs, x.dtype)
         visible = torch.arange(entries.shape[0], device=x.device)[None, :] < ((positions + 1) // self.ratio)[:, None]
         if self.kind == "csa":
-            cos, sin = cos_sin(self.compress_freqs, positions)
-            index_keys = self.indexer.compressor.entries(slots, self.compress_freqs, x.dtype)
+            index_keys = self.indexer.compressor.entries(slots, self.freqs, x.dtype)
             visible = self.indexer.select(x, q_low, cos, sin, index_keys, visible)
         return torch.cat([keys, entries]), torch.cat([allowed, visible], 1)
 
