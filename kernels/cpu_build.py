@@ -8,7 +8,8 @@ needed, a few ms). available() never raises: it returns False when the CPU lacks
 x86-64 Linux, DSPARK_DISABLE_CPU_KERNELS=1 is set, or the build fails (the reason is kept in `load_error()`). A failed
 compile is remembered in <build dir>/BUILD_FAILED so later processes don't retry it (delete that file, e.g. after
 installing a compiler, to try again); a missing ninja is not remembered. The kernels' Python faces are
-kernels/cpu_linear.py and kernels/cpu_ops.py.
+kernels/cpu_linear.py, kernels/cpu_ops.py and
+kernels/quant_linear.py.
 """
 from __future__ import annotations
 
@@ -24,8 +25,10 @@ import torch
 
 _NAME = "dspark_cpu_kernels"
 _CSRC = Path(__file__).resolve().parent / "csrc"
-_SOURCES = [_CSRC / name for name in ("bf16_linear.cpp", "bf16_linear_avx512.cpp", "decode_ops.cpp", "bindings.cpp")]
-_HEADERS = [_CSRC / name for name in ("decode_ops.h", "bf16_linear_avx512.h", "hsum.h", "weight_prefetch.h")]
+_SOURCES = [_CSRC / name for name in ("bf16_linear.cpp", "bf16_linear_avx512.cpp", "decode_ops.cpp", "quant_linear.cpp",
+                                       "quant_linear_avx512.cpp", "bindings.cpp")]
+_HEADERS = [_CSRC / name for name in ("decode_ops.h", "bf16_linear_avx512.h", "hsum.h", "weight_prefetch.h",
+                                       "quant_linear.h", "quant_rows.inc")]
 _CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
 _LDFLAGS = ["-fopenmp"]
 _REQUIRED_CPU_FLAGS = ("avx2", "fma", "f16c")
@@ -123,9 +126,9 @@ def _load():
                 cpp_extension.verify_ninja_availability()  # missing ninja: not cached as a failed build
                 build_dir.mkdir(parents=True, exist_ok=True)
                 try:
-                    _module = cpp_extension.load(name=_NAME, sources=[str(src) for src in _SOURCES], extra_cflags=_CFLAGS,
-                                                 extra_ldflags=_LDFLAGS, build_directory=str(build_dir),
-                                                 verbose=False)
+                    _module = cpp_extension.load(name=_NAME, sources=[str(src) for src in _SOURCES],
+                                                 extra_cflags=_CFLAGS, extra_ldflags=_LDFLAGS,
+                                                 build_directory=str(build_dir), verbose=False)
                 except Exception as e:  # remember it, so every later process doesn't spend a minute failing again
                     try:
                         failed.write_text(f"{type(e).__name__}: {e}")

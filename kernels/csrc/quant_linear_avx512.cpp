@@ -1,0 +1,138 @@
+// The AVX-512 build of the quantized linear's rows: Q4_0 / Q4_1 / Q8_0 blocks unpack 32 weights into two 16-lane
+// fp32 registers (the type's formula, d * q (+ m), as GGML defines it: a multiply, then an add), and the dot product
+// keeps one 16-lane accumulator per input row in a register, 8 input rows per pass over a dequantized weight row.
+// F16 and the K-quants unpack through quant_rows.inc's plain loops. Only the row functions are compiled for AVX-512
+// (a target region holding no torch or std code); quant_linear.cpp picks this build where the CPU has AVX-512.
+#include <immintrin.h>
+
+#include <cstdint>
+
+#include "quant_linear.h"
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq")
+
+namespace quant_avx512_impl {
+#define QUANT_ROWS_MAX_M 8
+#include "quant_rows.inc"
+#undef QUANT_ROWS_MAX_M
+
+constexpr int kMaxRows = 8;
+
+inline __m512 widen_u8(__m128i v) { return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(v)); }
+inline __m512 widen_i8(__m128i v) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v)); }
+
+// The 16 low and 16 high nibbles of a 4-bit block's 16 bytes: elements 0..15 and 16..31.
+inline void nibbles(const uint8_t* q, __m128i* lo, __m128i* hi) {
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q)), mask = _mm_set1_epi8(15);
+  *lo = _mm_and_si128(v, mask);
+  *hi = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
+}
+
+inline void row_q4_0(const uint8_t* src, float* dst, int64_t k) {
+  const __m128i eight = _mm_set1_epi8(8);
+  for (int64_t b = 0; b < k / 32; ++b, src += 18, dst += 32) {
+    const __m512 d = _mm512_set1_ps(half_at(src));
+    __m128i lo, hi;
+    nibbles(src + 2, &lo, &hi);
+    _mm512_storeu_ps(dst, _mm512_mul_ps(d, widen_i8(_mm_sub_epi8(lo, eight))));
+    _mm512_storeu_ps(dst + 16, _mm512_mul_ps(d, widen_i8(_mm_sub_epi8(hi, eight))));
+  }
+}
+
+inline void row_q4_1(const uint8_t* src, float* dst, int64_t k) {
+  for (int64_t b = 0; b < k / 32; ++b, src += 20, dst += 32) {
+    const __m512 d = _mm512_set1_ps(half_at(src)), m = _mm512_set1_ps(half_at(src + 2));
+    __m128i lo, hi;
+    nibbles(src + 4, &lo, &hi);
+    _mm512_storeu_ps(dst, _mm512_add_ps(_mm512_mul_ps(d, widen_u8(lo)), m));
+    _mm512_storeu_ps(dst + 16, _mm512_add_ps(_mm512_mul_ps(d, widen_u8(hi)), m));
+  }
+}
+
+inline void row_q8_0(const uint8_t* src, float* dst, int64_t k) {
+  for (int64_t b = 0; b < k / 32; ++b, src += 34, dst += 32) {
+    const __m512 d = _mm512_set1_ps(half_at(src));
+    const __m128i* q = reinterpret_cast<const __m128i*>(src + 2);
+    _mm512_storeu_ps(dst, _mm512_mul_ps(d, widen_i8(_mm_loadu_si128(q))));
+    _mm512_storeu_ps(dst + 16, _mm512_mul_ps(d, widen_i8(_mm_loadu_si128(q + 1))));
+  }
+}
+
+inline void row_any(int type, const uint8_t* src, float* dst, int64_t k) {
+  switch (type) {
+    case kQ4_0: return row_q4_0(src, dst, k);
+    case kQ4_1: return row_q4_1(src, dst, k);
+    case kQ8_0: return row_q8_0(src, dst, k);
+    default: return dequant_row(type, src, dst, k);
+  }
+}
+
+// y[m * ldy] = w . x[m] for MB rows; the k % 16 tail (F16 rows only) through masked loads.
+template <int MB>
+inline void dot16(const float* __restrict w, const float* __restrict x, int64_t k, float* y, int64_t ldy) {
+  __m512 acc[MB];
+#pragma GCC unroll 8
+  for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
+  const int64_t k16 = k & ~int64_t(15);
+  for (int64_t j = 0; j < k16; j += 16) {
+    const __m512 wv = _mm512_loadu_ps(w + j);
+#pragma GCC unroll 8
+    for (int m = 0; m < MB; ++m) acc[m] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + m * k + j), acc[m]);
+  }
+  if (k16 < k) {
+    const __mmask16 tail = static_cast<__mmask16>((1u << (k - k16)) - 1);
+    const __m512 wv = _mm512_maskz_loadu_ps(tail, w + k16);
+#pragma GCC unroll 8
+    for (int m = 0; m < MB; ++m) acc[m] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(tail, x + m * k + k16), acc[m]);
+  }
+#pragma GCC unroll 8
+  for (int m = 0; m < MB; ++m) y[m * ldy] = _mm512_reduce_add_ps(acc[m]);
+}
+
+inline void dot_any(const float* w, const float* x, int64_t k, float* y, int64_t ldy, int64_t rows) {
+  switch (rows) {
+    case 1: return dot16<1>(w, x, k, y, ldy);
+    case 2: return dot16<2>(w, x, k, y, ldy);
+    case 3: return dot16<3>(w, x, k, y, ldy);
+    case 4: return dot16<4>(w, x, k, y, ldy);
+    case 5: return dot16<5>(w, x, k, y, ldy);
+    case 6: return dot16<6>(w, x, k, y, ldy);
+    case 7: return dot16<7>(w, x, k, y, ldy);
+    default: return dot16<8>(w, x, k, y, ldy);
+  }
+}
+
+inline void rows_avx512(int type, const uint8_t* w, int64_t row_bytes, const float* x, int64_t M, int64_t K, float* y,
+                        int64_t N, int64_t n0, int64_t n1, float* wbuf) {
+  for (int64_t n = n0; n < n1; ++n) {
+    row_any(type, w + n * row_bytes, wbuf, K);
+    for (int64_t m = 0; m < M; m += kMaxRows)
+      dot_any(wbuf, x + m * K, K, y + m * N + n, N, M - m < kMaxRows ? M - m : kMaxRows);
+  }
+}
+
+}  // namespace quant_avx512_impl
+
+namespace quant_avx512 {
+
+void linear_rows(int type, const uint8_t* w, int64_t row_bytes, const float* x, int64_t M, int64_t K, float* y,
+                 int64_t N, int64_t n0, int64_t n1, float* wbuf) {
+  quant_avx512_impl::rows_avx512(type, w, row_bytes, x, M, K, y, N, n0, n1, wbuf);
+}
+
+void dequant_row(int type, const uint8_t* src, float* dst, int64_t k) { quant_avx512_impl::row_any(type, src, dst, k); }
+
+}  // namespace quant_avx512
+
+#pragma GCC pop_options
+
+namespace quant_avx512 {
+
+bool supported() {
+  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  return has;
+}
+
+}  // namespace quant_avx512

@@ -1,0 +1,53 @@
+"""Linear layers over GGUF weight blocks kept in their own types (kernels/csrc/quant_linear.cpp; built with the other
+CPU kernels by kernels/cpu_build):
+
+    from kernels import quant_linear
+    if quant_linear.available():
+        y = quant_linear.linear(x, blocks, Q4_1, k)    # x [..., K] bf16/fp32, blocks uint8 [N, row_bytes(Q4_1, K)]
+        w = quant_linear.dequantize(blocks, Q4_1, k)   # fp32 [N, K], or only the rows asked for (embeddings)
+
+A weight is the GGUF tensor's bytes as they are in the file, one row of blocks per output feature. The result is
+the type's GGML dequantization times x in fp32 (bf16 x widened exactly), in x's dtype: it differs from
+`gguf.quants.dequantize(...) @ x` only in fp32 summation order. Each row is unpacked once per call whatever the
+number of input rows, so decode-sized steps read ~3x fewer bytes than a bf16 weight (Q4_1); long prefills take
+dequantize() and a GEMM instead (the caller's choice). Uses torch.get_num_threads() threads; inference only.
+"""
+import torch
+
+from kernels.cpu_build import available, module
+
+__all__ = ["BLOCK_SHAPES", "F16", "Q4_0", "Q4_1", "Q4_K", "Q6_K", "Q8_0", "available", "dequantize", "linear",
+           "row_bytes"]
+
+F16, Q4_0, Q4_1, Q8_0, Q4_K, Q6_K = 1, 2, 3, 8, 12, 14  # GGML type ids (gguf.GGMLQuantizationType values)
+BLOCK_SHAPES = {F16: (1, 2), Q4_0: (32, 18), Q4_1: (32, 20), Q8_0: (32, 34), Q4_K: (256, 144), Q6_K: (256, 210)}
+
+
+def row_bytes(qtype: int, k: int) -> int:
+    """Bytes of one row of k elements of this type; ValueError for a type without a kernel or a ragged k."""
+    if qtype not in BLOCK_SHAPES:
+        raise ValueError(f"GGML type {qtype} has no CPU kernel (supported: {sorted(BLOCK_SHAPES)})")
+    elements, nbytes = BLOCK_SHAPES[qtype]
+    if k % elements:
+        raise ValueError(f"rows of {k} elements do not split into blocks of {elements}")
+    return k // elements * nbytes
+
+
+def ops():
+    module()  # loads the extension, which registers torch.ops.dspark_quant
+    return torch.ops.dspark_quant
+
+
+def linear(x: torch.Tensor, blocks: torch.Tensor, qtype: int, k: int,
+           bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., k] @ dequant(blocks).T (+ bias) -> [..., N] in x's dtype, accumulated in fp32."""
+    return ops().linear(x, blocks, qtype, k, bias)
+
+
+def dequantize(blocks: torch.Tensor, qtype: int, k: int, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """The weight's rows (all, or those indexed by rows) in fp32 [R, k]."""
+    return ops().dequantize(blocks, qtype, k, rows)
+
+
+def avx512() -> bool:
+    return available() and ops().avx512()
