@@ -1,12 +1,14 @@
 """The engine loop: requests in, one scheduled forward per step, streamed deltas out."""
 import json
 import random
+from contextlib import nullcontext
 from dataclasses import fields
 from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer
 
+from engine import parallel_launch, parallel_step
 from engine.block_manager import BlockManager
 from engine.calibration_monitor import CalibrationMonitor, RoundLog
 from engine.config import EngineConfig, uses_cuda_graphs
@@ -31,7 +33,9 @@ class LLMEngine:
         self.config = config or EngineConfig(**options)
         if self.config.num_threads:
             torch.set_num_threads(self.config.num_threads)
-        self.model_runner = ModelRunner(self.config)
+        self.ranks = parallel_launch.start(self.config)  # tensor parallel: the other ranks, started or joined
+        with self.watch_ranks():
+            self.model_runner = ModelRunner(self.config)
         self.tokenizer = AutoTokenizer.from_pretrained(self.config.model)
         generation_config = read_generation_config(Path(self.config.model))
         self.eos_token_ids = self.read_eos_ids(generation_config)
@@ -45,7 +49,8 @@ class LLMEngine:
         self.kv_capacity_tokens = self.block_manager.num_blocks * self.block_manager.block_size
         self.vocab_size = self.model_runner.model.config["vocab_size"]
         self.scheduler = Scheduler(self.config, self.block_manager)
-        self.speculator = self.make_speculator()
+        with self.watch_ranks():
+            self.speculator = self.make_speculator()
         self.seeds = random.Random(self.config.seed) if self.config.seed >= 0 else random.SystemRandom()
         self.sequences: dict[str, Sequence] = {}
 
@@ -124,14 +129,29 @@ class LLMEngine:
         return self.scheduler.has_unfinished()
 
     def step(self) -> list[RequestOutput]:
-        if self.speculator:
-            self.speculator.draft_and_plan(self.scheduler.running)
-        seqs = self.scheduler.schedule()
-        if not seqs:
-            return []
-        runner = self.speculator or self.model_runner  # either runs the step and commits what it computed
-        emitted = runner.run(seqs)
-        return [self.append_tokens(seq, emitted[seq.seq_id]) for seq in seqs if seq.seq_id in emitted]
+        """One step; with tensor parallelism a rank that dies or stops answering raises RankFailure naming it."""
+        with self.watch_ranks():
+            if self.speculator:
+                self.speculator.draft_and_plan(self.scheduler.running)
+            seqs = self.scheduler.schedule()
+            if not seqs:
+                return []
+            runner = self.speculator or self.model_runner  # either runs the step and commits what it computed
+            emitted = runner.run(seqs)
+            return [self.append_tokens(seq, emitted[seq.seq_id]) for seq in seqs if seq.seq_id in emitted]
+
+    def watch_ranks(self):
+        return self.ranks.watch() if self.ranks else nullcontext()
+
+    def keep_alive(self):
+        """While idle (the server, about once a second): every rank answers within the timeout, or RankFailure."""
+        with self.watch_ranks():
+            parallel_step.keep_alive()
+
+    def close(self):
+        """Stop the other tensor-parallel ranks (they also stop when this process exits)."""
+        if self.ranks:
+            self.ranks.close()
 
     def append_tokens(self, seq: Sequence, emitted: Emitted) -> RequestOutput:
         """Commit newly sampled tokens one by one, stopping exactly where a stop condition hits."""

@@ -3,8 +3,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine import distributed
 from engine.context import get_context
-from engine.models.layers import KERNEL_MAX_ROWS, Linear, RMSNorm, RotaryEmbedding, apply_rotary, attend, rope_inv_freq
+from engine.models.layers import (
+    KERNEL_MAX_ROWS,
+    RMSNorm,
+    RotaryEmbedding,
+    apply_rotary,
+    attend,
+    column_linear,
+    embedding,
+    lm_head,
+    rope_inv_freq,
+    row_linear,
+)
+from engine.parallel import fused_rows
 from kernels import cpu_ops
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
@@ -13,12 +26,16 @@ ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen
 class Attention(nn.Module):
     def __init__(self, c: dict, family: str):
         super().__init__()
-        self.num_heads, self.num_kv_heads = c["num_attention_heads"], c["num_key_value_heads"]
-        self.head_dim = c.get("head_dim") or c["hidden_size"] // self.num_heads
-        self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        heads, kv_heads = c["num_attention_heads"], c["num_key_value_heads"]
+        self.head_dim = d = c.get("head_dim") or c["hidden_size"] // heads
+        split = distributed.head_split(heads, kv_heads)  # this rank's heads (all of them in one process)
+        self.num_heads, self.num_kv_heads = split.q_count, split.kv_count
+        self.q_size, self.kv_size = self.num_heads * d, self.num_kv_heads * d
         bias = family == "qwen2" or c.get("attention_bias", False)
-        self.qkv_proj = Linear(c["hidden_size"], self.q_size + 2 * self.kv_size, bias=bias)
-        self.o_proj = Linear(self.q_size, c["hidden_size"], bias=c.get("attention_bias", False) and family != "qwen2")
+        q_part, kv_part = (split.q_start * d, self.q_size), (split.kv_start * d, self.kv_size)
+        shard = fused_rows([heads * d, kv_heads * d, kv_heads * d], [q_part, kv_part, kv_part])
+        self.qkv_proj = column_linear(c["hidden_size"], shard, bias)
+        self.o_proj = row_linear(q_part, c["hidden_size"], c.get("attention_bias", False) and family != "qwen2")
         self.qk_norm = family == "qwen3"
         if self.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, c["rms_norm_eps"])
@@ -30,7 +47,7 @@ class Attention(nn.Module):
         qkv = self.qkv_proj(x)
         q, k, v = self.fused_norm_rope(qkv, cos, sin) if cpu_ops.usable(qkv) else self.norm_rope(qkv, cos, sin)
         out = attend(q, k, v, self.k_cache, self.v_cache, self.scale)
-        return self.o_proj(out.reshape(-1, self.q_size))
+        return distributed.all_reduce(self.o_proj(out.reshape(-1, self.q_size)))
 
     def fused_norm_rope(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         norms = (self.q_norm.weight, self.k_norm.weight) if self.qk_norm else (None, None)
@@ -52,16 +69,18 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, c: dict):
         super().__init__()
-        self.intermediate = c["intermediate_size"]
-        self.gate_up_proj = Linear(c["hidden_size"], 2 * self.intermediate, bias=False)
-        self.down_proj = Linear(self.intermediate, c["hidden_size"], bias=False)
+        full = c["intermediate_size"]
+        part = distributed.split(full)
+        self.intermediate = part[1]
+        self.gate_up_proj = column_linear(c["hidden_size"], fused_rows([full, full], [part, part]), bias=False)
+        self.down_proj = row_linear(part, c["hidden_size"], bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
         if cpu_ops.usable(gate_up):
-            return self.down_proj(cpu_ops.silu_mul(gate_up))
+            return distributed.all_reduce(self.down_proj(cpu_ops.silu_mul(gate_up)))
         gate, up = gate_up.split(self.intermediate, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return distributed.all_reduce(self.down_proj(F.silu(gate) * up))
 
 
 class DecoderLayer(nn.Module):
@@ -110,12 +129,12 @@ class DecoderModel(nn.Module):
         super().__init__()
         family = ARCHITECTURES[c["architectures"][0]]
         self.config = c
-        self.embed_tokens = nn.Embedding(c["vocab_size"], c["hidden_size"])
+        self.embed_tokens = embedding(c["vocab_size"], c["hidden_size"])
         self.layers = nn.ModuleList(DecoderLayer(c, family) for _ in range(c["num_hidden_layers"]))
         self.norm = RMSNorm(c["hidden_size"], c["rms_norm_eps"])
         self.rotary = self.make_rotary()
         self.tie_word_embeddings = c.get("tie_word_embeddings", False)
-        self.lm_head = Linear(c["hidden_size"], c["vocab_size"], bias=False)
+        self.lm_head = lm_head(c["hidden_size"], c["vocab_size"])
         self.stack = (None, None)  # (k cache address, kernels/cpu_ops.decoder_stack) for short-query steps
 
     own_attention = False  # False: the runner picks its attention backend (torch twins, Triton, FlashInfer)
@@ -161,7 +180,7 @@ class DecoderModel(nn.Module):
     def fused_stack(self, h: torch.Tensor):
         """The C++ decoder stack when this step is short queries only (decode / verify) on bf16 weights, else None."""
         groups = get_context().groups
-        if (len(groups) != 1 or groups[0].row_limit is None or h.shape[0] > KERNEL_MAX_ROWS
+        if (distributed.is_parallel() or len(groups) != 1 or groups[0].row_limit is None or h.shape[0] > KERNEL_MAX_ROWS
                 or h.dtype != torch.bfloat16 or not cpu_ops.usable(h)):
             return None
         self.stack = cached_decoder_stack(self.stack, self.layers, self.config["rms_norm_eps"])

@@ -2,7 +2,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine import distributed
 from engine.context import get_context
+from engine.parallel import Shard, columns, vocab_shard
 from kernels import cpu_linear, cpu_ops, dispatch
 from kernels.attention import causal_attention, paged_attention, store_kvcache
 
@@ -35,6 +37,64 @@ class Linear(nn.Linear):
         flat = x.reshape(rows, x.shape[-1]).float()
         out = torch.ops.mkldnn._linear_pointwise(flat, self.packed_weight, self.packed_bias, "none", [], "")
         return out.view(*x.shape[:-1], -1).to(x.dtype)
+
+
+def column_linear(in_features: int, shard: Shard, bias: bool) -> Linear:
+    """A column-parallel linear: this rank's output rows of the full weight (no communication)."""
+    linear = Linear(in_features, sum(count for _, count in shard.ranges), bias=bias)
+    linear.shard = shard if distributed.is_parallel() else None
+    return linear
+
+
+def row_linear(part: tuple[int, int], out_features: int, bias: bool) -> Linear:
+    """A row-parallel linear: this rank's input columns; its caller all-reduces the partial outputs (once per block)."""
+    linear = Linear(part[1], out_features, bias=bias)
+    linear.shard = columns(part) if distributed.is_parallel() else None
+    return linear
+
+
+class ParallelEmbedding(nn.Module):
+    """A vocabulary-parallel embedding: this rank's rows; ids outside them read zeros, and the all-reduce adds the
+    one rank that holds each id (vLLM's VocabParallelEmbedding)."""
+
+    def __init__(self, vocab_size: int, hidden_size: int):
+        super().__init__()
+        self.shard, self.start, self.count = vocab_shard(vocab_size)
+        self.weight = nn.Parameter(torch.empty(self.shard.pad_to, hidden_size))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        local = ids - self.start
+        inside = (local >= 0) & (local < self.count)
+        out = F.embedding(torch.where(inside, local, 0), self.weight)
+        return distributed.all_reduce(out.masked_fill_(~inside.unsqueeze(-1), 0))
+
+
+class ParallelLMHead(Linear):
+    """A vocabulary-parallel LM head: logits of this rank's rows, gathered from every rank into the whole row."""
+
+    def __init__(self, hidden_size: int, vocab_size: int):
+        self.vocab_size = vocab_size
+        shard, _, _ = vocab_shard(vocab_size)
+        super().__init__(hidden_size, shard.pad_to, bias=False)
+        self.shard = shard
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return distributed.all_gather_last(super().forward(x))[..., :self.vocab_size]
+
+    def full_weight(self) -> torch.Tensor:
+        """Every rank's rows, whole (start-up only: a draft's FR-Spec head takes rows of it)."""
+        return distributed.all_gather_rows(self.weight.detach())[:self.vocab_size]
+
+
+def embedding(vocab_size: int, hidden_size: int) -> nn.Module:
+    return ParallelEmbedding(vocab_size, hidden_size) if distributed.is_parallel() else nn.Embedding(vocab_size,
+                                                                                                      hidden_size)
+
+
+def lm_head(hidden_size: int, vocab_size: int) -> Linear:
+    if distributed.is_parallel():
+        return ParallelLMHead(hidden_size, vocab_size)
+    return Linear(hidden_size, vocab_size, bias=False)
 
 
 def pack_linears_for_cpu(model: nn.Module):

@@ -1,0 +1,71 @@
+"""Which slice of a full checkpoint tensor each rank holds: a module records its Shard when it is built with its local
+size, and the loaders cut every tensor to it before loading (weights are sharded at load, never after, so a linear
+whose weight is not a plain float tensor can take its slice the same way)."""
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from engine import distributed
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Rows (dim 0: a column-parallel linear, a vocabulary-parallel table) or columns (dim 1: a row-parallel linear)
+    ranges of the full tensor, concatenated; pad_to zero-pads the rows (a vocabulary split that does not divide)."""
+    dim: int
+    ranges: tuple[tuple[int, int], ...]
+    pad_to: int = 0
+
+    def take(self, full: torch.Tensor) -> torch.Tensor:
+        part = torch.cat([full.narrow(self.dim, start, count) for start, count in self.ranges], self.dim)
+        if self.pad_to > part.shape[0]:
+            part = torch.cat([part, part.new_zeros(self.pad_to - part.shape[0], *part.shape[1:])])
+        return part.contiguous()
+
+    def take_bias(self, full: torch.Tensor) -> torch.Tensor:
+        """A column-parallel bias is cut like the rows; a row-parallel one is added once, by rank 0 (the all-reduce
+        sums the ranks' outputs)."""
+        if self.dim == 0:
+            return self.take(full)
+        return full if distributed.rank() == 0 else torch.zeros_like(full)
+
+
+def rows(*ranges: tuple[int, int]) -> Shard:
+    return Shard(0, tuple(ranges))
+
+
+def columns(*ranges: tuple[int, int]) -> Shard:
+    return Shard(1, tuple(ranges))
+
+
+def fused_rows(full_sizes: list[int], parts: list[tuple[int, int]]) -> Shard:
+    """The rows of a fused weight (q|k|v, gate|up) whose part i is full_sizes[i] rows long and of which this rank
+    holds parts[i] = (start, count) within that part."""
+    offsets = [sum(full_sizes[:i]) for i in range(len(full_sizes))]
+    return rows(*[(offset + start, count) for offset, (start, count) in zip(offsets, parts)])
+
+
+def vocab_shard(vocab_size: int) -> tuple[Shard, int, int]:
+    """(shard, first token id, token count) of this rank's vocabulary rows: equal padded shares, so the ranks'
+    logits gather into one [.., world * share] row that is cut back to vocab_size."""
+    share = -(-vocab_size // distributed.world_size())
+    start = min(distributed.rank() * share, vocab_size)
+    count = min(share, vocab_size - start)
+    return Shard(0, ((start, count),), share), start, count
+
+
+def shard_state(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """The full checkpoint state cut to this rank's slices, by each module's recorded `shard`."""
+    if not distributed.is_parallel():
+        return state
+    for name, module in model.named_modules():
+        shard = getattr(module, "shard", None)
+        if shard is None:
+            continue
+        prefix = f"{name}." if name else ""
+        if prefix + "weight" in state:
+            state[prefix + "weight"] = shard.take(state[prefix + "weight"])
+        if prefix + "bias" in state:
+            state[prefix + "bias"] = shard.take_bias(state[prefix + "bias"])
+    return state
