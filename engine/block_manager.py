@@ -1,4 +1,5 @@
 import hashlib
+import heapq
 from array import array
 from collections import OrderedDict
 
@@ -20,7 +21,10 @@ class BlockManager:
 
     With prefix caching, every full block whose K/V is complete is filed under the hash of its token prefix. A new
     request starts from the longest run of filed blocks matching its prompt; blocks are reference-counted, and a
-    freed block keeps its K/V (and its entry) until the free list hands it out again, least recently freed first."""
+    freed block keeps its K/V (and its entry) until the free list hands it out again, least recently freed first.
+
+    A sequence holding blocks also holds a request slot, the lowest free one: the index of its per-request KV state
+    (DeepSeek-V4's rings), reserved by the model for every request that can run at once."""
 
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = False):
         self.num_blocks = num_blocks
@@ -32,6 +36,8 @@ class BlockManager:
         self.block_hash: dict[int, bytes] = {}     # the inverse, for eviction
         self.num_queried_tokens = 0  # prompt tokens looked up in the prefix cache
         self.num_hit_tokens = 0      # of which found
+        self.free_request_slots: list[int] = []  # a heap of released slots, below num_request_slots
+        self.num_request_slots = 0
 
     @property
     def num_free_blocks(self) -> int:
@@ -51,6 +57,8 @@ class BlockManager:
         missing = self.num_missing_blocks(seq, num_tokens)
         if missing > self.num_free_blocks:
             raise RuntimeError(f"KV cache exhausted: need {missing} blocks, {self.num_free_blocks} free")
+        if seq.request_slot is None:
+            seq.request_slot = self.take_request_slot()
         for _ in range(missing):
             block_id, _ = self.free_block_ids.popitem(last=False)
             self.evict(block_id)
@@ -78,6 +86,15 @@ class BlockManager:
 
     def free(self, seq: Sequence):
         self.truncate(seq, 0)
+        if seq.request_slot is not None:
+            heapq.heappush(self.free_request_slots, seq.request_slot)
+            seq.request_slot = None
+
+    def take_request_slot(self) -> int:
+        if self.free_request_slots:
+            return heapq.heappop(self.free_request_slots)
+        self.num_request_slots += 1
+        return self.num_request_slots - 1
 
     def rollback(self, seq: Sequence, num_tokens: int):
         """Forget the KV of seq's last num_tokens computed tokens (rejected speculative positions)."""

@@ -29,6 +29,7 @@ class Sequence:
         self.num_computed_tokens = 0
         self.num_scheduled_tokens = 0
         self.block_table: list[int] = []
+        self.request_slot: int | None = None  # its per-request KV state (DeepSeek-V4's rings) while it holds blocks
         self.block_hashes: list[bytes] = []  # prefix hashes of its full blocks (prefix caching), memoised
         self.num_filed_blocks = 0            # leading blocks of block_table already in the prefix cache
         self.num_cached_tokens = 0           # prompt tokens found in the prefix cache when last admitted

@@ -1,6 +1,6 @@
-"""DeepSeek-V4 served by our engine (continuous batching, chunked prefill, paged caches, prefix caching) from a tiny
-checkpoint in the released layout: greedy tokens equal transformers' generate, and every way of batching or chunking
-the same requests gives the same tokens as the whole-sequence reference (itself equal to transformers' logits,
+"""DeepSeek-V4 served by our engine (continuous batching, chunked prefill, paged entries and per-request rings) from a
+tiny checkpoint in the released layout: greedy tokens equal transformers' generate, and every way of batching or
+chunking the same requests gives the same tokens as the whole-sequence reference (itself equal to transformers' logits,
 tests/test_v4_model.py)."""
 import json
 
@@ -27,7 +27,8 @@ def prompts() -> list[list[int]]:
 
 
 def engine(path, **options) -> LLM:
-    return LLM(model=str(path), dtype="float32", kv_cache_gb=0.02, kv_block_size=4, **options)
+    return LLM(model=str(path), dtype="float32", kv_cache_gb=0.02, kv_block_size=8, enable_prefix_caching=False,
+               **options)
 
 
 @torch.no_grad()
@@ -40,31 +41,51 @@ def test_greedy_tokens_equal_transformers_generate(v4):
         assert out.token_ids == expected
 
 
-def test_batching_chunking_and_the_prefix_cache_change_nothing(v4):
-    """The same requests one at a time, all at once, in prefill chunks of 5 tokens, and again with their prompts'
-    blocks in the prefix cache: the same tokens every time."""
+def test_batching_and_chunking_change_nothing(v4):
+    """The same requests one at a time, and all at once in prefill chunks of 5 tokens (requests join while others
+    decode): the same tokens every time."""
     path, _ = v4
     alone = engine(path)
     expected = [alone.generate([p], GREEDY, use_tqdm=False)[0].token_ids for p in prompts()]
     together = engine(path, max_num_batched_tokens=5)
     assert [o.token_ids for o in together.generate(prompts(), GREEDY, use_tqdm=False)] == expected
-    again = together.generate(prompts(), GREEDY, use_tqdm=False)
-    assert [o.token_ids for o in again] == expected
-    assert sum(o.num_cached_tokens for o in again) >= 40, "the second round should start from cached blocks"
+    assert [o.token_ids for o in together.generate(prompts(), GREEDY, use_tqdm=False)] == expected
+
+
+def test_prefix_caching_and_partial_windows_in_a_block_are_refused(v4):
+    path, _ = v4
+    with pytest.raises(ValueError, match="cannot use the prefix cache"):
+        LLM(model=str(path), dtype="float32", kv_cache_gb=0.02, kv_block_size=8, enable_prefix_caching=True)
+    with pytest.raises(ValueError, match="kv_block_size must be a multiple of 8"):
+        LLM(model=str(path), dtype="float32", kv_cache_gb=0.02, kv_block_size=4, enable_prefix_caching=False)
 
 
 def test_kv_budget_counts_every_cache(v4):
-    """Per token: each layer's K=V (32) plus each compressor's wkv|wgate (CSA: 2 x 64 and the indexer's 2 x 32; HCA:
-    2 x 32), in the fp32 cache the CPU path keeps: (32 + 32+128+64 + 32+64 + 32+128+64) x 4 bytes."""
+    """By hand, in the fp32 cache the CPU path keeps. Per token (paged): a CSA layer's entries 32 / 4 and its
+    indexer's keys 16 / 4, the HCA layer's entries 32 / 8: 2 * 12 + 4 = 28 values, 112 B; a block of 8 tokens 896 B.
+    Per request, with 3 tokens of rollback (a verify row: the anchor and 2 drafts): every layer's window ring (8 + 3)
+    * 32, each CSA compressor's ring of 2 windows (2 * 4 + 3) * 128 and its indexer's (2 * 4 + 3) * 64, the HCA
+    compressor's (8 + 3) * 64: 4 * 352 + 2 * (1408 + 704) + 704 = 6336 values, 25344 B; five requests 126720 B. The
+    blocks get what is left of 0.02 GiB."""
     path, _ = v4
-    llm = engine(path)
-    assert llm.model_runner.model.kv_bytes_per_token(torch.float32) == (32 + 224 + 96 + 224) * 4
-    assert llm.model_runner.kv_bytes_per_block() == 4 * (32 + 224 + 96 + 224) * 4
+    llm = engine(path, num_draft_tokens=2, max_num_seqs=5)
+    runner = llm.model_runner
+    assert runner.model.kv_bytes_per_token(torch.float32) == 112 and runner.kv_bytes_per_block() == 896
+    assert runner.kv_fixed_bytes() == 5 * 25344
+    assert runner.num_blocks == (int(0.02 * 2**30) - 126720) // 896
+    assert allocated_bytes(runner.model) == runner.num_blocks * 896 + 126720
 
 
-def test_speculative_decoding_is_refused_until_its_dspark_module_lands(v4, tmp_path):
+def allocated_bytes(model) -> int:
+    attns = [layer.attn for layer in model.layers]
+    tensors = [r.buffer for a in attns for r in a.rings()] + [c.entries for a in attns for c in a.caches()]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def test_a_separate_draft_is_refused(v4, tmp_path):
+    """V4 drafts with the DSpark module of its own checkpoint only (tests/test_v4_dspark.py); this one has none."""
     path, _ = v4
-    with pytest.raises(ValueError, match="needs its own DSpark module"):
+    with pytest.raises(ValueError, match="only with the DSpark module in its own checkpoint"):
         LLM(model=str(path), dtype="float32", spec_method="dspark", draft=str(tmp_path))
 
 
@@ -79,7 +100,8 @@ def test_the_server_serves_it(v4):
     prompt = prompts()[0]
     expected = engine(path).generate([prompt], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
                                      use_tqdm=False)[0].token_ids
-    config = EngineConfig(model=str(path), dtype="float32", kv_cache_gb=0.02, kv_block_size=4)
+    config = EngineConfig(model=str(path), dtype="float32", kv_cache_gb=0.02, kv_block_size=8,
+                          enable_prefix_caching=False)
     with BackgroundServer(create_app(config, "tiny-v4")) as s:
         r = httpx.post(s.url + "/v1/completions", json={"prompt": prompt, "max_tokens": 12, "temperature": 0,
                                                          "ignore_eos": True})
@@ -87,14 +109,14 @@ def test_the_server_serves_it(v4):
     assert r.json()["choices"][0]["text"] == engine(path).tokenizer.decode(expected)
 
 
-def test_the_plan_states_what_the_engine_allocates_today(v4):
-    """The plan's 'this engine today' line is the bytes the V4 caches really take per token (bf16)."""
+def test_the_plan_states_what_the_engine_allocates(v4):
+    """The plan's 'this engine' line is the bytes the V4 caches really take (bf16): per token and per request."""
     from engine.models.deepseek_v4.config import read_v4_config
     from engine.models.deepseek_v4.model import V4Model
-    from engine.models.deepseek_v4.plan import engine_today_per_token
+    from engine.models.deepseek_v4.plan import engine_kv_bytes
     path, _ = v4
     model = V4Model(json.loads((path / "config.json").read_text()))
+    model.set_kv_layout(8, 3, 5)
     model.allocate_kv_cache(64, torch.bfloat16, torch.device("cpu"))
-    caches = [layer.attn.kv_cache for layer in model.layers] + [c.cache for layer in model.layers
-                                                                for c in layer.attn.caches()]
-    assert sum(t.numel() * t.element_size() for t in caches) == 64 * engine_today_per_token(read_v4_config(path))
+    per_token, per_request = engine_kv_bytes(read_v4_config(path), 5)
+    assert allocated_bytes(model) == 64 * per_token + 3 * per_request

@@ -6,10 +6,14 @@ then the grouped low-rank output (wo_a per group, wo_b). Released names (vLLM's 
 follows transformers 5.24's modeling_deepseek_v4.py: an entry w is visible to the query at position t once its window
 has ended, w < (t + 1) // ratio.
 
-What a sequence needs from its past lives in per-token caches indexed by KV slot (the engine's paged block tables):
-the window's K=V, and each compressor's raw projections (wkv, wgate). Entries are pooled from them when a step needs
-them, so an entry depends only on committed tokens: rolling back rejected tokens is truncating the block table, a
-chunked prefill sees exactly what a one-shot prefill sees, and the prefix cache shares every part."""
+The KV layout follows vLLM's DeepSeek-V4 blog (256-token logical blocks; the compressor state kept like a
+sliding-window cache of 8 tokens for ratio 4, 128 for ratio 128): a compressed layer keeps its finished entries (and a
+CSA layer its indexer's keys) in the engine's pages, one entry per `ratio` tokens; the block size is a multiple of
+every ratio, so entry w of a sequence sits at its token slot of position w * ratio divided by the ratio. The window's
+K=V and each compressor's raw projections (wkv | wgate) of the tokens its next entry pools live in per-request rings
+(rings.py). An entry is written by the step that computes its window's last
+token, from that step's projections and the ring's; a rolled-back entry is unread until its tokens are computed again,
+which writes it anew."""
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +22,7 @@ from torch import nn
 
 from engine.models.deepseek_v4.config import V4Config
 from engine.models.deepseek_v4.mhc import unit_rms
+from engine.models.deepseek_v4.rings import Ring
 from engine.models.deepseek_v4.rope import cos_sin, inv_freq, rotate
 from engine.models.layers import Linear
 
@@ -25,14 +30,24 @@ from engine.models.layers import Linear
 @dataclass
 class Segment:
     """One sequence's rows in a step: rows start..start+length of the flat batch are its last `length` positions,
-    and context_slots [L] are the cache slots of all its positions 0..L-1 (the new ones included)."""
+    context_slots [L] are the cache slots of all its positions 0..L-1 (the new ones included), and request_slot
+    indexes its per-request rings."""
     start: int
     length: int
     context_slots: torch.Tensor
+    request_slot: int = 0
 
     @property
     def rows(self) -> slice:
         return slice(self.start, self.start + self.length)
+
+    @property
+    def end(self) -> int:
+        return self.context_slots.shape[0]
+
+    @property
+    def first_position(self) -> int:
+        return self.end - self.length
 
 
 class V4Norm(nn.Module):
@@ -54,25 +69,40 @@ class Compressor(nn.Module):
 
     def __init__(self, hidden: int, dim: int, ratio: int, overlap: bool, eps: float):
         super().__init__()
-        self.width = (2 if overlap else 1) * dim
+        self.windows = 2 if overlap else 1  # the windows an entry pools from
+        self.width = self.windows * dim
         self.wkv, self.wgate = Linear(hidden, self.width, bias=False), Linear(hidden, self.width, bias=False)
         self.ape = nn.Parameter(torch.zeros(ratio, self.width, dtype=torch.float32))
         self.norm = V4Norm(dim, eps)
         self.dim, self.ratio, self.overlap = dim, ratio, overlap
-        self.cache = None  # [slots, 2 * width]: each token's wkv | wgate
+        self.ring = Ring(2 * self.width, self.windows * ratio)  # each token's wkv | wgate
+        self.entries = None  # [slots // ratio, dim]: the paged entries
 
-    def store(self, x: torch.Tensor, slot_mapping: torch.Tensor):
-        self.cache[slot_mapping] = torch.cat([self.wkv(x), self.wgate(x)], -1).to(self.cache.dtype)
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.wkv(x), self.wgate(x)], -1)
 
-    def entries(self, context_slots: torch.Tensor, freqs: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """The entries of a sequence's complete windows [L // ratio, dim], rope at each window's first position."""
-        n = context_slots.shape[0] // self.ratio
-        raw = self.cache[context_slots[:n * self.ratio]].to(dtype).unflatten(0, (n, self.ratio))
+    def update(self, seg: Segment, raw: torch.Tensor, freqs: torch.Tensor):
+        """Write the entries whose window ends among seg's rows (raw: their projections) to the pages, pooling the
+        ring's earlier tokens with them, then keep the rows in the ring."""
+        r, s = self.ratio, seg.first_position
+        first, last = s // r, seg.end // r  # the entries whose window's last token is in s..end-1
+        if last > first:
+            start = max(0, first - self.windows + 1) * r
+            tokens = torch.cat([self.ring.read(seg.request_slot, start, s).to(raw.dtype), raw])[:last * r - start]
+            pooled = self.pool(tokens, start // r, freqs)[first - start // r:]
+            self.entries[seg.context_slots[first * r:last * r:r] // r] = pooled.to(self.entries.dtype)
+        self.ring.write(seg.request_slot, s, raw)
+
+    def pool(self, tokens: torch.Tensor, first_window: int, freqs: torch.Tensor) -> torch.Tensor:
+        """Whole windows of projections [n * ratio, 2 * width] -> entries [n, dim], rope at each window's first
+        position (the first entry lacks its previous window unless it is window 0: callers drop it)."""
+        n = tokens.shape[0] // self.ratio
+        raw = tokens.unflatten(0, (n, self.ratio))
         kv, gate = raw[..., :self.width], raw[..., self.width:] + self.ape
         if self.overlap:
             kv, gate = self.overlapped(kv, 0.0), self.overlapped(gate, float("-inf"))
         pooled = (kv * gate.softmax(dim=1, dtype=torch.float32).to(kv.dtype)).sum(1)
-        cos, sin = cos_sin(freqs, torch.arange(n, device=raw.device) * self.ratio)
+        cos, sin = cos_sin(freqs, (first_window + torch.arange(n, device=raw.device)) * self.ratio)
         return rotate(self.norm(pooled), cos, sin)
 
     def overlapped(self, t: torch.Tensor, fill: float) -> torch.Tensor:
@@ -82,6 +112,10 @@ class Compressor(nn.Module):
         out[:, r:] = t[..., d:]
         out[1:, :r] = t[:-1, :, :d]
         return out
+
+    def finished(self, seg: Segment, dtype: torch.dtype) -> torch.Tensor:
+        """The entries of seg's complete windows [end // ratio, dim], from the pages."""
+        return self.entries[seg.context_slots[:seg.end // self.ratio * self.ratio:self.ratio] // self.ratio].to(dtype)
 
 
 class Indexer(nn.Module):
@@ -130,7 +164,7 @@ class V4Attention(nn.Module):
         self.make_rope(c)
         self.heads, self.dim, self.groups, self.window = c.num_heads, d, c.o_groups, c.sliding_window
         self.eps = c.rms_norm_eps
-        self.kv_cache = None  # [slots, head_dim]: each token's K=V after norm and rope
+        self.ring = Ring(d, c.sliding_window)  # the window's K=V after norm and rope
 
     def make_rope(self, c: V4Config):
         """The rope frequencies (not in the checkpoint: made again after a load on the meta device). A compressed
@@ -140,44 +174,59 @@ class V4Attention(nn.Module):
                      inv_freq(c.rope_head_dim, c.compress_rope_theta, c.compress_rope_scaling))
         self.register_buffer("freqs", freqs, persistent=False)
 
-    def caches(self) -> list[nn.Module]:
-        """The compressors whose raw projections are cached per token (besides this layer's K=V)."""
+    def caches(self) -> list[Compressor]:
+        """The compressors whose entries this layer pages (its own, and its indexer's)."""
         return [m for m in (getattr(self, "compressor", None), getattr(getattr(self, "indexer", None),
                                                                         "compressor", None)) if m is not None]
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
-                segments: list[Segment]) -> torch.Tensor:
-        """x [N, hidden]: the step's rows of every sequence; their K=V and compressor projections go to the caches at
-        slot_mapping first, then each sequence attends over its context there."""
+    def rings(self) -> list[Ring]:
+        return [self.ring] + [c.ring for c in self.caches()]
+
+    def kv_bytes_per_token(self, dtype: torch.dtype) -> float:
+        return sum(c.dim / c.ratio for c in self.caches()) * dtype.itemsize
+
+    def allocate(self, num_slots: int, requests: int, rollback: int, dtype: torch.dtype, device: torch.device):
+        for ring in self.rings():
+            ring.allocate(requests, rollback, dtype, device)
+        for c in self.caches():
+            c.entries = torch.zeros(num_slots // c.ratio, c.dim, dtype=dtype, device=device)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, segments: list[Segment]) -> torch.Tensor:
+        """x [N, hidden]: the step's rows of every sequence. Per sequence, the entries its rows finish go to the
+        pages first; its rows then attend to its window (the ring's earlier K=V and the step's own) and its entries,
+        and its new K=V joins the ring."""
         cos, sin = cos_sin(self.freqs, positions)
         q_low = self.q_norm(self.wq_a(x))
         q = rotate(unit_rms(self.wq_b(q_low).unflatten(-1, (self.heads, self.dim)), self.eps), cos, sin)
-        self.kv_cache[slot_mapping] = rotate(self.kv_norm(self.wkv(x)), cos, sin).to(self.kv_cache.dtype)
-        for compressor in self.caches():
-            compressor.store(x, slot_mapping)
+        kv = rotate(self.kv_norm(self.wkv(x)), cos, sin)
+        raws = [c.project(x) for c in self.caches()]
         out = torch.empty_like(q)
         for seg in segments:
             rows = seg.rows
-            keys, allowed = self.context(x[rows], q_low[rows], positions[rows], cos[rows], sin[rows],
-                                         seg.context_slots)
-            out[seg.rows] = sink_attention(q[seg.rows], keys, allowed, self.attn_sink, self.dim ** -0.5)
+            for compressor, raw in zip(self.caches(), raws):
+                compressor.update(seg, raw[rows], self.freqs)
+            keys, allowed = self.context(seg, kv[rows], x[rows], q_low[rows], positions[rows], cos[rows], sin[rows])
+            out[rows] = sink_attention(q[rows], keys, allowed, self.attn_sink, self.dim ** -0.5)
+            self.ring.write(seg.request_slot, seg.first_position, kv[rows])
         grouped = rotate(out, cos, -sin).reshape(x.shape[0], self.groups, -1)
         w = self.wo_a.weight.view(self.groups, -1, grouped.shape[-1])
         return self.wo_b(torch.einsum("sgi,gri->sgr", grouped, w.to(grouped.dtype)).flatten(1))
 
-    def context(self, x: torch.Tensor, q_low: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
-                sin: torch.Tensor, slots: torch.Tensor):
-        """A sequence's keys (its window's K=V, then the compressor's entries) and which each query row sees; cos / sin
-        are its rows' rope angles."""
-        keys = self.kv_cache[slots].to(x.dtype)
-        gap = positions[:, None] - torch.arange(slots.shape[0], device=x.device)[None, :]
+    def context(self, seg: Segment, kv: torch.Tensor, x: torch.Tensor, q_low: torch.Tensor, positions: torch.Tensor,
+                cos: torch.Tensor, sin: torch.Tensor):
+        """A sequence's keys (its window's K=V, then the compressor's entries) and which each query row sees; kv, x,
+        q_low, positions, cos and sin are its rows'."""
+        s = seg.first_position
+        back = min(s, self.window - 1)
+        keys = torch.cat([self.ring.read(seg.request_slot, s - back, s).to(x.dtype), kv])
+        gap = positions[:, None] - torch.arange(s - back, seg.end, device=x.device)[None, :]
         allowed = (gap >= 0) & (gap < self.window)
         if self.kind == "window":
             return keys, allowed
-        entries = self.compressor.entries(slots, self.freqs, x.dtype)
+        entries = self.compressor.finished(seg, x.dtype)
         visible = torch.arange(entries.shape[0], device=x.device)[None, :] < ((positions + 1) // self.ratio)[:, None]
         if self.kind == "csa":
-            index_keys = self.indexer.compressor.entries(slots, self.freqs, x.dtype)
+            index_keys = self.indexer.compressor.finished(seg, x.dtype)
             visible = self.indexer.select(x, q_low, cos, sin, index_keys, visible)
         return torch.cat([keys, entries]), torch.cat([allowed, visible], 1)
 

@@ -58,7 +58,9 @@ tensor-parallel device):
   index_head_dim).
 vLLM itself stores FP8 entries (448 e4m3 + 64 bf16 + scales, 584 B a 512-wide entry) and an FP8 or FP4 indexer key,
 so its physical bytes per token are below this bf16 figure; see docs/deepseek-v4-plan.md for the comparison with a
-published KV pool.
+published KV pool. This engine's own V4 caches (`engine_kv_bytes`) have the same bytes per token; per request it keeps
+rings in the KV dtype instead of fp32 state: each layer's window plus the verify width, each compressor's raw
+wkv | wgate rows of coff windows plus the verify width.
 
 GB = 1e9 bytes, GiB = 2**30 bytes; `--memory-gb` is in GB. The KV budget is memory - weights per device, an upper
 bound: activations, CUDA graphs and the framework's own buffers come off it (vLLM keeps 10 % back by default).
@@ -308,11 +310,19 @@ class KVRow:
     per_request: int     # fixed bytes per request, all layers of the kind together
 
 
-def engine_today_per_token(cfg: V4Config) -> int:
-    """Bytes per token of this engine's current V4 caches (engine/models/deepseek_v4/attention.py) in bf16: each
-    layer's K=V, plus wkv | wgate of each compressor (CSA's overlap doubles them; its indexer has its own)."""
-    width = {"window": cfg.head_dim, "hca": 3 * cfg.head_dim, "csa": 5 * cfg.head_dim + 4 * cfg.index_head_dim}
-    return 2 * sum(width[kind] for kind in cfg.layer_kinds)
+def engine_kv_bytes(cfg: V4Config, rollback: int) -> tuple[float, int]:
+    """This engine's V4 caches for the target's layers in bf16 (engine/models/deepseek_v4/attention.py, rings.py):
+    (bytes per token, bytes per request). Per token each compressor's entries, dim / ratio (a CSA layer has two: its
+    own and its indexer's); per request each layer's window ring of sliding_window + rollback K=V rows and each
+    compressor's ring of coff * ratio + rollback raw rows (wkv | wgate, 2 * coff * dim wide; coff = 2 where windows
+    overlap), rollback being the most tokens a verify step rejects."""
+    hd, idx, per_token, per_request = cfg.head_dim, cfg.index_head_dim, 0.0, 0
+    for kind, ratio in zip(cfg.layer_kinds, cfg.compress_ratios):
+        per_request += (cfg.sliding_window + rollback) * hd
+        for dim, coff in {"window": [], "hca": [(hd, 1)], "csa": [(hd, 2), (idx, 2)]}[kind]:
+            per_token += dim / ratio
+            per_request += (coff * ratio + rollback) * 2 * coff * dim
+    return 2 * per_token, 2 * per_request
 
 
 def kv_rows(cfg: V4Config) -> list[KVRow]:
@@ -474,9 +484,14 @@ class Plan:
                 *table(("layer kind", "layers", "B/token/layer", "B/token", "MiB/request"), rows),
                 f"per request: ring of {self.kv_ring} entries per layer and stage, the compressors' fp32 partial "
                 "groups",
-                f"this engine today keeps per-token caches instead (every layer's K=V and each compressor's raw "
-                f"projections): {engine_today_per_token(self.cfg):,} B/token in bf16; the layout above is where its "
-                "V4 path is going"]
+                self.engine_line()]
+
+    def engine_line(self) -> str:
+        rollback = self.cfg.dspark.get("block_size", 0) if self.cfg.dspark else 0
+        per_token, per_request = engine_kv_bytes(self.cfg, rollback)
+        return (f"this engine (bf16, the target's layers): {per_token:,g} B/token; {per_request / MiB:.3f} MiB a "
+                f"request in rings of window + {rollback} (the verify width) rows per layer and coff windows + "
+                f"{rollback} raw rows per compressor")
 
     @property
     def kv_ring(self) -> int:

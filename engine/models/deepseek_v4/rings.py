@@ -1,0 +1,43 @@
+"""Per-request rings: what a DeepSeek-V4 step needs from before its first position (the sliding window's K=V, a
+compressor's raw projections of the tokens its next entry pools) lives in one ring per request, row p at p % capacity.
+A ring holds `span` positions back plus `rollback`, the most a verify step can reject: rejected positions are never
+erased, only written over when they are computed again, so the rows before a rolled-back step's first position are
+still there (vLLM keeps DeepSeek-V4's window and compressor state per request too; the rollback margin is ours)."""
+import torch
+
+
+class Ring:
+    def __init__(self, width: int, span: int):
+        self.width, self.span = width, span
+        self.capacity = span
+        self.buffer: torch.Tensor | None = None  # [requests, capacity, width]
+        self.ends: list[int] = []                # per request: one past the last position written
+
+    def bytes_per_request(self, rollback: int, dtype: torch.dtype) -> int:
+        return (self.span + rollback) * self.width * dtype.itemsize
+
+    def allocate(self, requests: int, rollback: int, dtype: torch.dtype, device: torch.device):
+        self.capacity = self.span + rollback
+        self.buffer = torch.zeros(requests, self.capacity, self.width, dtype=dtype, device=device)
+        self.ends = [0] * requests
+
+    def read(self, request: int, start: int, end: int) -> torch.Tensor:
+        """Rows of positions start..end-1 [end - start, width]; an error when the ring no longer (or never) held one."""
+        if start == end:
+            return self.buffer.new_empty(0, self.width)
+        written = self.ends[request]
+        if end > written or start < written - self.capacity:
+            raise RuntimeError(f"request slot {request}: a step needs positions {start}..{end - 1} but the ring holds "
+                               f"{max(0, written - self.capacity)}..{written - 1} (rolled back more than the "
+                               f"{self.capacity - self.span} positions it keeps, or skipped positions)")
+        return self.buffer[request, self.places(start, end)]
+
+    def write(self, request: int, start: int, rows: torch.Tensor):
+        """Rows of positions start.. (only the last `capacity` of them can matter later)."""
+        end = start + rows.shape[0]
+        first = max(start, end - self.capacity)
+        self.buffer[request, self.places(first, end)] = rows[first - start:].to(self.buffer.dtype)
+        self.ends[request] = end
+
+    def places(self, start: int, end: int) -> torch.Tensor:
+        return torch.arange(start, end, device=self.buffer.device) % self.capacity
