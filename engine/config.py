@@ -18,7 +18,8 @@ ATTENTION_BACKENDS = ("auto", "triton", "flashinfer")
 
 
 def uses_cuda_graphs(config: "EngineConfig") -> bool:
-    return config.device == "cuda" and config.kernels == "triton" and not config.enforce_eager
+    return (config.device == "cuda" and config.kernels == "triton" and not config.enforce_eager
+            and config.tensor_parallel_size == 1)  # not yet around a step with collectives
 
 
 def parse_verify_policy(text: str) -> tuple[str, float]:
@@ -44,10 +45,22 @@ def auto_kv_cache_gb() -> float:
     return min(8.0, max(0.5, physical / 10))
 
 
+def ships_dspark(model: str) -> bool:
+    """A DeepSeek-V4 checkpoint whose config declares the DSpark module it carries (V4-Flash-DSpark, -0731, ...)."""
+    path = Path(model) / "config.json"
+    if not path.is_file():
+        return False
+    c = json.loads(path.read_text())
+    return "DeepseekV4ForCausalLM" in (c.get("architectures") or []) and any(k.startswith("dspark_") for k in c)
+
+
 def resolve_auto_spec(model: str, draft: str, dtype: str = "bfloat16") -> tuple[str, str]:
-    """A given draft decides its own method (a sequential head: dspark, else dflash); without one, the embedded
-    default model in bf16 (where its draft was measured to pay) gets its committed DSpark draft when
-    DEFAULT_MODEL_SPECULATES, and any other model or dtype plain decoding."""
+    """A given draft decides its own method (a sequential head: dspark, else dflash); without one, a checkpoint that
+    ships its DSpark module drafts with it (draft = the model directory), the embedded default model in bf16 (where
+    its draft was measured to pay) gets its committed DSpark draft when DEFAULT_MODEL_SPECULATES, and any other model
+    or dtype plain decoding."""
+    if not draft and ships_dspark(model):
+        return "dspark", model
     if draft:
         config = Path(draft) / "config.json"
         rank = json.loads(config.read_text()).get("markov_rank", 0) if config.is_file() else 1
@@ -108,7 +121,8 @@ class EngineConfig:
     seed: int = 0                        # seeds the requests that set no seed (reproducible runs, as vLLM's
                                          # --seed); -1 = fresh entropy every run
     spec_method: str = "auto"            # auto | none | dflash | dspark (auto: see resolve_auto_spec)
-    draft: str = ""                      # draft directory (DeepSpec format)
+    draft: str = ""                      # draft directory (DeepSpec format); a DeepSeek-V4 checkpoint that ships its
+                                         # DSpark module drafts with it when this is unset
     num_draft_tokens: int = 0            # gamma: tokens drafted per step; 0 = the draft's block_size
     draft_vocab_size: int = 0            # tokens the draft may propose: 0 = its draft_vocab.json (all without one);
                                          # K = that file's K most frequent; -1 = the whole vocabulary
@@ -125,15 +139,20 @@ class EngineConfig:
                                          # on cuda in bf16/fp16) | triton | flashinfer
     enforce_eager: bool = False          # no CUDA graphs (they are captured on cuda + triton otherwise)
     huge_pages: bool = True              # CPU: weights in 2 MB transparent huge pages (fewer TLB misses)
+    tensor_parallel_size: int = 1        # ranks (processes) one engine spans; local ones are started by the engine,
+                                         # other nodes' by torchrun (docs/parallelism.md). The KV budget is per rank.
+    tensor_parallel_timeout: float = 60.0  # seconds a collective waits for another rank before the engine fails
 
     def __post_init__(self):
         if not self.model:
             self.model = str(DEFAULT_MODELS_DIR / DEFAULT_MODEL_NAME)
         if self.dtype not in ("bfloat16", "float32"):
             raise ValueError(f"dtype must be 'bfloat16' or 'float32', got {self.dtype!r}")
-        for name in ("max_num_seqs", "max_num_batched_tokens", "kv_block_size"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "kv_block_size", "tensor_parallel_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.tensor_parallel_timeout <= 0:
+            raise ValueError(f"tensor_parallel_timeout must be > 0 seconds, got {self.tensor_parallel_timeout}")
         if self.kv_cache_gb < 0:
             raise ValueError(f"kv_cache_gb must be >= 0 (0 = auto), got {self.kv_cache_gb}")
         if self.spec_method not in SPEC_METHODS:
@@ -144,6 +163,8 @@ class EngineConfig:
         if not self.verify_policy:
             default_draft = default_draft and self.spec_method != "none"
             self.verify_policy = DEFAULT_MODEL_VERIFY_POLICY if default_draft else "full"
+        if self.spec_method == "dspark" and not self.draft and ships_dspark(self.model):
+            self.draft = self.model  # the module in the target's own checkpoint
         if self.spec_method != "none" and not self.draft:
             raise ValueError(f"spec_method={self.spec_method!r} needs a draft directory (draft=...)")
         if self.calibration_window < 1 or not 0 < self.calibration_ece_threshold < 1:

@@ -19,8 +19,9 @@ ROWS_PER_REQUEST = 8  # a verify row of anchor + 7 drafts
 
 def fake_requests(runner: ModelRunner, blocks: BlockManager, count: int, context_len: int) -> list[Sequence]:
     """Requests whose first context_len tokens are in the KV cache (prefilled, untimed)."""
-    seqs = [Sequence([3 + (i + k) % 50 for k in range(context_len + ROWS_PER_REQUEST)], SamplingParams(max_tokens=1))
-            for i in range(count)]
+    vocab = runner.model.config["vocab_size"]
+    seqs = [Sequence([(3 + (i + k) % 50) % vocab for k in range(context_len + ROWS_PER_REQUEST)],
+                     SamplingParams(max_tokens=1)) for i in range(count)]
     for seq in seqs:
         blocks.allocate(seq, len(seq))
         seq.num_scheduled_tokens = context_len
@@ -81,7 +82,8 @@ def measure_curve(runner: ModelRunner, blocks: BlockManager, token_counts=QUICK_
     up to the largest graph the curve is the step function the graphs give."""
     graphs = runner.graphs
     token_counts = token_grid(runner, token_counts)
-    rows = ROWS_PER_REQUEST if graphs is None else min(ROWS_PER_REQUEST, graphs.max_q_len)
+    rows = min(ROWS_PER_REQUEST, runner.max_rollback) if runner.drafter else ROWS_PER_REQUEST
+    rows = rows if graphs is None else min(rows, graphs.max_q_len)
     most = max(-(-max(token_counts) // rows), max(request_counts))
     fits = blocks.num_free_blocks // most * blocks.block_size - rows
     if fits < 1:

@@ -5,9 +5,9 @@ import torch
 from engine.block_manager import slots
 from engine.config import EngineConfig
 from engine.context import TIMINGS, device_tensor
-from engine.drafts.loader import load_draft
+from engine.drafts.loader import load_any_draft
 from engine.models.decoder import DecoderModel
-from engine.models.layers import KERNEL_MAX_ROWS, pack_linears_for_cpu
+from engine.models.layers import pack_linears_for_cpu
 from engine.sampler import SamplingTensors
 from engine.sequence import Sequence
 
@@ -15,8 +15,7 @@ from engine.sequence import Sequence
 class Drafter:
     def __init__(self, config: EngineConfig, target: DecoderModel, dtype: torch.dtype, kv_block_size: int):
         self.device = torch.device(config.device)
-        self.draft = load_draft(config.draft, target, dtype, config.spec_method,
-                                config.draft_vocab_size).to(self.device)
+        self.draft = load_any_draft(config, target, dtype).to(self.device)
         if self.device.type == "cpu":
             pack_linears_for_cpu(self.draft)
         gamma = self.draft.config.block_size
@@ -35,18 +34,11 @@ class Drafter:
         return self.vocab_size if ids is None else len(ids)
 
     def kv_bytes_per_token(self, kv_dtype: torch.dtype) -> int:
-        c = self.draft.config
-        return 2 * c.num_layers * c.num_kv_heads * c.head_dim * kv_dtype.itemsize
+        return self.draft.kv_bytes_per_token(kv_dtype)
 
     def allocate_kv_cache(self, num_slots: int, kv_dtype: torch.dtype):
-        """Draft context K/V lives in the same slots as the target's, so one block table serves both. Past them, a
-        few scratch slots that no block table owns hold the drafted block's own K/V on the CPU's fused path."""
-        c = self.draft.config
-        self.kv_cache = torch.zeros(2, c.num_layers, c.num_kv_heads, num_slots + KERNEL_MAX_ROWS, c.head_dim,
-                                    dtype=kv_dtype, device=self.device)
-        self.draft.scratch_slots = torch.arange(num_slots, num_slots + KERNEL_MAX_ROWS, device=self.device)
-        for i, layer in enumerate(self.draft.layers):
-            layer.self_attn.k_cache, layer.self_attn.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
+        """The draft's context K/V lives in the target's slots, so one block table (and one rollback) serves both."""
+        self.draft.allocate_kv_cache(num_slots, kv_dtype, self.device)
 
     def propose(self, seqs: list[Sequence], num_tokens: int | None = None):
         """Draft a block for each decoding seq from its anchor (last token) at position num_computed_tokens: its first
@@ -81,7 +73,7 @@ class Drafter:
         """CUDA graphs of the draft step per request-count bucket (the fused Triton path of a vanilla-Markov DSpark
         draft; other drafts and sampling settings run eagerly)."""
         from engine.graphs import DraftGraphs
-        if self.draft.has_fused_markov:
+        if self.draft.graph_capturable:
             self.graphs = DraftGraphs(self.draft, self.device, max_num_seqs, max_ctx_len, self.num_draft_tokens, pool)
 
     def graph_bucket(self, num_requests: int, ctx_width: int, temperature_only: bool) -> int | None:

@@ -5,9 +5,11 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from engine import distributed
 from engine.models.decoder import ARCHITECTURES, DecoderModel
 from engine.models.deepseek_v4.checkpoint import load_v4_state
 from engine.models.deepseek_v4.model import V4Model
+from engine.parallel import shard_state
 
 V4_ARCHITECTURE = "DeepseekV4ForCausalLM"
 
@@ -66,6 +68,8 @@ def load_model(model_dir: str | Path, dtype: torch.dtype) -> DecoderModel | V4Mo
     model_dir = Path(model_dir)
     config = read_config(model_dir)
     if config["architectures"][0] == V4_ARCHITECTURE:
+        if distributed.is_parallel():
+            raise ValueError("tensor parallelism does not cover DeepSeek-V4 yet (use tensor_parallel_size=1)")
         return load_v4(model_dir, config, dtype)
     with torch.device("meta"):
         model = DecoderModel(config)
@@ -73,6 +77,7 @@ def load_model(model_dir: str | Path, dtype: torch.dtype) -> DecoderModel | V4Mo
     state = {n: t.to(dtype) for n, t in state.items()}
     if model.tie_word_embeddings:
         state["lm_head.weight"] = state["embed_tokens.weight"]
+    state = shard_state(state, model)  # this rank's slices (all of every tensor in one process)
     expected = set(model.state_dict())
     missing, unexpected = expected - set(state), set(state) - expected
     if missing or unexpected:
@@ -91,7 +96,7 @@ def load_v4(model_dir: Path, config: dict, dtype: torch.dtype) -> V4Model:
     with torch.device("meta"):
         model = V4Model(config)
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    state, _ = load_v4_state(model_dir, dtype, expected)
+    state, _ = load_v4_state(model_dir, dtype, expected, parts=("target",))
     model.load_state_dict(state, assign=True)
     for layer in model.layers:
         layer.attn.make_rope(model.v4)

@@ -4,6 +4,7 @@ import logging
 import torch
 
 from engine import attention_inputs as inputs
+from engine import distributed, parallel_step
 from engine.block_manager import slots
 from engine.config import EngineConfig
 from engine.context import TIMINGS, device_tensor, get_context, reset_context, set_context
@@ -46,6 +47,9 @@ class ModelRunner:
         if self.device.type == "cpu" and config.huge_pages:
             move_to_huge_pages(self.model, *([self.drafter.draft] if self.drafter else []))
             return_freed_memory()
+        if self.model.own_attention:  # DeepSeek-V4: entries in the pages, per-request rings beside them
+            self.model.set_kv_layout(self.block_size, config.max_num_seqs, self.max_rollback,
+                                     config.enable_prefix_caching)
         self.attention = self.choose_attention()
         self.flashinfer = self.make_flashinfer() if self.attention == "flashinfer" else None
         self.num_blocks = self.allocate_kv_cache(config.kv_cache_gb or self.free_gpu_kv_gb())
@@ -84,11 +88,21 @@ class ModelRunner:
     def capture_layers(self) -> tuple[int, ...]:
         return self.drafter.capture_layers if self.drafter else ()
 
+    @property
+    def max_rollback(self) -> int:
+        """The most tokens one step can write and later drop: a verify row (anchor and drafts), all of it when the
+        SPS profiler times a row and discards it (engine/cost_model.py)."""
+        return 1 + (self.drafter.num_draft_tokens if self.drafter else self.config.num_draft_tokens)
+
     def kv_bytes_per_block(self) -> int:
         per_token = self.model.kv_bytes_per_token(self.kv_dtype)
         if self.drafter:
             per_token += self.drafter.kv_bytes_per_token(self.kv_dtype)
-        return per_token * self.block_size
+        return round(per_token * self.block_size)  # whole per block; per token, a V4 entry's share can be a fraction
+
+    def kv_fixed_bytes(self) -> int:
+        """KV bytes whatever the block count: DeepSeek-V4's rings, one set per request that can run at once."""
+        return self.model.kv_fixed_bytes(self.kv_dtype) if self.model.own_attention else 0
 
     def free_gpu_kv_gb(self) -> float:
         """GiB for the KV cache (target + draft) on the GPU, measured: what is free after loading both and a warm-up
@@ -102,7 +116,7 @@ class ModelRunner:
         torch.cuda.empty_cache()
         free, _ = torch.cuda.mem_get_info(dev)
         kv_bytes = GPU_MEMORY_UTILIZATION * free - 2 * peak
-        if kv_bytes < self.kv_bytes_per_block():
+        if kv_bytes < self.kv_fixed_bytes() + self.kv_bytes_per_block():
             raise ValueError(f"no GPU memory left for a KV cache: {free / 2**30:.2f} GiB free after loading the "
                              f"models, and the largest step needs {peak / 2**30:.2f} GiB of activations (lower "
                              f"--max-num-batched-tokens or --max-num-seqs, or give --kv-cache-gb)")
@@ -117,7 +131,7 @@ class ModelRunner:
         n = min(c.max_num_batched_tokens, self.model.config.get("max_position_embeddings", 4096))
         rows = min(n, c.max_num_seqs * (1 + (self.drafter.num_draft_tokens if self.drafter else 0)))
         seq = Sequence([0] * n, SamplingParams())
-        seq.block_table, seq.num_scheduled_tokens = [0] * -(-n // self.block_size), n
+        seq.block_table, seq.num_scheduled_tokens, seq.request_slot = [0] * -(-n // self.block_size), n, 0
         input_ids, positions = self.prepare([seq])
         try:
             hidden, _ = self.model(input_ids, positions, self.capture_layers)
@@ -126,7 +140,8 @@ class ModelRunner:
         self.model.compute_logits(hidden[-rows:]).softmax(-1)
 
     def allocate_kv_cache(self, kv_cache_gb: float) -> int:
-        num_blocks = int(kv_cache_gb * 2**30) // self.kv_bytes_per_block()
+        num_blocks = (int(kv_cache_gb * 2**30) - self.kv_fixed_bytes()) // self.kv_bytes_per_block()
+        num_blocks = distributed.agree_min(num_blocks)  # tensor parallel: what every rank's share of the heads fits
         if num_blocks < 1:
             raise ValueError(f"kv_cache_gb={kv_cache_gb} is too small for even one KV block")
         return self.allocate_blocks(num_blocks)
@@ -150,6 +165,8 @@ class ModelRunner:
             set_context(self.on_device(slot_mapping), [], None, self.plan_attention(seqs, tier))
         elif triton_support.enabled() or self.model.own_attention:
             set_context(self.on_device(slot_mapping), [], inputs.varlen_batch(seqs, self.block_size, self.device))
+            if self.model.own_attention:
+                self.model.use_request_slots([s.request_slot for s in seqs])
         else:
             set_context(torch.tensor(slot_mapping), inputs.attention_groups(seqs, self.block_size))
         return self.on_device(input_ids), self.on_device(positions)
@@ -188,7 +205,9 @@ class ModelRunner:
     def forward(self, seqs: list[Sequence], num_logits: list[int], capture_layers: tuple[int, ...] = ()):
         """One forward over the scheduled tokens of seqs: for each seq the fp32 logits of its last num_logits[i]
         scheduled tokens ([num_logits[i], V], in input order) and, when capture_layers are given, its captured target
-        features [num_scheduled, len(capture_layers) * h]."""
+        features [num_scheduled, len(capture_layers) * h]. With tensor parallelism rank 0 first sends the step to the
+        other ranks, whose seqs are engine/parallel_step.RemoteSeq."""
+        parallel_step.send_forward(seqs, num_logits, bool(capture_layers))
         order = sorted(range(len(seqs)), key=lambda i: not inputs.is_short(seqs[i]))
         ordered = [seqs[i] for i in order]
         tier = self.graph_tier(ordered, capture_layers)

@@ -173,3 +173,47 @@ def save_tiny_v4(path: Path, seed: int = 0, **overrides) -> DeepseekV4ForCausalL
     save_file({k: v.contiguous() for k, v in state.items()}, str(path / "model.safetensors"))
     tiny_tokenizer().save_pretrained(path)
     return model
+
+
+def v4_dspark_stage_tensors(config: dict, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random `mtp.K.*` tensors for a config.json that declares a DSpark module, shaped by our module's own names
+    (each a full V4 block; main_proj / main_norm on the first stage, hc_head, norm, Markov and confidence heads on
+    the last), scaled so that every part moves the draft."""
+    from engine.drafts.v4_dspark import build_draft, expected_shapes
+    from engine.models.deepseek_v4.config import v4_config
+    stages = len(config["compress_ratios"]) - config["num_hidden_layers"]
+    names = [f"mtp.{s}.x" for s in range(stages)]
+    shapes = expected_shapes(build_draft(v4_config(config), config, names, "tiny"))
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, shape in shapes.items():
+        t = torch.randn(shape, generator=g)
+        if name.endswith("norm.weight"):
+            t = 1 + 0.1 * t
+        elif name.endswith("_scale"):
+            t = 1 + 0.2 * t
+        elif "markov_w1" in name or "hc_" in name or name.endswith(("attn_sink", "gate.bias")):
+            t = 0.5 * t
+        else:
+            t = 0.1 * t
+        state[name] = t
+    return state
+
+
+def save_tiny_v4_dspark(path: Path, seed: int = 0, stages: int = 3, block_size: int = 4, markov_rank: int = 8,
+                        target_layer_ids=(1, 2, 3), **overrides) -> DeepseekV4ForCausalLM:
+    """A tiny V4-Flash-DSpark-like checkpoint in the released layout: the tiny V4 target (head_dim 80 with 16 rope
+    channels, so the module's fake-FP8 groups of 64 fit) plus `stages` random DSpark stages under `mtp.*` and the
+    config's dspark_* keys; returns transformers' model of the target."""
+    from safetensors.torch import load_file, save_file
+    options = dict(head_dim=80, partial_rotary_factor=0.2) | overrides
+    model = save_tiny_v4(path, seed, **options)
+    config = json.loads((path / "config.json").read_text())
+    config["compress_ratios"] += [0] * stages
+    config |= {"dspark_block_size": block_size, "dspark_noise_token_id": config["vocab_size"] - 1,
+               "dspark_target_layer_ids": list(target_layer_ids), "dspark_markov_rank": markov_rank,
+               "num_nextn_predict_layers": 1}
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    state = load_file(str(path / "model.safetensors")) | v4_dspark_stage_tensors(config, seed)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path / "model.safetensors"))
+    return model

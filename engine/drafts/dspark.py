@@ -6,10 +6,21 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from engine import distributed, parallel_step
 from engine.context import TIMINGS
 from engine.drafts.heads import SEQUENTIAL_HEADS, ConfidenceHead, VanillaMarkov
 from engine.models.decoder import MLP, cached_decoder_stack
-from engine.models.layers import Linear, RMSNorm, RotaryEmbedding, apply_rotary, rope_inv_freq
+from engine.models.layers import (
+    KERNEL_MAX_ROWS,
+    Linear,
+    RMSNorm,
+    RotaryEmbedding,
+    apply_rotary,
+    column_linear,
+    rope_inv_freq,
+    row_linear,
+)
+from engine.parallel import fused_rows
 from engine.sampler import SamplingTensors
 from kernels import cpu_ops, triton_support
 from kernels.dispatch import block_attention, store_kvcache
@@ -45,11 +56,13 @@ class Proposal:
 class DraftAttention(nn.Module):
     def __init__(self, c: DraftConfig):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
+        split, d = distributed.head_split(c.num_heads, c.num_kv_heads), c.head_dim  # this rank's heads
+        self.num_heads, self.num_kv_heads, self.head_dim = split.q_count, split.kv_count, d
         eps = c.hf["rms_norm_eps"]
-        self.q_proj = Linear(c.hidden_size, c.num_heads * c.head_dim, bias=False)
-        self.kv_proj = Linear(c.hidden_size, 2 * c.num_kv_heads * c.head_dim, bias=False)
-        self.o_proj = Linear(c.num_heads * c.head_dim, c.hidden_size, bias=False)
+        q_part, kv_part = (split.q_start * d, split.q_count * d), (split.kv_start * d, split.kv_count * d)
+        self.q_proj = column_linear(c.hidden_size, fused_rows([c.num_heads * d], [q_part]), bias=False)
+        self.kv_proj = column_linear(c.hidden_size, fused_rows([c.num_kv_heads * d] * 2, [kv_part] * 2), bias=False)
+        self.o_proj = row_linear(q_part, c.hidden_size, bias=False)
         self.q_norm, self.k_norm = RMSNorm(c.head_dim, eps), RMSNorm(c.head_dim, eps)
         self.scale = c.head_dim ** -0.5
         self.k_cache = self.v_cache = torch.empty(0)
@@ -80,7 +93,7 @@ class DraftAttention(nn.Module):
         q = apply_rotary(self.q_norm(self.q_proj(x).view(B, G, self.num_heads, self.head_dim)), cos, sin)
         k, v = self.key_values(x, cos, sin)
         out = block_attention(q, k, v, self.k_cache, self.v_cache, kv_slots, ctx_lens, self.scale)
-        return self.o_proj(out.reshape(B, G, -1))
+        return distributed.all_reduce(self.o_proj(out.reshape(B, G, -1)))
 
 
 class DraftLayer(nn.Module):
@@ -140,6 +153,20 @@ class DSparkDraft(nn.Module):
         with torch.device("cpu"):
             return RotaryEmbedding(c.head_dim, positions, rope_inv_freq(c.hf, c.head_dim))
 
+    def kv_bytes_per_token(self, kv_dtype: torch.dtype) -> int:
+        c, kv_heads = self.config, self.layers[0].self_attn.num_kv_heads  # this rank's
+        return 2 * c.num_layers * kv_heads * c.head_dim * kv_dtype.itemsize
+
+    def allocate_kv_cache(self, num_slots: int, kv_dtype: torch.dtype, device: torch.device):
+        """Context K/V in the target's slots, so one block table serves both. Past them, a few scratch slots that no
+        block table owns hold the drafted block's own K/V on the CPU's fused path."""
+        c, kv_heads = self.config, self.layers[0].self_attn.num_kv_heads
+        self.kv_cache = torch.zeros(2, c.num_layers, kv_heads, num_slots + KERNEL_MAX_ROWS, c.head_dim,
+                                    dtype=kv_dtype, device=device)
+        self.scratch_slots = torch.arange(num_slots, num_slots + KERNEL_MAX_ROWS, device=device)
+        for i, layer in enumerate(self.layers):
+            layer.self_attn.k_cache, layer.self_attn.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
+
     def attach_target(self, embed_tokens: nn.Embedding, lm_head: nn.Module):
         self.target = (embed_tokens, lm_head)  # a tuple, so they are not registered as this module's parameters
 
@@ -149,7 +176,8 @@ class DSparkDraft(nn.Module):
         lm_head = self.target[1]
         self.vocab_ids = token_ids.to(lm_head.weight.device, torch.long)
         self.vocab_head = Linear(lm_head.in_features, len(token_ids), bias=False).to(lm_head.weight)
-        self.vocab_head.weight.data = lm_head.weight.detach()[self.vocab_ids].clone()
+        full = lm_head.full_weight() if hasattr(lm_head, "full_weight") else lm_head.weight.detach()  # TP: gathered
+        self.vocab_head.weight.data = full[self.vocab_ids].clone()
         sliced = [self.vocab_head]
         if self.markov_head is not None:
             w2 = self.markov_head.markov_w2
@@ -182,6 +210,7 @@ class DSparkDraft(nn.Module):
         their positions and cache slots. Context rows get no input_layernorm."""
         if not features.shape[0]:
             return
+        parallel_step.send_context(features, positions, slot_mapping)
         ctx = self.context(features.to(self.fc.weight.dtype))
         cos, sin = self.rotary.cos_sin_at(positions, ctx.dtype)
         for layer in self.layers:
@@ -208,7 +237,7 @@ class DSparkDraft(nn.Module):
     def fused_stack(self, x: torch.Tensor):
         """The C++ decoder stack (the target's short-query path) for the block's layers on CPU with bf16 weights,
         or None: the block's rows are short queries that see their context and, through scratch slots, each other."""
-        if (self.scratch_slots is None or x.shape[0] * x.shape[1] > len(self.scratch_slots)
+        if (distributed.is_parallel() or self.scratch_slots is None or x.shape[0] * x.shape[1] > len(self.scratch_slots)
                 or x.dtype != torch.bfloat16 or not cpu_ops.usable(x) or triton_support.enabled()):
             return None
         self.stack = cached_decoder_stack(self.stack, self.layers, self.config.hf["rms_norm_eps"])
@@ -237,6 +266,7 @@ class DSparkDraft(nn.Module):
         """Draft num_tokens (<= block_size) tokens per request, driven by uniforms [B, num_tokens] -> tokens [B, G],
         probs [B, G, V], confidence and its logits [B, G] (or None). temperature_only: no request uses
         top-k/top-p/min-p (decided on the host from the requests' settings)."""
+        parallel_step.send_draft(anchors, starts, kv_slots, ctx_lens, num_tokens)
         if temperature_only and self.has_fused_markov and triton_support.enabled():
             with TIMINGS.section("draft_fused"):
                 return self.fused_block(anchors, starts, kv_slots, ctx_lens, num_tokens, sampling.temperature,
@@ -245,19 +275,29 @@ class DSparkDraft(nn.Module):
             hidden = self.backbone(anchors, starts, kv_slots, ctx_lens)[:, :num_tokens]
         with TIMINGS.section("draft_lm_head"):
             base_logits = self.vocab_logits(hidden)
-        if temperature_only and self.has_fused_markov and cpu_ops.usable(base_logits):  # the C++ loop on CPU
-            with TIMINGS.section("draft_sampling"):
-                head = self.markov_head
-                tokens, probs = cpu_ops.markov_sample(base_logits, anchors, head.markov_w1.weight,
-                                                      head.w2_transposed(), sampling.temperature, uniforms,
-                                                      self.vocab_ids)
-        elif self.use_sequential_head:
-            tokens, probs = self.sample_sequentially(hidden, base_logits, anchors, sampling, uniforms)
-        else:
-            with TIMINGS.section("draft_sampling"):
-                tokens, probs = self.sample_independently(base_logits, sampling, uniforms)
+        tokens, probs = self.sample_block(hidden, base_logits, anchors, sampling, uniforms, temperature_only)
         with TIMINGS.section("confidence_head"):
             return (tokens, probs, *self.confidence(hidden, anchors, tokens))
+
+    def sample_block(self, hidden, base_logits, anchors, sampling: SamplingTensors, uniforms: torch.Tensor,
+                     temperature_only: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block's tokens [B, G] and the distributions they were drawn from [B, G, V'], left to right through
+        the sequential head (the C++ loop on CPU when it can), or position by position without one."""
+        if temperature_only and self.has_fused_markov and cpu_ops.usable(base_logits):
+            with TIMINGS.section("draft_sampling"):
+                head = self.markov_head
+                return cpu_ops.markov_sample(base_logits, anchors, head.markov_w1.weight, head.w2_transposed(),
+                                             sampling.temperature, uniforms, self.vocab_ids)
+        if self.use_sequential_head:
+            return self.sample_sequentially(hidden, base_logits, anchors, sampling, uniforms)
+        with TIMINGS.section("draft_sampling"):
+            return self.sample_independently(base_logits, sampling, uniforms)
+
+    def draft_collectives(self, anchors, starts, kv_slots, ctx_lens, num_tokens: int):
+        """A tensor-parallel worker's part of draft_block: the calls that talk to the other ranks (rank 0 samples)."""
+        hidden = self.backbone(anchors, starts, kv_slots, ctx_lens)[:, :num_tokens]
+        if self.vocab_head is None:
+            self.target[1](hidden)
 
     def fused_block(self, anchors, starts, kv_slots, ctx_lens, num_tokens: int, temperature: torch.Tensor,
                     uniforms: torch.Tensor):
@@ -297,6 +337,11 @@ class DSparkDraft(nn.Module):
             tokens.append(prev)
             probs.append(q)
         return torch.stack(tokens, 1), torch.stack(probs, 1)
+
+    @property
+    def graph_capturable(self) -> bool:
+        """The draft step can be a CUDA graph (engine/graphs.DraftGraphs runs fused_block)."""
+        return self.has_fused_markov
 
     @property
     def has_fused_markov(self) -> bool:

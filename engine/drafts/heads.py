@@ -73,9 +73,9 @@ class ConfidenceHead(nn.Module):
     """c_k = σ((proj([h_k ; W1[x_{k-1}]]) + b_k) / T_k): the conditional probability that draft k is accepted, with
     optional per-position temperatures (and biases) from Sequential Temperature Scaling."""
 
-    def __init__(self, in_features: int):
+    def __init__(self, in_features: int, bias: bool = True):
         super().__init__()
-        self.proj = Linear(in_features, 1, bias=True)
+        self.proj = Linear(in_features, 1, bias=bias)
         self.register_buffer("temperatures", torch.ones(0), persistent=False)
         self.register_buffer("biases", torch.zeros(0), persistent=False)
 

@@ -8,8 +8,12 @@ import torch
 from engine.calibration import load_scaling
 from engine.drafts.dspark import DraftConfig, DSparkDraft
 from engine.drafts.heads import SEQUENTIAL_HEADS
+from engine.drafts.v4_dspark import V4DSparkDraft, build_draft, declares_dspark, expected_shapes, finish_load
 from engine.loader import read_tensors
 from engine.models.decoder import DecoderModel
+from engine.models.deepseek_v4.checkpoint import load_v4_state, weight_map
+from engine.models.deepseek_v4.model import V4Model
+from engine.parallel import shard_state
 
 ARCHITECTURES = ("Qwen3DSparkModel",)
 CALIBRATION_FILE = "sts.json"  # {"temperatures": [T_1, ..., T_block_size]} from STS
@@ -42,7 +46,8 @@ def read_draft_config(draft_dir: Path, target: dict) -> DraftConfig:
         raise ValueError(f"draft {draft_dir}: attention_bias=true is not part of the DSpark draft format")
     return DraftConfig(
         hidden_size=c["hidden_size"], num_layers=c["num_hidden_layers"], num_heads=c["num_attention_heads"],
-        num_kv_heads=c["num_key_value_heads"], head_dim=c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"],
+        num_kv_heads=c["num_key_value_heads"],
+        head_dim=c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"],
         block_size=int(c["block_size"]), target_layer_ids=list(c["target_layer_ids"]),
         mask_token_id=int(c["mask_token_id"]), markov_rank=rank, markov_head_type=head,
         confidence_head=bool(c.get("enable_confidence_head", False)),
@@ -72,8 +77,11 @@ def check_fits_target(c: dict, target: dict, draft_dir: Path):
 
 def draft_state(tensors: dict[str, torch.Tensor], target: DecoderModel, draft_dir: Path) -> dict[str, torch.Tensor]:
     """DeepSpec names -> ours: fuse k/v and gate/up; verify and drop the copies of the target's embedding / LM head."""
-    for name, ours in zip(SHARED, (target.embed_tokens.weight, target.lm_head.weight)):
-        if name in tensors and not same_weights(tensors.pop(name), ours):
+    for name, module in zip(SHARED, (target.embed_tokens, target.lm_head)):
+        if name not in tensors:
+            continue
+        shard, theirs = getattr(module, "shard", None), tensors.pop(name)  # tensor parallel: this rank's rows
+        if not same_weights(shard.take(theirs) if shard else theirs, module.weight):
             raise ValueError(f"draft {draft_dir}: its {name} differs from the target's: it was trained for another "
                              "target model")
     for name in [n for n in tensors if n.startswith("layers.") and (".k_proj." in n or ".mlp.gate_proj." in n)]:
@@ -137,6 +145,7 @@ def load_draft(draft_dir: str | Path, target: DecoderModel, dtype: torch.dtype, 
     with torch.device("meta"):
         draft = DSparkDraft(config, use_sequential_head=method == "dspark")
     state = {n: t.to(dtype) for n, t in draft_state(read_tensors(draft_dir), target, draft_dir).items()}
+    state = shard_state(state, draft)
     expected = draft.state_dict()
     missing, unexpected = set(expected) - set(state), set(state) - set(expected)
     wrong = [f"{n} {tuple(state[n].shape)} != {tuple(expected[n].shape)}" for n in set(state) & set(expected)
@@ -146,12 +155,46 @@ def load_draft(draft_dir: str | Path, target: DecoderModel, dtype: torch.dtype, 
                          f"unexpected {sorted(unexpected)[:4]}, wrong shapes {wrong[:4]}")
     draft.load_state_dict(state, assign=True)
     draft.rotary = DSparkDraft.make_rotary(config)
+    return attach(draft, target.embed_tokens, target.lm_head, draft_dir, vocab_size)
+
+
+def attach(draft: DSparkDraft, embed: torch.nn.Module, head: torch.nn.Module, draft_dir: Path,
+           vocab_size: int) -> DSparkDraft:
+    """A loaded draft made ready: its STS calibration (identity without sts.json), the target's embedding and LM head,
+    its FR-Spec vocabulary."""
+    block = draft.config.block_size
     if draft.confidence_head is not None:  # always a tensor per position, so a reload can copy in place (graphs)
-        identity = (torch.ones(config.block_size), torch.zeros(config.block_size))
         draft.confidence_head.temperatures, draft.confidence_head.biases = (
-            read_calibration(draft_dir, config.block_size) or identity)
-    draft.attach_target(target.embed_tokens, target.lm_head)
-    token_ids = read_draft_vocab(draft_dir, vocab_size, config.hf["vocab_size"])
+            read_calibration(draft_dir, block) or (torch.ones(block), torch.zeros(block)))
+    draft.attach_target(embed, head)
+    token_ids = read_draft_vocab(draft_dir, vocab_size, draft.config.hf["vocab_size"])
     if token_ids is not None:
         draft.restrict_vocab(token_ids)
     return draft.eval().requires_grad_(False)
+
+
+def load_v4_dspark(model_dir: str | Path, target: V4Model, dtype: torch.dtype, method: str,
+                   vocab_size: int = 0) -> V4DSparkDraft:
+    """DeepSeek-V4's DSpark module from the target's own checkpoint (its mtp.* tensors, dequantized as the target's)."""
+    model_dir = Path(model_dir)
+    if method != "dspark":
+        raise ValueError(f"{model_dir}: DeepSeek-V4 drafts with the DSpark module in its checkpoint, "
+                         f"spec_method='dspark' (got {method!r})")
+    if not declares_dspark(target.config):
+        raise ValueError(f"{model_dir}: config.json declares no DSpark module (no dspark_* keys): this checkpoint "
+                         "has nothing to draft with; serve it with spec_method='none'")
+    draft = build_draft(target.v4, target.config, weight_map(model_dir), str(model_dir))
+    _, state = load_v4_state(model_dir, dtype, expected_stages=expected_shapes(draft), parts=("stages",))
+    draft.load_state_dict(state, assign=True)
+    return attach(finish_load(draft), target.embed, target.head, model_dir, vocab_size)
+
+
+def load_any_draft(config, target: DecoderModel | V4Model, dtype: torch.dtype) -> DSparkDraft:
+    """The draft an engine config asks for: a DeepSpec directory for a dense target, the in-checkpoint module (draft
+    = the model directory) for DeepSeek-V4."""
+    if not isinstance(target, V4Model):
+        return load_draft(config.draft, target, dtype, config.spec_method, config.draft_vocab_size)
+    if Path(config.draft).resolve() != Path(config.model).resolve():
+        raise ValueError(f"draft {config.draft}: DeepSeek-V4 drafts only with the DSpark module in its own checkpoint; "
+                         "leave draft unset")
+    return load_v4_dspark(config.model, target, dtype, config.spec_method, config.draft_vocab_size)

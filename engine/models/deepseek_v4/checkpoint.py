@@ -54,6 +54,7 @@ E2M1_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 E2M1_VALUES = torch.tensor(E2M1_MAGNITUDES + tuple(-m for m in E2M1_MAGNITUDES), dtype=torch.float32)
 PACKED_FP4_DTYPES = (torch.int8, torch.uint8, torch.float4_e2m1fn_x2)
 STAGE_PREFIX = "mtp."
+PARTS = ("target", "stages")  # the target's tensors, the DSpark stages' (mtp.*)
 # safetensors header dtypes of the FP8 and packed-FP4 payloads (read without loading the tensor); a float4_e2m1fn_x2
 # tensor ("F4") has its unpacked shape in the header, an int8/uint8 one ("I8"/"U8") its packed shape
 FP8_STORAGE, FP4_STORAGE, FP4_UNPACKED_HEADER = {"F8_E4M3"}, {"I8", "U8", "F4"}, "F4"
@@ -222,12 +223,13 @@ def _load_one(reader: _Reader, name: str, kind: str, scale: str | None, dtype: t
 
 def load_v4_state(model_dir: str | Path, dtype: torch.dtype = torch.bfloat16,
                   expected: dict[str, tuple[int, ...]] | None = None,
-                  expected_stages: dict[str, tuple[int, ...]] | None = None,
+                  expected_stages: dict[str, tuple[int, ...]] | None = None, parts: tuple[str, ...] = PARTS,
                   ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(target tensors, DSpark-stage tensors) by released name, dequantized: FP8 and MXFP4 weights and bf16 tensors
     to `dtype`, float32 tensors kept float32, integer tables as int64. Stage tensors keep their `mtp.K.` names.
     `expected` (name -> shape of each target tensor the model wants) and `expected_stages` are checked from the
-    headers before anything is read: a missing, unexpected or mis-shaped key is a ValueError naming it."""
+    headers before anything is read: a missing, unexpected or mis-shaped key is a ValueError naming it. Only the
+    `parts` asked for ("target", "stages") are read; the other comes back empty."""
     if dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise ValueError(f"dequantize to bf16, fp16 or fp32, not {dtype}")
     files = weight_map(model_dir)
@@ -241,8 +243,8 @@ def load_v4_state(model_dir: str | Path, dtype: torch.dtype = torch.bfloat16,
         if expected_stages is not None:
             check_expected({n: p[2] for n, p in stages.items()}, expected_stages,
                            f"the DSpark stages ({STAGE_PREFIX}*) in {model_dir}")
-        return ({n: _load_one(reader, n, kind, scale, dtype) for n, (kind, scale, _) in target.items()},
-                {n: _load_one(reader, n, kind, scale, dtype) for n, (kind, scale, _) in stages.items()})
+        return tuple({n: _load_one(reader, n, kind, scale, dtype) for n, (kind, scale, _) in plans.items()}
+                     if part in parts else {} for part, plans in zip(PARTS, (target, stages)))
 
 
 # ---- transformers 5.24 names <-> released names -------------------------------------------------------------------

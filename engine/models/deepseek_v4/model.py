@@ -41,7 +41,7 @@ class V4Block(nn.Module):
     def forward(self, streams: torch.Tensor, positions: torch.Tensor, input_ids: torch.Tensor,
                 slot_mapping: torch.Tensor, segments: list[Segment]) -> torch.Tensor:
         pre, post, comb = self.mix_weights(streams, "attn")
-        out = self.attn(self.attn_norm(collapse(pre, streams)), positions, slot_mapping, segments)
+        out = self.attn(self.attn_norm(collapse(pre, streams)), positions, segments)
         streams = spread(post, comb, out, streams)
         pre, post, comb = self.mix_weights(streams, "ffn")
         return spread(post, comb, self.ffn(self.ffn_norm(collapse(pre, streams)), input_ids), streams)
@@ -49,7 +49,7 @@ class V4Block(nn.Module):
 
 class V4Model(nn.Module):
     own_attention = True  # its attention is its own, over each sequence's rows and context slots (the varlen batch)
-    feeds_drafts = False  # its DSpark module is its own (not a DSpark/DFlash draft on captured layers)
+    feeds_drafts = True  # to its own in-checkpoint DSpark module only (engine/drafts/loader.load_any_draft)
 
     def __init__(self, raw_config: dict):
         super().__init__()
@@ -64,34 +64,66 @@ class V4Model(nn.Module):
         self.hc_head_scale = nn.Parameter(torch.ones(1, dtype=torch.float32))
         self.head = Linear(config.hidden_size, config.vocab_size, bias=False)
 
-    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
-        """Every layer's K=V plus every compressor's raw projections, per token."""
-        attns = [layer.attn for layer in self.layers]
-        width = sum(a.dim + sum(2 * c.width for c in a.caches()) for a in attns)
-        return width * dtype.itemsize
+    def set_kv_layout(self, block_size: int, max_requests: int, max_rollback: int, prefix_caching: bool = False):
+        """The engine's KV shape, before allocate_kv_cache: blocks hold whole compressor windows; one set of rings per
+        request that can run at once, each keeping max_rollback positions more than a step reads back."""
+        largest = self.largest_ratio
+        if block_size % largest:
+            raise ValueError(f"kv_block_size must be a multiple of {largest} for this DeepSeek-V4 (a block holds whole "
+                             f"compressed windows; its largest compress ratio is {largest}), got {block_size}")
+        if prefix_caching:
+            raise ValueError("DeepSeek-V4 cannot use the prefix cache yet: its sliding-window K=V and compressor "
+                             "state live in per-request rings, not in the cached blocks (set enable_prefix_caching="
+                             "False, --no-enable-prefix-caching)")
+        self.max_requests, self.max_rollback = max_requests, max_rollback
+
+    def attentions(self) -> list[V4Attention]:
+        return [layer.attn for layer in self.layers]
+
+    @property
+    def largest_ratio(self) -> int:
+        return max((a.ratio for a in self.attentions() if a.kind != "window"), default=1)
+
+    def kv_bytes_per_token(self, dtype: torch.dtype) -> float:
+        """The paged part: each compressed layer's entries (and a CSA layer's indexer keys), one per ratio tokens."""
+        return sum(a.kv_bytes_per_token(dtype) for a in self.attentions())
+
+    def kv_fixed_bytes(self, dtype: torch.dtype) -> int:
+        """The per-request part, for every request that can run at once: the window rings and compressor rings."""
+        rings = [ring for a in self.attentions() for ring in a.rings()]
+        return self.max_requests * sum(ring.bytes_per_request(self.max_rollback, dtype) for ring in rings)
 
     def allocate_kv_cache(self, num_slots: int, dtype: torch.dtype, device: torch.device):
-        for layer in self.layers:
-            attn = layer.attn
-            attn.kv_cache = torch.zeros(num_slots, attn.dim, dtype=dtype, device=device)
-            for compressor in attn.caches():
-                compressor.cache = torch.zeros(num_slots, 2 * compressor.width, dtype=dtype, device=device)
+        for attn in self.attentions():
+            attn.allocate(num_slots, self.max_requests, self.max_rollback, dtype, device)
+
+    def use_request_slots(self, request_slots: list[int]):
+        """The next step's sequences' ring indices (Sequence.request_slot), in the varlen batch's order."""
+        if any(slot is None or not 0 <= slot < self.max_requests for slot in request_slots):
+            raise RuntimeError(f"request slots {request_slots} outside the {self.max_requests} allocated")
+        self.request_slots = request_slots
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, capture_layers: tuple[int, ...] = ()):
         """The engine's step: the flat rows of every scheduled sequence (engine context: slot mapping and the varlen
-        batch) -> (final hidden [N, hidden], no captured features)."""
-        if capture_layers:
-            raise ValueError("DeepSeek-V4 targets do not feed DSpark/DFlash drafts yet")
+        batch) -> (final hidden [N, hidden], for each of capture_layers its output streams averaged over the hc
+        copies [N, hidden]: what the in-checkpoint DSpark module reads)."""
         ctx = get_context()
-        return self.run_layers(input_ids, positions, ctx.slot_mapping, segments_of(ctx.varlen)), []
+        captured = dict.fromkeys(capture_layers)
+        segments = segments_of(ctx.varlen, self.request_slots)
+        hidden = self.run_layers(input_ids, positions, ctx.slot_mapping, segments, captured)
+        return hidden, [captured[i] for i in capture_layers]
 
     def run_layers(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
-                   segments: list[Segment]) -> torch.Tensor:
+                   segments: list[Segment], captured: dict[int, torch.Tensor | None] | None = None) -> torch.Tensor:
+        """captured: layer index -> filled with that layer's output streams, hc-averaged (the full mHC stream after
+        its FFN, as vLLM's DeepSeek-V4 model captures `dspark_target_layer_ids`: boundary id + 1)."""
         c = self.v4
         streams = self.embed(input_ids).unsqueeze(1).expand(-1, c.hc_mult, -1).contiguous()
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
             streams = layer(streams, positions, input_ids, slot_mapping, segments)
+            if captured is not None and i in captured:
+                captured[i] = streams.float().mean(1).to(streams.dtype)
         return self.norm(hc_head(streams, self.hc_head_fn, self.hc_head_base, self.hc_head_scale, c.hc_eps,
                                  c.rms_norm_eps))
 
@@ -102,13 +134,17 @@ class V4Model(nn.Module):
     def forward_sequence(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids [S] of one sequence from position 0 -> fp32 logits [S, V], on caches of its own."""
         n, device = input_ids.shape[0], input_ids.device
-        self.allocate_kv_cache(n, self.embed.weight.dtype if self.embed.weight.is_floating_point() else torch.float32,
-                               device)
+        largest = self.largest_ratio
+        self.set_kv_layout(largest, 1, 0)
+        self.allocate_kv_cache(-(-n // largest) * largest, self.embed.weight.dtype
+                               if self.embed.weight.is_floating_point() else torch.float32, device)
         slots = torch.arange(n, device=device)
         return self.compute_logits(self.run_layers(input_ids, slots, slots, [Segment(0, n, slots)]))
 
 
-def segments_of(varlen) -> list[Segment]:
-    """The varlen batch's sequences: rows cu[b]:cu[b+1], context slots kv_slots[b, :kv_lens[b]]."""
+def segments_of(varlen, request_slots: list[int]) -> list[Segment]:
+    """The varlen batch's sequences: rows cu[b]:cu[b+1], context slots kv_slots[b, :kv_lens[b]], rings
+    request_slots[b]."""
     cu, lens = varlen.cu_seqlens_q.tolist(), varlen.kv_lens.tolist()
-    return [Segment(cu[b], cu[b + 1] - cu[b], varlen.kv_slots[b, :lens[b]]) for b in range(len(lens))]
+    return [Segment(cu[b], cu[b + 1] - cu[b], varlen.kv_slots[b, :lens[b]], request_slots[b])
+            for b in range(len(lens))]
