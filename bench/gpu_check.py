@@ -74,7 +74,7 @@ def random_draft(draft_dir, target, dtype, method, vocab_size=0):  # loader.load
 def build_engine(root: Path, kv_cache_gb: float, target=QWEN3_4B, draft=DSPARK_4B, device="cuda", kernels="triton",
                  dtype="bfloat16", max_num_seqs=64, attention="auto"):
     """The engine's model runner and block manager around random weights (no checkpoint to read)."""
-    from engine import drafter, model_runner
+    from engine import model_runner
     from engine.block_manager import BlockManager
     from engine.config import EngineConfig
     for name, cfg in (("target", target), ("draft", draft)):
@@ -83,13 +83,14 @@ def build_engine(root: Path, kv_cache_gb: float, target=QWEN3_4B, draft=DSPARK_4
     config = EngineConfig(model=str(root / "target"), draft=str(root / "draft"), spec_method="dspark", dtype=dtype,
                           device=device, kernels=kernels, kv_cache_gb=kv_cache_gb,
                           max_num_seqs=max_num_seqs, attention=attention)
-    loaders = model_runner.load_model, drafter.load_draft
+    from engine.drafts import loader
+    loaders = model_runner.load_model, loader.load_draft
     model_runner.load_model = lambda model_dir, dtype: random_target(model_dir, dtype, device)
-    drafter.load_draft = random_draft
+    loader.load_draft = random_draft
     try:
         runner = model_runner.ModelRunner(config)
     finally:
-        model_runner.load_model, drafter.load_draft = loaders
+        model_runner.load_model, loader.load_draft = loaders
     return SimpleNamespace(model_runner=runner, block_manager=BlockManager(runner.num_blocks, config.kv_block_size))
 
 
