@@ -102,8 +102,13 @@ def agree_min(value: int) -> int:
 
 
 def broadcast_control(t: torch.Tensor):
-    """Rank 0's t to every rank, in place (CPU tensors, on the control group)."""
-    dist.broadcast(t, 0, group=_STATE.control)
+    """Rank 0's t to every rank, in place (CPU tensors, on the control group). Workers wait as long as the server
+    idles; rank 0 waits the collective timeout (a gloo broadcast returns once every rank has taken it, so a rank that
+    stopped reading would otherwise hold rank 0 for the control group's long timeout)."""
+    if not is_driver():
+        dist.broadcast(t, 0, group=_STATE.control)
+        return
+    dist.broadcast(t, 0, group=_STATE.control, async_op=True).wait(timeout=timedelta(seconds=_STATE.timeout_s))
 
 
 def split(n: int, world: int | None = None, rank_: int | None = None) -> tuple[int, int]:

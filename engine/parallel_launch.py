@@ -10,6 +10,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -29,7 +30,7 @@ class Ranks:
     """The ranks of this engine as rank 0 sees them: the local processes it started (none under torchrun)."""
 
     def __init__(self, processes: list, timeout_s: float):
-        self.processes, self.timeout_s, self.closed = processes, timeout_s, False
+        self.processes, self.timeout_s, self.closed, self.failed = processes, timeout_s, False, False
 
     @contextmanager
     def watch(self):
@@ -41,6 +42,7 @@ class Ranks:
         except RuntimeError as e:
             if not self.broken_ranks() and not any(word in str(e).lower() for word in COLLECTIVE_ERRORS):
                 raise
+            self.failed = True
             raise RankFailure(self.describe_failure(e)) from e
 
     def broken_ranks(self) -> list[str]:
@@ -62,20 +64,29 @@ class Ranks:
                 f"{self.timeout_s:g} s or went away ({first})")
 
     def close(self, timeout_s: float = 10.0):
-        """Tell the workers to stop and wait for them; any still running then is terminated."""
+        """Tell the workers to stop and wait for them; any still running then is killed. After a failure nothing is
+        sent (a stopped rank would never read it: the send would block)."""
         if self.closed:
             return
         self.closed = True
+        if not self.failed:
+            sender = threading.Thread(target=self.send_stop, daemon=True)
+            sender.start()
+            sender.join(timeout_s)
+            self.failed = sender.is_alive()
+        for process in self.processes:
+            process.join(timeout=0 if self.failed else timeout_s)
+            if process.is_alive():
+                process.kill()  # SIGKILL: a stopped process never acts on SIGTERM
+                process.join(timeout=timeout_s)
+        distributed.shutdown()
+
+    @staticmethod
+    def send_stop():
         try:
             parallel_step.stop_workers()
         except RuntimeError:
-            pass  # a worker is gone already: the rest are terminated below
-        for process in self.processes:
-            process.join(timeout=timeout_s)
-            if process.is_alive():
-                process.terminate()
-                process.join(timeout=timeout_s)
-        distributed.shutdown()
+            pass  # a worker is gone already: the rest are killed by close()
 
 
 def process_state(pid: int) -> str:
@@ -126,7 +137,7 @@ def free_port() -> int:
 
 def worker_main(rank: int, config: EngineConfig, init_method: str):
     """A spawned local rank: dies with the process that started it, joins the group, serves."""
-    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # SIGKILL: stopped ranks too
     if os.getppid() == 1:
         sys.exit(1)  # the parent died before the line above took effect
     if config.num_threads:
