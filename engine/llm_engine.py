@@ -143,6 +143,11 @@ class LLMEngine:
     def watch_ranks(self):
         return self.ranks.watch() if self.ranks else nullcontext()
 
+    @property
+    def parallel(self) -> bool:
+        """Tensor parallel: other ranks run this engine's forwards (keep_alive checks them while idle)."""
+        return self.ranks is not None
+
     def keep_alive(self):
         """While idle (the server, about once a second): every rank answers within the timeout, or RankFailure."""
         with self.watch_ranks():

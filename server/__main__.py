@@ -2,6 +2,7 @@
 import argparse
 import logging
 import signal
+import sys
 
 import uvicorn
 
@@ -28,9 +29,14 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     app = create_app(config_from_args(args), args.served_model_name, args.api_key, args.max_waiting,
                      args.max_body_bytes)
-    signal.signal(signal.SIGHUP, lambda *_: app.state.engine_loop.request_reload())  # reload the calibration
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info",
-                timeout_graceful_shutdown=args.graceful_timeout)
+    engine_loop = app.state.engine_loop
+    signal.signal(signal.SIGHUP, lambda *_: engine_loop.request_reload())  # reload the calibration
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
+                                           timeout_graceful_shutdown=args.graceful_timeout))
+    engine_loop.on_fatal = lambda message: setattr(server, "should_exit", True)  # a tensor-parallel rank failed
+    server.run()
+    if engine_loop.fatal:
+        sys.exit(f"dspark-serve: {engine_loop.fatal}")
 
 
 if __name__ == "__main__":

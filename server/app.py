@@ -139,7 +139,7 @@ async def stream(admission: Admission, fmt, include_usage: bool) -> AsyncIterato
             yield sse(fmt.usage_chunk(usage(out)))
     except EngineFailure as e:
         finished = True
-        yield sse(error_body(500, str(e)))
+        yield sse(error_body(e.status, str(e)))
     finally:
         admission.release(finished)
     yield b"data: [DONE]\n\n"
@@ -157,7 +157,7 @@ async def collect(request: Request, admission: Admission, fmt) -> Response:
         try:
             text, last, logprobs = gathering.result()
         except EngineFailure as e:
-            raise APIError(500, str(e)) from e
+            raise APIError(e.status, str(e)) from e
         return json_response(fmt.full(text, last.finish_reason, usage(last), logprobs))
     finally:
         gathering.cancel()

@@ -9,6 +9,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from engine.distributed import RankFailure
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestError, RequestOutput
 from engine.sampling_params import SamplingParams
@@ -16,10 +17,16 @@ from server.errors import APIError
 from server.metrics import Metrics
 
 log = logging.getLogger("server")
+KEEP_ALIVE_S = 1.0  # an idle tensor-parallel engine asks its ranks to answer this often
 
 
 class EngineFailure(Exception):
-    """The engine raised while stepping; every request in flight fails with it."""
+    """The engine raised while stepping; every request in flight fails with it: 500, or 503 when a tensor-parallel
+    rank failed (the server is going away)."""
+
+    def __init__(self, message: str, status: int = 500):
+        super().__init__(message)
+        self.status = status
 
 
 @dataclass
@@ -58,6 +65,8 @@ class EngineLoop:
         self.tracked: dict[str, Tracked] = {}   # loop-thread side
         self.loop: asyncio.AbstractEventLoop | None = None
         self.engine: LLMEngine | None = None     # set by the loop thread before it reports back
+        self.fatal = ""                          # why the engine cannot go on (a tensor-parallel rank failed)
+        self.on_fatal: Callable[[str], None] = lambda message: None  # the server's way to exit then
         built: queue.SimpleQueue = queue.SimpleQueue()
         self.thread = threading.Thread(target=self.run, args=(make_engine, built), name="engine-loop", daemon=True)
         self.thread.start()
@@ -80,6 +89,8 @@ class EngineLoop:
         if self.num_in_flight >= self.capacity:
             raise APIError(503, f"the server is at capacity ({self.capacity} requests in flight); retry later",
                            headers={"Retry-After": "1"})
+        if self.fatal:
+            raise APIError(503, f"the engine failed: {self.fatal}")
         if not self.thread.is_alive():
             raise APIError(503, "the engine is shutting down", headers={"Retry-After": "1"})
         request_id, outputs, admitted = uuid.uuid4().hex, asyncio.Queue(), asyncio.get_running_loop().create_future()
@@ -114,7 +125,7 @@ class EngineLoop:
         self.serve()
 
     def serve(self):
-        while True:
+        while not self.fatal:
             idle = not self.engine.has_unfinished()
             if not self.apply_commands(block=idle):
                 break
@@ -126,15 +137,20 @@ class EngineLoop:
         for request_id in unfinished:
             outputs = self.tracked[request_id].queue
             self.abort(request_id)
-            self.post(outputs, EngineFailure("the server is shutting down"))
+            self.post(outputs, EngineFailure("the server is shutting down", 503))
         log.info("engine loop stopped (%d unfinished requests aborted)", len(unfinished))
+        self.engine.close()  # tensor parallel: the other ranks stop too
 
     def apply_commands(self, block: bool) -> bool:
-        """Apply queued adds and aborts; False when asked to stop."""
+        """Apply queued adds and aborts; False when asked to stop. An idle tensor-parallel engine checks its ranks
+        every KEEP_ALIVE_S while it waits, so a failed rank is noticed without a request."""
+        timeout = KEEP_ALIVE_S if block and self.engine.parallel else None
         while True:
             try:
-                command = self.commands.get(block=block)
+                command = self.commands.get(block=block, timeout=timeout)
             except queue.Empty:
+                if block:
+                    self.keep_alive()
                 return True
             block = False
             if command[0] == "stop":
@@ -166,7 +182,8 @@ class EngineLoop:
             except queue.Empty:
                 return
             if command[0] == "add":
-                self.settle(command[-1].admitted, APIError(503, "the server is shutting down"))
+                reason = f"the engine failed: {self.fatal}" if self.fatal else "the server is shutting down"
+                self.settle(command[-1].admitted, APIError(503, reason))
 
     def add(self, request_id: str, token_ids: list[int], params: SamplingParams, tracked: Tracked):
         try:
@@ -184,9 +201,27 @@ class EngineLoop:
             self.engine.abort(request_id)
             self.metrics.finished(reason)
 
+    def keep_alive(self):
+        try:
+            self.engine.keep_alive()
+        except RankFailure as e:
+            self.fail(e)
+
+    def fail(self, failure: RankFailure):
+        """A rank failed: every request in flight and every later one gets a 503, and the server exits."""
+        self.fatal = str(failure)
+        log.error("%s; the server stops", failure)
+        for request_id in list(self.tracked):
+            outputs = self.tracked[request_id].queue
+            self.abort(request_id, "error")
+            self.post(outputs, EngineFailure(f"the engine failed: {failure}", 503))
+        self.on_fatal(self.fatal)
+
     def step(self):
         try:
             outputs = self.engine.step()
+        except RankFailure as e:
+            return self.fail(e)
         except Exception as e:
             log.exception("engine step failed; failing the %d requests in flight", len(self.tracked))
             failure = EngineFailure(f"the engine failed: {type(e).__name__}: {e}")
