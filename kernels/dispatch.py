@@ -6,6 +6,7 @@ kernels/budget.py are the test oracles.)"""
 import torch
 
 from kernels import attention, sampling, triton_support
+from kernels import v4_attention as v4_attention_twin
 
 
 def store_kvcache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -21,6 +22,15 @@ def block_attention(q, k, v, k_cache, v_cache, kv_slots, ctx_lens, scale: float)
         from kernels import triton_attention
         return triton_attention.block_attention(q, k, v, k_cache, v_cache, kv_slots, ctx_lens, scale)
     return attention.block_attention(q, k, v, k_cache, v_cache, kv_slots, ctx_lens, scale)
+
+
+def v4_attention(q, window_kv, window: int, entries, entry_index, sinks, scale: float) -> torch.Tensor:
+    """DeepSeek-V4's window + indexed-entries attention: Triton when selected, else the twin. V4Attention takes this
+    path only with Triton selected; its CPU path keeps its own dense sink_attention."""
+    if triton_support.enabled():
+        from kernels import triton_v4_attention
+        return triton_v4_attention.v4_attention(q, window_kv, window, entries, entry_index, sinks, scale)
+    return v4_attention_twin.v4_attention(q, window_kv, window, entries, entry_index, sinks, scale)
 
 
 def rejection_sample(target_probs, draft_probs, draft_tokens, num_drafts, uniforms, bonus_uniforms):

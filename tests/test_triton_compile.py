@@ -17,7 +17,7 @@ import torch
 import triton
 from triton.runtime.interpreter import InterpretedFunction
 
-from kernels import triton_attention, triton_budget, triton_kv, triton_markov, triton_rejection
+from kernels import triton_attention, triton_budget, triton_kv, triton_markov, triton_rejection, triton_v4_attention
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(),
                                 reason="with a GPU the kernel tests compile and run the kernels themselves")
@@ -47,10 +47,13 @@ for launch in json.load(sys.stdin):
             signature[param.name] = "i32" if -2**31 <= value < 2**31 else "i64"
         else:
             signature[param.name] = "fp32"
-    if "DOT_TYPE" in constexprs:  # the interpreter's fp32 stand-in; on the GPU the dot runs in the caches' dtype
-        constexprs["DOT_TYPE"] = tl.core.dtype(signature["k_cache_ptr"][1:])
+    if "DOT_TYPE" in constexprs:  # the interpreter's fp32 stand-in; on the GPU the dot runs in the keys' dtype
+        keys = "k_cache_ptr" if "k_cache_ptr" in signature else "window_ptr"
+        constexprs["DOT_TYPE"] = tl.core.dtype(signature[keys][1:])
     compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
-                              target=GPUTarget("cuda", 90, 32))
+                              target=GPUTarget("cuda", 90, 32), options=launch["options"])
+    # a kernel needing more shared memory than an H100 block may have compiles but never launches
+    assert compiled.metadata.shared <= 227 * 1024, (launch["kernel"], compiled.metadata.shared)
     print(launch["kernel"], len(compiled.asm["cubin"]), "bytes of sm_90 code", flush=True)
 """
 
@@ -73,7 +76,8 @@ def recorded(monkeypatch):
         names = self.arg_names
         values = dict(zip(names, args)) | kwargs
         launches.append({"module": self.fn.__module__, "kernel": self.fn.__name__,
-                         "args": {name: describe(values[name]) for name in names if name in values}})
+                         "args": {name: describe(values[name]) for name in names if name in values},
+                         "options": {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}})
         return run(self, *args, grid=grid, warmup=warmup, **kwargs)
 
     monkeypatch.setattr(InterpretedFunction, "run", record)
@@ -85,7 +89,7 @@ def run_every_kernel():
     g = torch.Generator().manual_seed(0)
     T, Hkv, H, D, slots = 5, 2, 8, 128, 64
     k, v = torch.randn(T, Hkv, D, generator=g).bfloat16(), torch.randn(T, Hkv, D, generator=g).bfloat16()
-    k_cache, v_cache = torch.zeros(Hkv, slots, D, dtype=torch.bfloat16), torch.zeros(Hkv, slots, D, dtype=torch.bfloat16)
+    k_cache, v_cache = (torch.zeros(Hkv, slots, D, dtype=torch.bfloat16) for _ in range(2))
     triton_kv.store_kvcache(k, v, k_cache, v_cache, torch.tensor([3, -1, 7, 8, 9]))
     q = torch.randn(T, H, D, generator=g).bfloat16()
     cu = torch.tensor([0, 1, 5], dtype=torch.int32)
@@ -107,6 +111,11 @@ def run_every_kernel():
     triton_markov.markov_sample(*args, torch.arange(60))
     triton_markov.markov_sample(args[0], args[1], w1[:60], *args[3:])
     triton_budget.allocate_budget(torch.rand(3, 7, generator=g), torch.tensor([7, 3, 0]), 5)
+    for head_dim in (512, 128):  # DeepSeek-V4's head size (its big-head tiles), and the small-head tiles
+        v4_q = torch.randn(3, 5, head_dim, generator=g).bfloat16()
+        v4_kv = torch.randn(6, head_dim, generator=g).bfloat16()
+        triton_v4_attention.v4_attention(v4_q, v4_kv, 4, v4_kv, torch.tensor([[0, -1], [2, 1], [-1, -1]]),
+                                         torch.zeros(5), 0.1)
 
 
 def test_every_kernel_compiles_for_sm90(recorded):
@@ -114,7 +123,7 @@ def test_every_kernel_compiles_for_sm90(recorded):
     kernels = {(launch["module"], launch["kernel"]) for launch in recorded}
     assert {k for _, k in kernels} == {"_store_kv_kernel", "_varlen_attention_kernel", "_rejection_kernel",
                                        "_logits_kernel", "_pick_kernel", "_normalize_kernel",
-                                       "_allocate_budget_kernel"}
+                                       "_allocate_budget_kernel", "_v4_attention_kernel"}
     unique = list({json.dumps(launch, sort_keys=True): launch for launch in recorded}.values())
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", COMPILE], input=json.dumps(unique), capture_output=True, text=True,

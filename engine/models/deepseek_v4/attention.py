@@ -25,6 +25,7 @@ from engine.models.deepseek_v4.mhc import unit_rms
 from engine.models.deepseek_v4.rings import Ring
 from engine.models.deepseek_v4.rope import cos_sin, inv_freq, rotate
 from engine.models.layers import Linear
+from kernels import dispatch, triton_support
 
 
 @dataclass
@@ -133,15 +134,27 @@ class Indexer(nn.Module):
     def select(self, x: torch.Tensor, q_low: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor,
                visible: torch.Tensor) -> torch.Tensor:
         """A sequence's query rows -> [q, T] bool: the entries each attends to (visible says which have ended)."""
+        chosen = torch.zeros_like(visible)
+        chosen.scatter_(1, self.ranked(x, q_low, cos, sin, keys, visible), True)
+        return chosen & visible
+
+    def top_entries(self, x: torch.Tensor, q_low: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                    keys: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        """select's entries as indices [q, min(top_k, T)], best first, -1 where a row has fewer visible."""
+        order = self.ranked(x, q_low, cos, sin, keys, visible)
+        return torch.where(visible.gather(1, order), order, -1)
+
+    def ranked(self, x: torch.Tensor, q_low: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor,
+               visible: torch.Tensor) -> torch.Tensor:
+        """[q, min(top_k, T)]: each row's best-scored entries, the ones not visible last."""
+        if not keys.shape[0]:
+            return visible.new_zeros(visible.shape[0], 0, dtype=torch.long)
         q = rotate(self.wq_b(q_low).unflatten(-1, (self.heads, self.dim)), cos, sin)
         scores = F.relu(torch.einsum("shd,td->sht", q.float(), keys.float())) * self.dim ** -0.5
         weights = self.weights_proj(x).float() * self.heads ** -0.5
         scores = (scores * weights.unsqueeze(-1)).sum(1).masked_fill(~visible, float("-inf"))
-        chosen = torch.zeros_like(visible)
-        if keys.shape[0]:  # ties (every head's ReLU at zero) go to the earlier entry, whatever the entry count
-            order = scores.sort(dim=-1, descending=True, stable=True).indices
-            chosen.scatter_(1, order[:, :min(self.top_k, keys.shape[0])], True)
-        return chosen & visible
+        # ties (every head's ReLU at zero) go to the earlier entry, whatever the entry count
+        return scores.sort(dim=-1, descending=True, stable=True).indices[:, :self.top_k]
 
 
 class V4Attention(nn.Module):
@@ -205,8 +218,12 @@ class V4Attention(nn.Module):
             rows = seg.rows
             for compressor, raw in zip(self.caches(), raws):
                 compressor.update(seg, raw[rows], self.freqs)
-            keys, allowed = self.context(seg, kv[rows], x[rows], q_low[rows], positions[rows], cos[rows], sin[rows])
-            out[rows] = sink_attention(q[rows], keys, allowed, self.attn_sink, self.dim ** -0.5)
+            inputs = (seg, kv[rows], x[rows], q_low[rows], positions[rows], cos[rows], sin[rows])
+            if triton_support.enabled():
+                out[rows] = self.attend_paged(q[rows], *inputs)
+            else:
+                keys, allowed = self.context(*inputs)
+                out[rows] = sink_attention(q[rows], keys, allowed, self.attn_sink, self.dim ** -0.5)
             self.ring.write(seg.request_slot, seg.first_position, kv[rows])
         grouped = rotate(out, cos, -sin).reshape(x.shape[0], self.groups, -1)
         w = self.wo_a.weight.view(self.groups, -1, grouped.shape[-1])
@@ -229,6 +246,32 @@ class V4Attention(nn.Module):
             index_keys = self.indexer.compressor.finished(seg, x.dtype)
             visible = self.indexer.select(x, q_low, cos, sin, index_keys, visible)
         return torch.cat([keys, entries]), torch.cat([allowed, visible], 1)
+
+    def attend_paged(self, q: torch.Tensor, seg: Segment, kv: torch.Tensor, x: torch.Tensor, q_low: torch.Tensor,
+                     positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """context's attention on the kernel path (kernels/triton_v4_attention.py): the window's K=V, and each row's
+        entries as indices into the pages, read there by the kernel (neither gathered nor masked densely)."""
+        s = seg.first_position
+        window_kv = torch.cat([self.ring.read(seg.request_slot, s - min(s, self.window - 1), s).to(x.dtype), kv])
+        if self.kind == "window":
+            entries, index = window_kv[:0], positions.new_zeros(positions.shape[0], 0)
+        else:
+            entries, index = self.compressor.entries, self.entry_index(seg, x, q_low, positions, cos, sin)
+        return dispatch.v4_attention(q, window_kv, self.window, entries, index.to(torch.int32), self.attn_sink,
+                                     self.dim ** -0.5)
+
+    def entry_index(self, seg: Segment, x: torch.Tensor, q_low: torch.Tensor, positions: torch.Tensor,
+                    cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Each row's entries as rows of the pages [q, J], -1 for none: every finished one (HCA), or the indexer's
+        top-k of them (CSA)."""
+        pages = seg.context_slots[:seg.end // self.ratio * self.ratio:self.ratio] // self.ratio
+        entry = torch.arange(pages.shape[0], device=x.device)[None, :]
+        visible = entry < ((positions + 1) // self.ratio)[:, None]
+        if self.kind == "csa":
+            index_keys = self.indexer.compressor.finished(seg, x.dtype)
+            entry = self.indexer.top_entries(x, q_low, cos, sin, index_keys, visible)
+            visible = entry >= 0
+        return torch.where(visible, pages[entry.clamp_min(0)], -1)
 
 
 def sink_attention(q: torch.Tensor, keys: torch.Tensor, allowed: torch.Tensor, sinks: torch.Tensor,
