@@ -77,12 +77,14 @@ def test_head_dim_512_over_two_head_tiles(kernel_device):
 
 
 def test_every_finished_entry_and_window_only(kernel_device):
-    """HCA: row i sees the first i + 2 entries (one index row broadcast with stride 0 would do too); window-only:
-    no entries at all, and a window longer than the rows' history."""
+    """HCA: row i sees the first i + 2 entries, or every row the same entries through one index row broadcast with
+    stride 0; window-only: no entries at all, and a window longer than the rows' history."""
     hca = make_inputs(4, 3, 24, 6, 3, 9, [list(range(i + 2)) for i in range(4)], torch.float32, kernel_device, seed=2)
+    shared_row = torch.tensor([7, -1, 2, 4], dtype=torch.int32, device=kernel_device).expand(4, 4)
+    assert shared_row.stride() == (0, 1)
     window_only = {**make_inputs(5, 3, 24, 6, 128, 0, [[]] * 5, torch.float32, kernel_device, seed=3),
                    "entry_index": torch.zeros(5, 0, dtype=torch.int32, device=kernel_device)}
-    for inputs in (hca, window_only):
+    for inputs in (hca, hca | {"entry_index": shared_row}, window_only):
         out = kernel.v4_attention(**inputs)
         assert_close(out, dense_oracle(**on_cpu_fp32(inputs)), torch.float32)
 
