@@ -48,12 +48,27 @@ class ModelRunner:
             move_to_huge_pages(self.model, *([self.drafter.draft] if self.drafter else []))
             return_freed_memory()
         if self.model.own_attention:  # DeepSeek-V4: entries in the pages, per-request rings beside them
+            self.fit_kv_options_to_v4()
             self.model.set_kv_layout(self.block_size, config.max_num_seqs, self.max_rollback,
                                      config.enable_prefix_caching)
         self.attention = self.choose_attention()
         self.flashinfer = self.make_flashinfer() if self.attention == "flashinfer" else None
         self.num_blocks = self.allocate_kv_cache(config.kv_cache_gb or self.free_gpu_kv_gb())
         self.graphs = None  # engine/graphs.TargetGraphs once captured
+
+    def fit_kv_options_to_v4(self):
+        """DeepSeek-V4 serves with its defaults: blocks of whole compressed windows (kv_block_size rounded up to a
+        multiple of the largest compress ratio) and no prefix cache (its rings are per request)."""
+        c, largest = self.config, self.model.largest_ratio
+        if c.kv_block_size % largest:
+            rounded = -(-c.kv_block_size // largest) * largest
+            log.info("DeepSeek-V4: kv_block_size %d -> %d (whole windows of its largest compress ratio)",
+                     c.kv_block_size, rounded)
+            c.kv_block_size = self.block_size = rounded
+        if c.enable_prefix_caching:
+            log.warning("DeepSeek-V4 runs without the prefix cache for now (its window and compressor state are per "
+                        "request): prefix caching is off")
+            c.enable_prefix_caching = False
 
     def choose_attention(self) -> str:
         """config.attention settled: 'torch' off the Triton path; for 'auto', FlashInfer on a GPU where it is
@@ -186,6 +201,9 @@ class ModelRunner:
         from engine.graphs import TargetGraphs
         if not triton_support.enabled():
             raise ValueError("CUDA graphs need the Triton kernels (kernels='triton')")
+        if self.model.own_attention:
+            log.warning("DeepSeek-V4 runs eagerly for now: its steps loop over requests on the host (no CUDA graphs)")
+            return
         max_q_len = 1 + (self.drafter.num_draft_tokens if self.drafter else 0)
         max_tokens = min(self.config.max_num_batched_tokens, self.config.max_num_seqs * max_q_len)
         self.graphs = TargetGraphs(self.model, self.device, self.config.max_num_seqs, max_q_len, max_model_len,

@@ -11,6 +11,7 @@ from tiny_models import save_tiny_v4_dspark
 from engine import LLM, SamplingParams
 from engine.config import EngineConfig
 from engine.drafter import Drafter
+from engine.drafts import v4_stage
 from engine.drafts.v4_dspark import V4DSparkDraft
 from engine.sampler import SamplingTensors
 
@@ -140,3 +141,138 @@ def test_the_window_is_sliding_window_positions_wide(v4):
     for cache in draft.kv_caches:
         cache[n - window] += 1.0
     assert (draft_probs(draft, n, anchor=3) - before).abs().max() > 1e-3
+
+
+# ---- the module's forward against a reference written here from its definition -------------------------------------
+
+def fp8_rounded(kv: torch.Tensor, rope_dim: int) -> torch.Tensor:
+    """The module's QAT from its definition: each group of 64 non-rope channels divided by the power of two at or
+    above its absolute max / 448, rounded to float8_e4m3, multiplied back; the rope channels untouched."""
+    out = kv.clone()
+    for g in range(0, kv.shape[-1] - rope_dim, 64):
+        part = kv[..., g:g + 64]
+        scale = 2.0 ** torch.ceil(torch.log2(part.abs().amax(-1, keepdim=True).clamp_min(1e-4) / 448))
+        out[..., g:g + 64] = (part / scale).to(torch.float8_e4m3fn).float() * scale
+    return out
+
+
+def rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+class Reference:
+    """Transformers' DeepseekV4DecoderLayer parts (mHC, norms, MoE, projections) for each stage, loaded from the
+    checkpoint's `mtp.K.*` tensors by the released -> transformers renaming; the attention, the block, the window and
+    the head written here: each block query attends over the stage's K=V of the last `window` committed positions
+    (made from main_x) and every block position, with a per-head sink."""
+
+    HEADS = ("main_proj", "main_norm", "hc_head_", "norm.", "markov_head", "confidence_head")
+
+    def __init__(self, path, hf):
+        import json
+
+        from safetensors.torch import load_file
+        from transformers.models.deepseek_v4 import modeling_deepseek_v4 as m
+
+        from engine.models.deepseek_v4.checkpoint import transformers_state_from_released
+        raw = json.loads((path / "config.json").read_text())
+        self.L, S = raw["num_hidden_layers"], len(raw["compress_ratios"]) - raw["num_hidden_layers"]
+        stages = {"num_hidden_layers": self.L + S, "layer_types": hf.config.layer_types + ["sliding_attention"] * S,
+                  "mlp_layer_types": hf.config.mlp_layer_types + ["moe"] * S}
+        self.cfg = m.DeepseekV4Config(**(raw | stages))
+        self.m, self.hf, self.state = m, hf, load_file(str(path / "model.safetensors"))
+        self.stages = [self.stage(s, transformers_state_from_released) for s in range(S)]
+        self.rope = m.DeepseekV4RotaryEmbedding(self.cfg)
+        self.last = f"mtp.{S - 1}."
+
+    def stage(self, s: int, rename):
+        layer = self.m.DeepseekV4DecoderLayer(self.cfg, self.L + s).float().eval()
+        prefix = f"mtp.{s}."
+        own = {f"layers.{self.L + s}.{n[len(prefix):]}": t for n, t in self.state.items()
+               if n.startswith(prefix) and not n[len(prefix):].startswith(self.HEADS)}
+        hf_prefix = f"model.layers.{self.L + s}."
+        missing, unexpected = layer.load_state_dict({n[len(hf_prefix):]: t for n, t in rename(own).items()},
+                                                    strict=False)
+        assert not missing and not unexpected, (missing, unexpected)
+        return layer
+
+    def cos_sin(self, positions: torch.Tensor):
+        return self.rope(torch.zeros(1), positions[None], layer_type="main")
+
+    def kv(self, attn, x: torch.Tensor, cos, sin) -> torch.Tensor:
+        kv = self.m.apply_rotary_pos_emb(attn.kv_norm(attn.kv_proj(x))[None, None], cos, sin)[0, 0]
+        return fp8_rounded(kv, 2 * cos.shape[-1])
+
+    def attention(self, attn, x: torch.Tensor, cos, sin, window_kv: torch.Tensor) -> torch.Tensor:
+        G, H, D = x.shape[0], self.cfg.num_attention_heads, self.cfg.head_dim
+        q = attn.q_b_norm(attn.q_b_proj(attn.q_a_norm(attn.q_a_proj(x))).view(G, H, D).transpose(0, 1)[None])
+        q = self.m.apply_rotary_pos_emb(q, cos, sin)[0]
+        keys = torch.cat([window_kv, self.kv(attn, x, cos, sin)])
+        scores = q @ keys.T * D ** -0.5
+        sink = attn.sinks.view(H, 1, 1).expand(H, G, 1)
+        out = torch.cat([scores, sink], -1).softmax(-1)[..., :-1] @ keys          # [H, G, D]
+        out = self.m.apply_rotary_pos_emb(out[None], cos, -sin)[0].transpose(0, 1)  # [G, H, D]
+        return attn.o_b_proj(attn.o_a_proj(out.reshape(1, G, self.cfg.o_groups, -1)).flatten(2))[0]
+
+    @torch.no_grad()
+    def block(self, features: torch.Tensor, anchor: int, G: int):
+        """features [n, k * hidden] of n committed positions -> (pre-norm hidden [G, hidden], base logits [G, V])."""
+        n, eps, window = features.shape[0], self.cfg.rms_norm_eps, self.cfg.sliding_window
+        main_x = rms(features @ self.state["mtp.0.main_proj.weight"].T, self.state["mtp.0.main_norm.weight"], eps)
+        ctx_cos, ctx_sin = self.cos_sin(torch.arange(n))
+        cos, sin = self.cos_sin(torch.arange(n, n + G))
+        ids = torch.tensor([anchor] + [self.cfg.vocab_size - 1] * (G - 1))
+        streams = self.hf.model.embed_tokens(ids)[None, :, None].expand(1, G, self.cfg.hc_mult, -1).contiguous()
+        for layer in self.stages:
+            window_kv = self.kv(layer.self_attn, main_x, ctx_cos, ctx_sin)[max(0, n - window):]
+            post, comb, collapsed = layer.attn_hc(streams)
+            out = self.attention(layer.self_attn, layer.input_layernorm(collapsed)[0], cos, sin, window_kv)
+            streams = post.unsqueeze(-1) * out[None, :, None] + comb.transpose(-1, -2) @ streams
+            post, comb, collapsed = layer.ffn_hc(streams)
+            out = layer.mlp(layer.post_attention_layernorm(collapsed), input_ids=ids[None])
+            streams = post.unsqueeze(-1) * out.unsqueeze(-2) + comb.transpose(-1, -2) @ streams
+        head = self.m.DeepseekV4HyperHead(self.cfg)
+        head.load_state_dict({k: self.state[self.last + "hc_head_" + k[3:]] for k in ("hc_fn", "hc_base", "hc_scale")})
+        hidden = head(streams)[0]
+        return hidden, self.hf.lm_head(rms(hidden, self.state[self.last + "norm.weight"], eps))
+
+
+def target_features(hf, tokens: list[int], layer_ids) -> torch.Tensor:
+    outputs = {}
+    hooks = [hf.model.layers[i].register_forward_hook(lambda m, a, out, i=i: outputs.__setitem__(i, out))
+             for i in layer_ids]
+    with torch.no_grad():
+        hf(torch.tensor([tokens]))
+    for hook in hooks:
+        hook.remove()
+    return torch.cat([outputs[i][0].mean(-2) for i in layer_ids], -1)
+
+
+def engine_and_reference(v4, n: int):
+    """(engine's pre-norm hidden, base logits), (the reference's): a block drafted after n committed positions."""
+    path, hf = v4
+    draft = v4_llm(path, spec_method="dspark").speculator.drafter.draft
+    tokens = torch.randint(0, VOCAB, (n + 1,), generator=torch.Generator().manual_seed(n)).tolist()
+    features = target_features(hf, tokens[:n], draft.config.target_layer_ids)
+    G = draft.config.block_size
+    expected_hidden, expected_logits = Reference(path, hf).block(features, tokens[n], G)
+    draft.allocate_kv_cache(32, torch.float32, torch.device("cpu"))
+    draft.extend_context(features, torch.arange(n), torch.arange(n))
+    hidden = draft.backbone(torch.tensor([tokens[n]]), torch.tensor([n]), torch.arange(n)[None], torch.tensor([n]))[0]
+    return (hidden, draft.vocab_logits(draft.mtp[-1].norm(hidden))), (expected_hidden, expected_logits)
+
+
+@pytest.mark.parametrize("n", [5, 20])
+def test_the_module_equals_a_reference_written_from_its_definition(v4, n):
+    """A block drafted after n committed positions (inside and past the 8-position window), on the same target
+    features: the engine's pre-norm hidden states and base logits equal the reference's."""
+    (hidden, logits), (expected_hidden, expected_logits) = engine_and_reference(v4, n)
+    assert (expected_logits.std() > 0.1) and (expected_logits[0] - expected_logits[1]).abs().max() > 1e-3
+    torch.testing.assert_close(hidden, expected_hidden, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(logits, expected_logits, atol=1e-4, rtol=1e-4)
+
+
+def test_negative_control_without_the_fake_fp8_the_reference_disagrees(v4, monkeypatch):
+    monkeypatch.setattr(v4_stage, "fake_fp8", lambda kv, rope_dim: kv)
+    (_, logits), (_, expected_logits) = engine_and_reference(v4, 20)
+    assert (logits - expected_logits).abs().max() > 1e-3

@@ -52,12 +52,19 @@ def test_batching_and_chunking_change_nothing(v4):
     assert [o.token_ids for o in together.generate(prompts(), GREEDY, use_tqdm=False)] == expected
 
 
-def test_prefix_caching_and_partial_windows_in_a_block_are_refused(v4):
+def test_prefix_caching_and_partial_windows_in_a_block_are_turned_off(v4):
+    """Options that do not suit V4 are fitted to it: blocks of 12 tokens become 16 (whole windows of its largest ratio, 8)
+    and the prefix cache is off; the model itself refuses both when asked directly."""
     path, _ = v4
+    llm = LLM(model=str(path), dtype="float32", kv_cache_gb=0.02, kv_block_size=12)
+    assert (llm.config.kv_block_size, llm.block_manager.block_size, llm.config.enable_prefix_caching) == (16, 16, False)
+    assert llm.generate(prompts()[:1], GREEDY, use_tqdm=False)[0].token_ids == \
+        engine(path).generate(prompts()[:1], GREEDY, use_tqdm=False)[0].token_ids
+    model = llm.model_runner.model
     with pytest.raises(ValueError, match="cannot use the prefix cache"):
-        LLM(model=str(path), dtype="float32", kv_cache_gb=0.02, kv_block_size=8, enable_prefix_caching=True)
+        model.set_kv_layout(8, 1, 0, prefix_caching=True)
     with pytest.raises(ValueError, match="kv_block_size must be a multiple of 8"):
-        LLM(model=str(path), dtype="float32", kv_cache_gb=0.02, kv_block_size=4, enable_prefix_caching=False)
+        model.set_kv_layout(4, 1, 0)
 
 
 def test_kv_budget_counts_every_cache(v4):
