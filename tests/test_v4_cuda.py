@@ -1,0 +1,33 @@
+"""`make gpu-check` runs this on CUDA (bench/gpu_check.KERNEL_TESTS): the tiny V4 + DSpark engine path, with the
+Triton kernels eager and with CUDA graphs asked for (V4 then runs eagerly), gives the CPU path's greedy tokens, plain
+and speculative. On a machine without a GPU it is skipped: the CPU path is covered by tests/test_v4_*.py."""
+import pytest
+import torch
+from tiny_models import save_tiny_v4_dspark
+
+from engine import LLM, SamplingParams
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="the V4 engine path on CUDA needs a GPU")
+GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("v4cuda") / "tiny-v4-dspark"
+    save_tiny_v4_dspark(path, seed=3, vocab_size=8, block_size=4)
+    return path
+
+
+def tokens(path, **options) -> list[list[int]]:
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 8, (n,), generator=g).tolist() for n in (13, 3, 21, 9)]
+    llm = LLM(model=str(path), dtype="float32", kv_cache_gb=0.05, kv_block_size=8, **options)
+    return [o.token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
+
+
+@pytest.mark.parametrize("spec_method", ["none", "dspark"])
+@pytest.mark.parametrize("enforce_eager", [True, False], ids=["eager", "graphs"])
+def test_cuda_tokens_equal_cpu_tokens(path, spec_method, enforce_eager):
+    expected = tokens(path, device="cpu", spec_method=spec_method)
+    assert tokens(path, device="cuda", kernels="triton", spec_method=spec_method,
+                  enforce_eager=enforce_eager) == expected
