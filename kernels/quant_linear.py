@@ -8,9 +8,12 @@ CPU kernels by kernels/cpu_build):
 
 A weight is the GGUF tensor's bytes as they are in the file, one row of blocks per output feature. The result is
 the type's GGML dequantization times x in fp32 (bf16 x widened exactly), in x's dtype: it differs from
-`gguf.quants.dequantize(...) @ x` only in fp32 summation order. Each row is unpacked once per call whatever the
-number of input rows, so decode-sized steps read ~3x fewer bytes than a bf16 weight (Q4_1); long prefills take
-dequantize() and a GEMM instead (the caller's choice). Uses torch.get_num_threads() threads; inference only.
+`gguf.quants.dequantize(...) @ x` only in fp32 rounding and summation order. Each row is unpacked once per call
+whatever the number of input rows, so decode-sized steps read ~3x fewer bytes than a bf16 weight (Q4_1); long
+prefills take dequantize() and a GEMM instead (the caller's choice). bf16 x over Q4_0 / Q4_1 / Q8_0 on CPUs with
+AVX512-BF16 takes a dot-product path that never writes a dequantized row (kernels/csrc/quant_linear_avx512.cpp).
+Every row's result is independent of the other rows (batch invariant). Uses torch.get_num_threads() threads;
+inference only.
 """
 import torch
 

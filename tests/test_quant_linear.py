@@ -129,3 +129,14 @@ def test_errors_name_the_problem():
         quant_linear.linear(torch.randn(1, 64), torch.zeros(1, 44, dtype=torch.uint8), 6, 64)
     with pytest.raises(RuntimeError, match="outside"):
         quant_linear.dequantize(torch.zeros(3, 40, dtype=torch.uint8), int(T.Q4_1), 64, torch.tensor([3]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("qtype,n,k", CASES, ids=[c[0].name for c in CASES])
+def test_rows_are_batch_invariant(qtype, n, k, dtype):
+    """A row's result is bitwise the same alone or among others (verify rows equal decode rows)."""
+    packed = torch.from_numpy(weight_blocks(qtype, n, k, seed=11))
+    x = torch.randn(11, k, generator=torch.Generator().manual_seed(12)).to(dtype)
+    together = quant_linear.linear(x, packed, int(qtype), k)
+    for i in (0, 5, 10):
+        assert torch.equal(quant_linear.linear(x[i:i + 1], packed, int(qtype), k), together[i:i + 1])

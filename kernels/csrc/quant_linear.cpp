@@ -66,11 +66,40 @@ void dequant_row(int type, const uint8_t* src, float* dst, int64_t k) {
     quant_avx2::dequant_row(type, src, dst, k);
 }
 
+bool bf16_path(const at::Tensor& x, int64_t type) {
+  return x.scalar_type() == at::kBFloat16 && quant_avx512::bf16_supported() &&
+         (type == quant_avx2::kQ4_0 || type == quant_avx2::kQ4_1 || type == quant_avx2::kQ8_0);
+}
+
+// y [M, N] fp32 from bf16 x [M, k] through the AVX512-BF16 rows; x's per-block sums feed Q4_1's minimums.
+at::Tensor linear_bf16(const at::Tensor& x2, const at::Tensor& blocks, int64_t type, int64_t k) {
+  const at::Tensor xb = x2.contiguous();
+  const int64_t M = xb.size(0), N = blocks.size(0), row_bytes = blocks.size(1), nb = k / 32;
+  const at::Tensor sums = xb.view({M, nb, 32}).to(at::kFloat).sum(-1).contiguous();
+  at::Tensor y = at::empty({M, N}, xb.options().dtype(at::kFloat));
+  const auto* xp = reinterpret_cast<const uint16_t*>(xb.data_ptr<at::BFloat16>());
+  const float* sp = sums.data_ptr<float>();
+  const uint8_t* w = blocks.data_ptr<uint8_t>();
+  float* yp = y.data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, (int64_t(32) << 10) / (row_bytes + M * k / 8));
+  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+    quant_avx512::linear_rows_bf16(static_cast<int>(type), w, row_bytes, xp, sp, M, k, yp, N, n0, n1);
+  });
+  return y;
+}
+
 at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& blocks, int64_t type, int64_t k,
                         const c10::optional<at::Tensor>& bias) {
   check_blocks(blocks, type, k);
   TORCH_CHECK(x.size(-1) == k, "quantized linear: x has ", x.size(-1), " features, the weight ", k);
   const int64_t N = blocks.size(0), row_bytes = blocks.size(1);
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  if (bf16_path(x, type)) {
+    at::Tensor y = linear_bf16(x.reshape({-1, k}), blocks, type, k);
+    if (bias.has_value() && bias->defined()) y.add_(bias->to(at::kFloat));
+    return y.view(shape).to(x.scalar_type());
+  }
   const at::Tensor xf = x.reshape({-1, k}).to(at::kFloat).contiguous();
   const int64_t M = xf.size(0);
   at::Tensor y = at::empty({M, N}, xf.options());
@@ -84,8 +113,6 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& blocks, int64_t t
     linear_rows(static_cast<int>(type), w, row_bytes, xp, M, k, yp, N, n0, n1, wbuf.data());
   });
   if (bias.has_value() && bias->defined()) y.add_(bias->to(at::kFloat));
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = N;
   return y.view(shape).to(x.scalar_type());
 }
 

@@ -127,7 +127,109 @@ void dequant_row(int type, const uint8_t* src, float* dst, int64_t k) { quant_av
 
 #pragma GCC pop_options
 
+// bf16 activations on CPUs with AVX512-BF16: a block's 4- or 8-bit integers become bf16 exactly (a lookup of 16
+// values for a nibble; int8 through fp32), vdpbf16ps dots them with 32 elements of x (products exact in fp32), and
+// the block's scale applies once to that partial: y = sum_b d_b * (q_b . x_b) (+ m_b * sum(x_b) for Q4_1), the
+// sums of x per block computed once per call. No fp32 row is written, so unpacking costs a few instructions per 32
+// weights. Each output's order of operations depends on K only (batch invariant). The same idea as llama.cpp's
+// vec_dot kernels, but x stays bf16 (exact) instead of being quantized to 8 bits.
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")
+
+namespace quant_bf16_impl {
+using namespace quant_avx512_impl;
+
+inline __m512i nibble_table(int offset) {  // bf16 bits of (i - offset), i = 0..15, twice
+  alignas(64) uint16_t t[32];
+  for (int i = 0; i < 32; ++i) {
+    const float v = static_cast<float>((i & 15) - offset);
+    uint32_t bits;
+    __builtin_memcpy(&bits, &v, 4);
+    t[i] = static_cast<uint16_t>(bits >> 16);
+  }
+  return _mm512_load_si512(t);
+}
+
+inline __m512bh nibbles_bf16(const uint8_t* q, __m512i table) {
+  const __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
+  const __m256i lo = _mm256_and_si256(b, _mm256_set1_epi16(15)), hi = _mm256_srli_epi16(b, 4);
+  return (__m512bh)_mm512_permutexvar_epi16(_mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1), table);
+}
+
+inline __m512bh int8_bf16(const uint8_t* q) {
+  const __m512i w = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)));
+  const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_castsi512_si256(w)));
+  const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(w, 1)));
+  return _mm512_cvtne2ps_pbh(hi, lo);
+}
+
+// rows y[m * N] = W[n] . x[m] for MB rows of x (bf16 bits, row stride K); sx[m * nb + b]: sum of block b of row m.
+template <int MB>
+inline void row_dot(int type, const uint8_t* w, const uint16_t* x, const float* sx, int64_t K, float* y, int64_t N,
+                    __m512i table) {
+  const int64_t nb = K / 32, bytes = type == kQ4_1 ? 20 : type == kQ4_0 ? 18 : 34;
+  __m512 acc[MB];
+  float mins[MB];
+  for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps(), mins[m] = 0.0f;
+  for (int64_t b = 0; b < nb; ++b, w += bytes) {
+    const __m512bh wq = type == kQ8_0 ? int8_bf16(w + 2) : nibbles_bf16(w + (type == kQ4_1 ? 4 : 2), table);
+    const __m512 d = _mm512_set1_ps(half_at(w));
+#pragma GCC unroll 8
+    for (int m = 0; m < MB; ++m) {
+      const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + m * K + b * 32);
+      acc[m] = _mm512_fmadd_ps(d, _mm512_dpbf16_ps(_mm512_setzero_ps(), wq, xv), acc[m]);
+    }
+    if (type == kQ4_1) {
+      const float mn = half_at(w + 2);
+      for (int m = 0; m < MB; ++m) mins[m] += mn * sx[m * nb + b];
+    }
+  }
+  for (int m = 0; m < MB; ++m) y[m * N] = _mm512_reduce_add_ps(acc[m]) + mins[m];
+}
+
+void rows(int type, const uint8_t* w, int64_t row_bytes, const uint16_t* x, const float* sx, int64_t M, int64_t K,
+          float* y, int64_t N, int64_t n0, int64_t n1) {
+  const __m512i table = nibble_table(type == kQ4_0 ? 8 : 0);
+  const int64_t nb = K / 32;
+  for (int64_t n = n0; n < n1; ++n) {
+    for (int64_t m = 0; m < M; m += kMaxRows) {
+      const uint16_t* xm = x + m * K;
+      const float* sm = sx + m * nb;
+      float* ym = y + m * N + n;
+      const uint8_t* wn = w + n * row_bytes;
+      switch (M - m < kMaxRows ? M - m : kMaxRows) {
+        case 1: row_dot<1>(type, wn, xm, sm, K, ym, N, table); break;
+        case 2: row_dot<2>(type, wn, xm, sm, K, ym, N, table); break;
+        case 3: row_dot<3>(type, wn, xm, sm, K, ym, N, table); break;
+        case 4: row_dot<4>(type, wn, xm, sm, K, ym, N, table); break;
+        case 5: row_dot<5>(type, wn, xm, sm, K, ym, N, table); break;
+        case 6: row_dot<6>(type, wn, xm, sm, K, ym, N, table); break;
+        case 7: row_dot<7>(type, wn, xm, sm, K, ym, N, table); break;
+        default: row_dot<8>(type, wn, xm, sm, K, ym, N, table); break;
+      }
+    }
+  }
+}
+
+}  // namespace quant_bf16_impl
+
 namespace quant_avx512 {
+
+void linear_rows_bf16(int type, const uint8_t* w, int64_t row_bytes, const uint16_t* x, const float* sx, int64_t M,
+                      int64_t K, float* y, int64_t N, int64_t n0, int64_t n1) {
+  quant_bf16_impl::rows(type, w, row_bytes, x, sx, M, K, y, N, n0, n1);
+}
+
+}  // namespace quant_avx512
+
+#pragma GCC pop_options
+
+namespace quant_avx512 {
+
+bool bf16_supported() {
+  static const bool has = supported() && __builtin_cpu_supports("avx512bf16");
+  return has;
+}
 
 bool supported() {
   static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
