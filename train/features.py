@@ -14,7 +14,9 @@ from tqdm.auto import tqdm
 from engine.context import AttentionGroup, reset_context, set_context
 from engine.loader import load_model
 from engine.models.decoder import DecoderModel
+from engine.models.deepseek_v4.model import V4Model
 from engine.models.layers import pack_linears_for_cpu
+from train.v4_module import v4_features
 
 SHARD_SIZE = 64  # conversations per cache file
 
@@ -26,7 +28,8 @@ def cache_key(target: str, layer_ids: list[int], data: str) -> str:
 
 @torch.inference_mode()
 def target_features(model: DecoderModel, sequences: list[list[int]], layer_ids: list[int]):
-    """One prefill over several whole sequences (no KV cache) -> per sequence (features [S, n*h], last_hidden [S, h])."""
+    """One prefill over several whole sequences (no KV cache) -> per sequence (features [S, n*h], last_hidden
+    [S, h])."""
     for layer in model.layers:
         attn = layer.self_attn
         attn.k_cache = attn.v_cache = torch.empty(attn.num_kv_heads, 0, attn.head_dim)
@@ -66,7 +69,8 @@ def build_feature_cache(rows: list[dict], target: str, layer_ids: list[int], out
                 continue
             records = []
             for batch in token_batches(chunk, batch_tokens):
-                outs = target_features(model, [r["input_ids"] for r in batch], layer_ids)
+                features_of = v4_features if isinstance(model, V4Model) else target_features
+                outs = features_of(model, [r["input_ids"] for r in batch], layer_ids)
                 records += [{"input_ids": torch.tensor(r["input_ids"], dtype=torch.int32),
                              "loss_mask": torch.tensor(r["loss_mask"], dtype=torch.bool),
                              "features": f, "last_hidden": h} for r, (f, h) in zip(batch, outs)]

@@ -14,7 +14,8 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from engine.drafts.loader import VOCAB_FILE, load_draft, read_vocab_file
+from engine.drafts.loader import VOCAB_FILE, load_draft, load_v4_dspark, read_vocab_file
+from engine.drafts.v4_dspark import V4DSparkDraft
 from engine.loader import load_model
 from train.blocks import make_blocks, sample_anchors
 from train.config import TrainConfig
@@ -24,6 +25,7 @@ from train.features import build_feature_cache, cache_key, load_feature_cache, s
 from train.forward import backbone_hidden, confidence_logits, draft_logits, target_probs, teacher_forced_prev
 from train.init_draft import default_layer_ids, init_draft
 from train.losses import LossSums, combine, expected_acceptance_length, loss_sums, position_weights
+from train.v4_module import block_hidden, is_v4, v4_layer_ids, write_back
 
 
 class DraftLoss(nn.Module):
@@ -42,16 +44,26 @@ class DraftLoss(nn.Module):
 
     def forward(self, record: dict, blocks) -> LossSums:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
-            hidden = backbone_hidden(self.draft, record["features"], blocks)
+            hidden, confidence_hidden = self.hidden(record["features"], blocks)
             prev = teacher_forced_prev(blocks)
             logits = draft_logits(self.draft, hidden, prev, self.frozen["draft_head"], self.vocab_ids)
-            confidence = confidence_logits(self.draft, hidden, prev)
+            confidence = confidence_logits(self.draft, confidence_hidden, prev)
         target = target_probs(self.frozen["target_head"], record["last_hidden"], blocks, self.vocab_ids)
         labels, outside = blocks.labels, None
         if self.vocab_ids is not None:
             labels, outside = self.column[labels], (1 - target.sum(-1)).clamp(min=0)
         confidence = None if confidence is None else confidence.float()
         return loss_sums(logits, target, labels, blocks.valid, confidence, self.decay_gamma, outside)
+
+
+    def hidden(self, features: torch.Tensor, blocks) -> tuple[torch.Tensor, torch.Tensor]:
+        """(what the LM head reads, what the confidence head reads): the same final-normed hidden for DeepSpec
+        drafts; DeepSeek-V4's module normalises for the LM head only."""
+        if isinstance(self.draft, V4DSparkDraft):
+            pre_norm = block_hidden(self.draft, features, blocks)
+            return self.draft.mtp[-1].norm(pre_norm), pre_norm
+        hidden = backbone_hidden(self.draft, features, blocks)
+        return hidden, hidden
 
 
 def world() -> tuple[int, int]:
@@ -75,6 +87,8 @@ def lr_lambda(total_steps: int, warmup_ratio: float):
 
 
 def layer_ids_of(cfg: TrainConfig, target_config: dict) -> list[int]:
+    if "DeepseekV4ForCausalLM" in (target_config.get("architectures") or []):
+        return v4_layer_ids(target_config)
     return cfg.target_layer_ids or default_layer_ids(target_config["num_hidden_layers"])
 
 
@@ -113,17 +127,23 @@ class Trainer:
         self.records = records if records is not None else feature_records(cfg, self.rank)
         self.draft = self.initial_draft(target)
         self.vocab_ids = read_vocab_file(cfg.draft_vocab, 0, target.config["vocab_size"]) if cfg.draft_vocab else None
-        self.module = DraftLoss(self.draft, target.lm_head, cfg.loss_decay_gamma, self.vocab_ids, cfg.bf16)
+        self.module = DraftLoss(self.draft, self.draft.target[1], cfg.loss_decay_gamma, self.vocab_ids, cfg.bf16)
         self.ddp = torch.nn.parallel.DistributedDataParallel(self.module) if self.world_size > 1 else self.module
         params = [p for p in self.draft.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.total_steps = cfg.max_steps or max(1, cfg.epochs * len(self.records) // cfg.batch_size)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(self.total_steps, cfg.warmup_ratio))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
+                                                           lr_lambda(self.total_steps, cfg.warmup_ratio))
         self.step = 0
         self.resume()
 
     def initial_draft(self, target):
         cfg = self.cfg
+        if is_v4(cfg.target):  # its module, in its own checkpoint, is what trains (shaped by the checkpoint)
+            if cfg.method != "dspark" or cfg.init_from:
+                raise ValueError("a DeepSeek-V4 target trains the DSpark module in its checkpoint: method 'dspark', "
+                                 "no init_from")
+            return load_v4_dspark(cfg.target, target, torch.float32, "dspark", vocab_size=-1).train().requires_grad_()
         if cfg.init_from:
             return self.pretrained_draft(target)
         init_dir = self.out / "init"
@@ -175,6 +195,8 @@ class Trainer:
         self.export()
 
     def export(self) -> Path:
+        if isinstance(self.draft, V4DSparkDraft):  # a copy of the checkpoint with the trained mtp.* tensors
+            return write_back(self.draft, self.cfg.target, self.out / "draft")
         out = save_draft(self.draft, self.out / "draft", extra_config={"num_anchors": self.cfg.num_anchors})
         if self.cfg.draft_vocab:  # the draft was trained to propose these tokens only
             shutil.copyfile(self.cfg.draft_vocab, out / VOCAB_FILE)

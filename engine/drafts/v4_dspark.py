@@ -119,20 +119,32 @@ class V4DSparkDraft(DSparkDraft):
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return cos_sin(self.mtp[0].attn.freqs, positions)
 
+    def main_x(self, features: torch.Tensor) -> torch.Tensor:
+        first = self.mtp[0]
+        return first.main_norm(first.main_proj(features.to(first.main_proj.weight.dtype)))
+
     @torch.inference_mode()
     def extend_context(self, features: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor):
         """Committed rows' features [N, len(target_layer_ids) * hidden] -> every stage's K=V at their slots."""
         if not features.shape[0]:
             return
-        first = self.mtp[0]
-        main_x = first.main_norm(first.main_proj(features.to(first.main_proj.weight.dtype)))
+        main_x = self.main_x(features)
         cos, sin = self.rope(positions)
         for stage, cache in zip(self.mtp, self.kv_caches):
             cache[slot_mapping] = stage.attn.context_kv(main_x, cos, sin).to(cache.dtype)
 
     def backbone(self, anchors: torch.Tensor, starts: torch.Tensor, kv_slots: torch.Tensor,
                  ctx_lens: torch.Tensor) -> torch.Tensor:
-        """The blocks' pre-norm hidden states [B, G, hidden] (the last stage's hc_head collapse)."""
+        """The blocks' pre-norm hidden states [B, G, hidden] (the last stage's hc_head collapse), each stage reading
+        its cached K=V of the request's last `window` committed positions."""
+        spans = [(max(0, n - self.window), n) for n in ctx_lens.tolist()]
+        return self.run_blocks(anchors, starts, lambda stage: [self.kv_caches[stage][kv_slots[b, lo:hi]]
+                                                               for b, (lo, hi) in enumerate(spans)])
+
+    def run_blocks(self, anchors: torch.Tensor, starts: torch.Tensor, windows_of) -> torch.Tensor:
+        """Blocks [anchor, noise...] at positions starts.. through the stages -> pre-norm hidden [B, G, hidden];
+        windows_of(stage index) gives each block's window K=V for that stage (the cache when serving, K=V made from
+        the features when training: train/v4_module.py)."""
         B, G = anchors.shape[0], self.config.block_size
         ids = torch.full((B, G), self.config.mask_token_id, device=anchors.device)
         ids[:, 0] = anchors
@@ -140,10 +152,8 @@ class V4DSparkDraft(DSparkDraft):
         cos, sin = self.rope((starts[:, None] + torch.arange(G, device=starts.device)).flatten())
         x = self.target[0](ids)
         streams = x.unsqueeze(1).expand(-1, self.v4.hc_mult, -1).contiguous()
-        spans = [(max(0, n - self.window), n) for n in ctx_lens.tolist()]
-        for stage, cache in zip(self.mtp, self.kv_caches):
-            windows = [cache[kv_slots[b, lo:hi]] for b, (lo, hi) in enumerate(spans)]
-            streams = stage(streams, cos, sin, ids, windows)
+        for index, stage in enumerate(self.mtp):
+            streams = stage(streams, cos, sin, ids, windows_of(index))
         last = self.mtp[-1]
         return hc_head(streams, last.hc_head_fn, last.hc_head_base, last.hc_head_scale, self.v4.hc_eps,
                        self.v4.rms_norm_eps).view(B, G, -1)

@@ -133,13 +133,19 @@ class V4Model(nn.Module):
     @torch.inference_mode()
     def forward_sequence(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids [S] of one sequence from position 0 -> fp32 logits [S, V], on caches of its own."""
+        return self.compute_logits(self.sequence_hidden(input_ids))
+
+    @torch.inference_mode()
+    def sequence_hidden(self, input_ids: torch.Tensor, captured: dict | None = None) -> torch.Tensor:
+        """input_ids [S] of one sequence from position 0 -> final hidden [S, hidden] (and captured layers filled, as
+        run_layers), on caches of its own."""
         n, device = input_ids.shape[0], input_ids.device
         largest = self.largest_ratio
         self.set_kv_layout(largest, 1, 0)
         self.allocate_kv_cache(-(-n // largest) * largest, self.embed.weight.dtype
                                if self.embed.weight.is_floating_point() else torch.float32, device)
         slots = torch.arange(n, device=device)
-        return self.compute_logits(self.run_layers(input_ids, slots, slots, [Segment(0, n, slots)]))
+        return self.run_layers(input_ids, slots, slots, [Segment(0, n, slots)], captured)
 
 
 def segments_of(varlen, request_slots: list[int]) -> list[Segment]:
