@@ -163,33 +163,44 @@ inline __m512bh int8_bf16(const uint8_t* q) {
   return _mm512_cvtne2ps_pbh(hi, lo);
 }
 
+template <int TYPE>
+inline __m512bh block_bf16(const uint8_t* w, __m512i table) {
+  return TYPE == kQ8_0 ? int8_bf16(w + 2) : nibbles_bf16(w + (TYPE == kQ4_1 ? 4 : 2), table);
+}
+
 // rows y[m * N] = W[n] . x[m] for MB rows of x (bf16 bits, row stride K); sx[m * nb + b]: sum of block b of row m.
-template <int MB>
-inline void row_dot(int type, const uint8_t* w, const uint16_t* x, const float* sx, int64_t K, float* y, int64_t N,
+// Even and odd blocks go to two accumulators, two dependency chains instead of one (the order depends on K only).
+template <int TYPE, int MB>
+inline void row_dot(const uint8_t* w, const uint16_t* x, const float* sx, int64_t K, float* y, int64_t N,
                     __m512i table) {
-  const int64_t nb = K / 32, bytes = type == kQ4_1 ? 20 : type == kQ4_0 ? 18 : 34;
-  __m512 acc[MB];
-  float mins[MB];
-  for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps(), mins[m] = 0.0f;
+  constexpr int64_t bytes = TYPE == kQ4_1 ? 20 : TYPE == kQ4_0 ? 18 : 34;
+  const int64_t nb = K / 32;
+  __m512 acc[2][MB];
+  float mins[2][MB];
+  for (int m = 0; m < MB; ++m)
+    for (int p = 0; p < 2; ++p) acc[p][m] = _mm512_setzero_ps(), mins[p][m] = 0.0f;
   for (int64_t b = 0; b < nb; ++b, w += bytes) {
-    const __m512bh wq = type == kQ8_0 ? int8_bf16(w + 2) : nibbles_bf16(w + (type == kQ4_1 ? 4 : 2), table);
+    const int p = b & 1;
+    const __m512bh wq = block_bf16<TYPE>(w, table);
     const __m512 d = _mm512_set1_ps(half_at(w));
 #pragma GCC unroll 8
     for (int m = 0; m < MB; ++m) {
       const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + m * K + b * 32);
-      acc[m] = _mm512_fmadd_ps(d, _mm512_dpbf16_ps(_mm512_setzero_ps(), wq, xv), acc[m]);
+      acc[p][m] = _mm512_fmadd_ps(d, _mm512_dpbf16_ps(_mm512_setzero_ps(), wq, xv), acc[p][m]);
     }
-    if (type == kQ4_1) {
+    if (TYPE == kQ4_1) {
       const float mn = half_at(w + 2);
-      for (int m = 0; m < MB; ++m) mins[m] += mn * sx[m * nb + b];
+      for (int m = 0; m < MB; ++m) mins[p][m] += mn * sx[m * nb + b];
     }
   }
-  for (int m = 0; m < MB; ++m) y[m * N] = _mm512_reduce_add_ps(acc[m]) + mins[m];
+  for (int m = 0; m < MB; ++m)
+    y[m * N] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0][m], acc[1][m])) + (mins[0][m] + mins[1][m]);
 }
 
-void rows(int type, const uint8_t* w, int64_t row_bytes, const uint16_t* x, const float* sx, int64_t M, int64_t K,
-          float* y, int64_t N, int64_t n0, int64_t n1) {
-  const __m512i table = nibble_table(type == kQ4_0 ? 8 : 0);
+template <int TYPE>
+void rows_of(const uint8_t* w, int64_t row_bytes, const uint16_t* x, const float* sx, int64_t M, int64_t K, float* y,
+             int64_t N, int64_t n0, int64_t n1) {
+  const __m512i table = nibble_table(TYPE == kQ4_0 ? 8 : 0);
   const int64_t nb = K / 32;
   for (int64_t n = n0; n < n1; ++n) {
     for (int64_t m = 0; m < M; m += kMaxRows) {
@@ -198,17 +209,24 @@ void rows(int type, const uint8_t* w, int64_t row_bytes, const uint16_t* x, cons
       float* ym = y + m * N + n;
       const uint8_t* wn = w + n * row_bytes;
       switch (M - m < kMaxRows ? M - m : kMaxRows) {
-        case 1: row_dot<1>(type, wn, xm, sm, K, ym, N, table); break;
-        case 2: row_dot<2>(type, wn, xm, sm, K, ym, N, table); break;
-        case 3: row_dot<3>(type, wn, xm, sm, K, ym, N, table); break;
-        case 4: row_dot<4>(type, wn, xm, sm, K, ym, N, table); break;
-        case 5: row_dot<5>(type, wn, xm, sm, K, ym, N, table); break;
-        case 6: row_dot<6>(type, wn, xm, sm, K, ym, N, table); break;
-        case 7: row_dot<7>(type, wn, xm, sm, K, ym, N, table); break;
-        default: row_dot<8>(type, wn, xm, sm, K, ym, N, table); break;
+        case 1: row_dot<TYPE, 1>(wn, xm, sm, K, ym, N, table); break;
+        case 2: row_dot<TYPE, 2>(wn, xm, sm, K, ym, N, table); break;
+        case 3: row_dot<TYPE, 3>(wn, xm, sm, K, ym, N, table); break;
+        case 4: row_dot<TYPE, 4>(wn, xm, sm, K, ym, N, table); break;
+        case 5: row_dot<TYPE, 5>(wn, xm, sm, K, ym, N, table); break;
+        case 6: row_dot<TYPE, 6>(wn, xm, sm, K, ym, N, table); break;
+        case 7: row_dot<TYPE, 7>(wn, xm, sm, K, ym, N, table); break;
+        default: row_dot<TYPE, 8>(wn, xm, sm, K, ym, N, table); break;
       }
     }
   }
+}
+
+void rows(int type, const uint8_t* w, int64_t row_bytes, const uint16_t* x, const float* sx, int64_t M, int64_t K,
+          float* y, int64_t N, int64_t n0, int64_t n1) {
+  if (type == kQ4_0) return rows_of<kQ4_0>(w, row_bytes, x, sx, M, K, y, N, n0, n1);
+  if (type == kQ4_1) return rows_of<kQ4_1>(w, row_bytes, x, sx, M, K, y, N, n0, n1);
+  rows_of<kQ8_0>(w, row_bytes, x, sx, M, K, y, N, n0, n1);
 }
 
 }  // namespace quant_bf16_impl
