@@ -61,11 +61,12 @@ def rounds_from_log(records: list, block_size: int = 0, source: str = "the round
 
 
 def draft_block_size(draft_dir: Path) -> int:
-    """block_size from a draft directory's config.json."""
+    """block_size from a draft directory's config.json (dspark_block_size: a DeepSeek-V4 checkpoint's own module)."""
     path = Path(draft_dir) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"draft directory {draft_dir} has no config.json")
-    return int(json.loads(path.read_text())["block_size"])
+    config = json.loads(path.read_text())
+    return int(config["block_size"] if "block_size" in config else config["dspark_block_size"])
 
 
 def sigmoid(z: np.ndarray) -> np.ndarray:

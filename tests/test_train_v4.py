@@ -3,15 +3,18 @@ checkpoint in the released layout, answers sampled from it by our engine, a few 
 own module (its target features checked against transformers' layer outputs), and the result written back as a copy
 of the checkpoint that the engine serves with one flag."""
 import json
+import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from tiny_models import save_tiny_v4_dspark
 
+from engine.drafts.loader import read_calibration
 from engine.llm import LLM
 from engine.loader import load_model
 from engine.sampling_params import SamplingParams
+from train.__main__ import main as train_cli
 from train.config import TrainConfig
 from train.data import conversation_row
 from train.trainer import Trainer
@@ -71,7 +74,7 @@ def acceptance(model_dir, prompts) -> float:
     return llm.spec_stats.mean_acceptance_length
 
 
-def test_training_writes_back_a_checkpoint_the_engine_serves(tmp_path, v4, dataset):
+def test_training_writes_back_a_checkpoint_the_engine_serves_and_calibrates(tmp_path, v4, dataset, monkeypatch):
     path, _ = v4
     data, held_out = dataset
     trainer = Trainer(config(path, data, tmp_path))
@@ -98,6 +101,23 @@ def test_training_writes_back_a_checkpoint_the_engine_serves(tmp_path, v4, datas
     assert [o.token_ids for o in served.generate(held_out, greedy, use_tqdm=False)] == expected
     print(f"\ntau at T=1 on held-out prompts: {acceptance(path, held_out):.3f} before, "
           f"{acceptance(out, held_out):.3f} after {trainer.step} steps")
+    calibrate(out, tmp_path, monkeypatch)
+
+
+def calibrate(checkpoint, tmp_path, monkeypatch):
+    """`python -m train calibrate` on the written checkpoint (its module is the draft): sts.json lands beside it and
+    the engine serving it reads it."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["the quick brown fox", "def add(a, b):",
+                                                                           "Paris is the capital", "0123 4567"]))
+    argv = ["train", "calibrate", "--draft", checkpoint, "--model", checkpoint, "--dtype", "float32", "--kv-cache-gb",
+            "0.05", "--out", tmp_path / "sts", "--prompts", f"jsonl:{prompts}", "--num-prompts", 4, "--max-tokens", 24]
+    monkeypatch.setattr(sys, "argv", [str(a) for a in argv])
+    train_cli()
+    temperatures, biases = read_calibration(checkpoint, 4)
+    assert biases.abs().max() > 0
+    head = LLM(model=str(checkpoint), dtype="float32", spec_method="dspark").speculator.drafter.draft.confidence_head
+    assert torch.equal(head.temperatures, temperatures) and torch.equal(head.biases, biases)
 
 
 def test_a_v4_target_without_a_module_is_refused(tmp_path, dataset):
