@@ -124,6 +124,8 @@ class EngineConfig:
     draft: str = ""                      # draft directory (DeepSpec format); a DeepSeek-V4 checkpoint that ships its
                                          # DSpark module drafts with it when this is unset
     num_draft_tokens: int = 0            # gamma: tokens drafted per step; 0 = the draft's block_size
+    calibration_file: str = ""           # an sts.json (STS temperatures) instead of the one beside the draft, e.g. for
+                                         # a read-only checkpoint; reload_calibration reads it again
     draft_vocab_size: int = 0            # tokens the draft may propose: 0 = its draft_vocab.json (all without one);
                                          # K = that file's K most frequent; -1 = the whole vocabulary
     verify_policy: str = ""              # full | fixed:k | threshold:c | sps | sps-lagged; "" = auto: the default

@@ -216,8 +216,8 @@ class LLMEngine:
         if self.speculator is None or self.speculator.monitor is None:
             raise ValueError("no calibration to reload: the engine has no DSpark draft with a confidence head")
         block = self.speculator.drafter.draft.config.block_size
-        path = Path(self.config.draft) / CALIBRATION_FILE
-        scaling = read_calibration(Path(self.config.draft), block)
+        path = Path(self.config.calibration_file or Path(self.config.draft) / CALIBRATION_FILE)
+        scaling = read_calibration(Path(self.config.draft), block, self.config.calibration_file)
         if scaling is None:
             raise ValueError(f"{path} is missing: write it with `python -m train calibrate`")
         return self.speculator.set_calibration(*scaling)

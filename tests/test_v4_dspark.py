@@ -276,3 +276,21 @@ def test_negative_control_without_the_fake_fp8_the_reference_disagrees(v4, monke
     monkeypatch.setattr(v4_stage, "fake_fp8", lambda kv, rope_dim: kv)
     (_, logits), (_, expected_logits) = engine_and_reference(v4, 20)
     assert (logits - expected_logits).abs().max() > 1e-3
+
+
+def test_sts_temperatures_come_from_beside_the_checkpoint_or_a_flag(v4, tmp_path):
+    """A read-only checkpoint keeps its module uncalibrated (no sts.json beside it): calibration_file gives the STS
+    temperatures and biases, and reload_calibration reads that file again; a missing file is an error naming it."""
+    import json
+    path, _ = v4
+    assert torch.equal(v4_llm(path, spec_method="dspark").speculator.drafter.draft.confidence_head.temperatures,
+                       torch.ones(4))
+    sts = tmp_path / "sts.json"
+    sts.write_text(json.dumps({"temperatures": [2.0, 1.0, 1.0, 0.5], "biases": [0.1, 0.0, 0.0, -0.2]}))
+    llm = v4_llm(path, spec_method="dspark", calibration_file=str(sts))
+    head = llm.speculator.drafter.draft.confidence_head
+    assert head.temperatures.tolist() == [2.0, 1.0, 1.0, 0.5] and head.biases[3].item() == pytest.approx(-0.2)
+    sts.write_text(json.dumps({"temperatures": [1.5, 1.0, 1.0, 1.0]}))
+    assert llm.reload_calibration() == 2 and head.temperatures[0].item() == 1.5
+    with pytest.raises(FileNotFoundError, match="calibration_file .*missing.json does not exist"):
+        v4_llm(path, spec_method="dspark", calibration_file=str(tmp_path / "missing.json"))

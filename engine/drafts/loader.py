@@ -98,9 +98,13 @@ def same_weights(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and (torch.equal(a.to(b.device, b.dtype), b) or torch.equal(b.to(a.device, a.dtype), a))
 
 
-def read_calibration(draft_dir: Path, block_size: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """sts.json's per-position temperatures and (optional, default 0) biases, or None without the file."""
-    scaling = load_scaling(draft_dir / CALIBRATION_FILE, block_size)
+def read_calibration(draft_dir: Path, block_size: int, file: str = "") -> tuple[torch.Tensor, torch.Tensor] | None:
+    """sts.json's per-position temperatures and (optional, default 0) biases (from `file` instead when given: it must
+    exist), or None without the file."""
+    if file and not Path(file).is_file():
+        raise FileNotFoundError(f"calibration_file {file} does not exist (write it with `python -m train calibrate "
+                                "--out FILE.json`)")
+    scaling = load_scaling(Path(file) if file else draft_dir / CALIBRATION_FILE, block_size)
     if scaling is None:
         return None
     return torch.tensor(scaling.temps, dtype=torch.float32), torch.tensor(scaling.biases, dtype=torch.float32)
@@ -190,8 +194,20 @@ def load_v4_dspark(model_dir: str | Path, target: V4Model, dtype: torch.dtype, m
 
 
 def load_any_draft(config, target: DecoderModel | V4Model, dtype: torch.dtype) -> DSparkDraft:
-    """The draft an engine config asks for: a DeepSpec directory for a dense target, the in-checkpoint module (draft
-    = the model directory) for DeepSeek-V4."""
+    """The draft an engine config asks for, calibrated by config.calibration_file when one is given (e.g. beside a
+    read-only checkpoint) instead of its own sts.json."""
+    draft = load_configured_draft(config, target, dtype)
+    if config.calibration_file:
+        if draft.confidence_head is None:
+            raise ValueError(f"calibration_file {config.calibration_file}: the draft has no confidence head")
+        head, block = draft.confidence_head, draft.config.block_size
+        head.temperatures, head.biases = read_calibration(Path(config.draft), block, config.calibration_file)
+    return draft
+
+
+def load_configured_draft(config, target: DecoderModel | V4Model, dtype: torch.dtype) -> DSparkDraft:
+    """A DeepSpec directory for a dense target, the in-checkpoint module (draft = the model directory) for
+    DeepSeek-V4."""
     if not isinstance(target, V4Model):
         return load_draft(config.draft, target, dtype, config.spec_method, config.draft_vocab_size)
     if Path(config.draft).resolve() != Path(config.model).resolve():
