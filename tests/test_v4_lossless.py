@@ -5,8 +5,15 @@ checkpoint with an 8-token vocabulary. Thousands of seeded requests of 4 tokens 
 DeepseekV4ForCausalLM from the same directory, and the same statistics must reject a biased verifier (negative
 control)."""
 import pytest
-import torch
-from test_spec_lossless import CASES, PROMPT, accept_everything, exact_joint, gof, sample_counts
+from test_spec_lossless import (  # noqa: F401 (one_thread: its module-wide single thread, autouse here too)
+    CASES,
+    PROMPT,
+    accept_everything,
+    exact_joint,
+    gof,
+    one_thread,
+    sample_counts,
+)
 from tiny_models import save_tiny_v4_dspark
 
 import engine.speculator
@@ -15,15 +22,6 @@ from engine import LLM
 VOCAB = 8
 NUM_SAMPLES = 2000
 NUM_CONTROL_SAMPLES = 800
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Thousands of tiny per-request steps: one intra-op thread avoids oversubscribing a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
