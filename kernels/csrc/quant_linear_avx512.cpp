@@ -168,6 +168,24 @@ inline __m512bh block_bf16(const uint8_t* w, __m512i table) {
   return TYPE == kQ8_0 ? int8_bf16(w + 2) : nibbles_bf16(w + (TYPE == kQ4_1 ? 4 : 2), table);
 }
 
+// acc[m] += d_b * (q_b . x[m]_b) for MB rows (+ Q4_1's m_b * sum(x[m]_b) into mins[m]): one block.
+template <int TYPE, int MB>
+inline void block_dot(const uint8_t* w, int64_t b, const uint16_t* x, const float* sx, int64_t K, int64_t nb,
+                      __m512i table, __m512* acc, float* mins) {
+  const __m512bh wq = block_bf16<TYPE>(w, table);
+  const __m512 d = _mm512_set1_ps(half_at(w));
+#pragma GCC unroll 8
+  for (int m = 0; m < MB; ++m) {
+    const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + m * K + b * 32);
+    acc[m] = _mm512_fmadd_ps(d, _mm512_dpbf16_ps(_mm512_setzero_ps(), wq, xv), acc[m]);
+  }
+  if (TYPE == kQ4_1) {
+    const float mn = half_at(w + 2);
+#pragma GCC unroll 8
+    for (int m = 0; m < MB; ++m) mins[m] += mn * sx[m * nb + b];
+  }
+}
+
 // rows y[m * N] = W[n] . x[m] for MB rows of x (bf16 bits, row stride K); sx[m * nb + b]: sum of block b of row m.
 // Even and odd blocks go to two accumulators, two dependency chains instead of one (the order depends on K only).
 template <int TYPE, int MB>
@@ -175,26 +193,20 @@ inline void row_dot(const uint8_t* w, const uint16_t* x, const float* sx, int64_
                     __m512i table) {
   constexpr int64_t bytes = TYPE == kQ4_1 ? 20 : TYPE == kQ4_0 ? 18 : 34;
   const int64_t nb = K / 32;
-  __m512 acc[2][MB];
-  float mins[2][MB];
-  for (int m = 0; m < MB; ++m)
-    for (int p = 0; p < 2; ++p) acc[p][m] = _mm512_setzero_ps(), mins[p][m] = 0.0f;
-  for (int64_t b = 0; b < nb; ++b, w += bytes) {
-    const int p = b & 1;
-    const __m512bh wq = block_bf16<TYPE>(w, table);
-    const __m512 d = _mm512_set1_ps(half_at(w));
+  __m512 even[MB], odd[MB];
+  float even_min[MB], odd_min[MB];
 #pragma GCC unroll 8
-    for (int m = 0; m < MB; ++m) {
-      const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + m * K + b * 32);
-      acc[p][m] = _mm512_fmadd_ps(d, _mm512_dpbf16_ps(_mm512_setzero_ps(), wq, xv), acc[p][m]);
-    }
-    if (TYPE == kQ4_1) {
-      const float mn = half_at(w + 2);
-      for (int m = 0; m < MB; ++m) mins[p][m] += mn * sx[m * nb + b];
-    }
-  }
   for (int m = 0; m < MB; ++m)
-    y[m * N] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0][m], acc[1][m])) + (mins[0][m] + mins[1][m]);
+    even[m] = odd[m] = _mm512_setzero_ps(), even_min[m] = odd_min[m] = 0.0f;
+  int64_t b = 0;
+  for (; b + 2 <= nb; b += 2, w += 2 * bytes) {
+    block_dot<TYPE, MB>(w, b, x, sx, K, nb, table, even, even_min);
+    block_dot<TYPE, MB>(w + bytes, b + 1, x, sx, K, nb, table, odd, odd_min);
+  }
+  if (b < nb) block_dot<TYPE, MB>(w, b, x, sx, K, nb, table, even, even_min);
+#pragma GCC unroll 8
+  for (int m = 0; m < MB; ++m)
+    y[m * N] = _mm512_reduce_add_ps(_mm512_add_ps(even[m], odd[m])) + (even_min[m] + odd_min[m]);
 }
 
 template <int TYPE>
