@@ -183,7 +183,7 @@ def load_gguf(path: Path, config: dict, dtype: torch.dtype, keep_blocks: bool) -
     if model.tie_word_embeddings and "embed_tokens" not in installed:
         dense["lm_head.weight"] = dense["embed_tokens.weight"]
     missing, unexpected = model.load_state_dict(dense, strict=False, assign=True)
-    missing = [m for m in missing if not any(m.startswith(f"{path}.") for path in installed)]
+    missing = [m for m in missing if not any(m.startswith(f"{module}.") for module in installed)]
     if missing or unexpected:
         raise ValueError(f"weights in {path} do not match the {config['architectures'][0]} config: "
                          f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
