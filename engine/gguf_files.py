@@ -20,7 +20,9 @@ def save_tokenizer(gguf_path: Path, out_dir: Path, config: dict, pre: str):
     """The file's tokenizer and chat template through transformers' GGUF conversion, saved as tokenizer.json."""
     from tokenizers import pre_tokenizers
     from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    with tempfile.TemporaryDirectory() as alone:  # transformers would prefer tokenizer files beside the GGUF
+        (Path(alone) / gguf_path.name).symlink_to(gguf_path.resolve())
+        tok = AutoTokenizer.from_pretrained(alone, gguf_file=gguf_path.name)
     if pre == "smollm":  # llama.cpp's "smollm" pre-tokenizer splits digits one by one before GPT-2's byte-level split
         tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Digits(individual_digits=True),
