@@ -4,11 +4,14 @@ rank that stops answering fails the step; `control` for the per-step input broad
 long timeout lets workers wait through an idle server. Follows vLLM's parallel_state / communication_op split
 (vllm/distributed/parallel_state.py)."""
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from engine.context import TIMINGS
 
 IDLE_TIMEOUT = timedelta(days=7)  # a worker waits this long for the next step (rank 0 sends keep-alives)
 
@@ -24,6 +27,7 @@ class ParallelState:
     compute: object = None
     control: object = None
     timeout_s: float = 0.0
+    expert_parallel: bool = False  # DeepSeek-V4's routed experts: whole experts per rank instead of each one split
 
 
 _STATE = ParallelState()
@@ -46,7 +50,24 @@ def is_driver() -> bool:
     return _STATE.rank == 0
 
 
-def init(rank_: int, world: int, device_type: str, timeout_s: float, init_method: str = "env://"):
+def expert_parallel() -> bool:
+    return _STATE.expert_parallel and _STATE.world_size > 1
+
+
+@contextmanager
+def whole():
+    """One process's view while the block runs: a model built there on the meta device has the checkpoint's full
+    shapes (what a loader checks the checkpoint against before it takes this rank's slices)."""
+    global _STATE
+    state, _STATE = _STATE, ParallelState()
+    try:
+        yield
+    finally:
+        _STATE = state
+
+
+def init(rank_: int, world: int, device_type: str, timeout_s: float, init_method: str = "env://",
+         expert_parallel: bool = False):
     """Join the process group (init_method 'env://' reads MASTER_ADDR / MASTER_PORT, as torchrun sets them)."""
     backend = "nccl" if device_type == "cuda" else "gloo"
     if device_type == "cuda":
@@ -55,7 +76,7 @@ def init(rank_: int, world: int, device_type: str, timeout_s: float, init_method
                             timeout=timedelta(seconds=timeout_s))
     control = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
     global _STATE
-    _STATE = ParallelState(rank_, world, dist.group.WORLD, control, timeout_s)
+    _STATE = ParallelState(rank_, world, dist.group.WORLD, control, timeout_s, expert_parallel)
 
 
 def shutdown():
@@ -70,7 +91,7 @@ def all_reduce(x: torch.Tensor) -> torch.Tensor:
     if _STATE.world_size == 1:
         return x
     x = x.contiguous()
-    dist.all_reduce(x, group=_STATE.compute)
+    timed("all_reduce", dist.all_reduce, x, group=_STATE.compute)
     return x
 
 
@@ -79,7 +100,7 @@ def all_gather_last(x: torch.Tensor) -> torch.Tensor:
     if _STATE.world_size == 1:
         return x
     parts = [torch.empty_like(x) for _ in range(_STATE.world_size)]
-    dist.all_gather(parts, x.contiguous(), group=_STATE.compute)
+    timed("all_gather", dist.all_gather, parts, x.contiguous(), group=_STATE.compute)
     return torch.cat(parts, dim=-1)
 
 
@@ -90,6 +111,15 @@ def all_gather_rows(x: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(_STATE.world_size)]
     dist.all_gather(parts, x.contiguous(), group=_STATE.control)
     return torch.cat(parts)
+
+
+def timed(name: str, collective, *args, **kwargs):
+    """A collective, its wall time added to TIMINGS[name] when timings are on (rank 0's: it includes waiting for the
+    slowest rank)."""
+    if not TIMINGS.enabled:
+        return collective(*args, **kwargs)
+    with TIMINGS.section(name):
+        return collective(*args, **kwargs)
 
 
 def agree_min(value: int) -> int:
@@ -108,7 +138,8 @@ def broadcast_control(t: torch.Tensor):
     if not is_driver():
         dist.broadcast(t, 0, group=_STATE.control)
         return
-    dist.broadcast(t, 0, group=_STATE.control, async_op=True).wait(timeout=timedelta(seconds=_STATE.timeout_s))
+    work = dist.broadcast(t, 0, group=_STATE.control, async_op=True)
+    timed("step_broadcast", work.wait, timeout=timedelta(seconds=_STATE.timeout_s))
 
 
 def split(n: int, world: int | None = None, rank_: int | None = None) -> tuple[int, int]:

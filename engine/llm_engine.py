@@ -34,6 +34,14 @@ class LLMEngine:
         if self.config.num_threads:
             torch.set_num_threads(self.config.num_threads)
         self.ranks = parallel_launch.start(self.config)  # tensor parallel: the other ranks, started or joined
+        try:
+            self.build()
+        except BaseException:
+            if self.ranks:
+                self.ranks.kill()  # a failed start leaves no rank behind
+            raise
+
+    def build(self):
         with self.watch_ranks():
             self.model_runner = ModelRunner(self.config)
         self.tokenizer = AutoTokenizer.from_pretrained(self.config.model)

@@ -55,17 +55,31 @@ def vocab_shard(vocab_size: int) -> tuple[Shard, int, int]:
     return Shard(0, ((start, count),), share), start, count
 
 
+def whole_shapes(build) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the state of build() (a model constructor) as one process builds it, on the meta device:
+    the checkpoint's full shapes, which a loader checks before it cuts this rank's slices."""
+    with distributed.whole(), torch.device("meta"):
+        return {name: tuple(t.shape) for name, t in build().state_dict().items()}
+
+
 def shard_state(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    """The full checkpoint state cut to this rank's slices, by each module's recorded `shard`."""
+    """The full checkpoint state cut to this rank's slices, by each module's recorded `shard` (its weight and bias)
+    and `param_shards` (other parameters by name); the tensors of a module `held_elsewhere` (an expert on another
+    rank) are dropped."""
     if not distributed.is_parallel():
         return state
     for name, module in model.named_modules():
-        shard = getattr(module, "shard", None)
-        if shard is None:
-            continue
         prefix = f"{name}." if name else ""
-        if prefix + "weight" in state:
-            state[prefix + "weight"] = shard.take(state[prefix + "weight"])
-        if prefix + "bias" in state:
-            state[prefix + "bias"] = shard.take_bias(state[prefix + "bias"])
+        if getattr(module, "held_elsewhere", False):
+            for key in [k for k in state if k.startswith(prefix)]:
+                del state[key]
+            continue
+        if (shard := getattr(module, "shard", None)) is not None:
+            if prefix + "weight" in state:
+                state[prefix + "weight"] = shard.take(state[prefix + "weight"])
+            if prefix + "bias" in state:
+                state[prefix + "bias"] = shard.take_bias(state[prefix + "bias"])
+        for param, shard in getattr(module, "param_shards", {}).items():
+            if prefix + param in state:
+                state[prefix + param] = shard.take(state[prefix + param])
     return state

@@ -63,6 +63,11 @@ class Ranks:
         return (f"tensor parallelism failed: a rank of 1..{distributed.world_size() - 1} did not answer within "
                 f"{self.timeout_s:g} s or went away ({first})")
 
+    def kill(self):
+        """Stop every rank now, telling them nothing (a failed start: they may be anywhere in it)."""
+        self.failed = True
+        self.close()
+
     def close(self, timeout_s: float = 10.0):
         """Tell the workers to stop and wait for them; any still running then is killed. After a failure nothing is
         sent (a stopped rank would never read it: the send would block)."""

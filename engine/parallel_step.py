@@ -23,6 +23,7 @@ class RemoteSeq:
     num_scheduled_tokens: int
     block_table: list[int]
     token_ids: list[int]
+    request_slot: int | None = None  # DeepSeek-V4's per-request rings
 
     def scheduled_token_ids(self) -> list[int]:
         return self.token_ids
@@ -58,7 +59,8 @@ def send_forward(seqs, num_logits: list[int], capture: bool):
         return
     head = [len(seqs), int(capture)]
     for s, n in zip(seqs, num_logits):
-        head += [s.num_computed_tokens, s.num_scheduled_tokens, n, len(s.block_table)]
+        slot = -1 if s.request_slot is None else s.request_slot
+        head += [s.num_computed_tokens, s.num_scheduled_tokens, n, len(s.block_table), slot]
     tables = [b for s in seqs for b in s.block_table]
     tokens = [t for s in seqs for t in s.scheduled_token_ids()]
     send(FORWARD, [torch.tensor(head), torch.tensor(tables, dtype=torch.long), torch.tensor(tokens, dtype=torch.long)])
@@ -67,10 +69,10 @@ def send_forward(seqs, num_logits: list[int], capture: bool):
 def unpack_forward(words: torch.Tensor) -> tuple[list[RemoteSeq], list[int], bool]:
     values = words.tolist()
     count, capture = values[:2]
-    heads, at = [values[2 + 4 * i: 6 + 4 * i] for i in range(count)], 2 + 4 * count
+    heads, at = [values[2 + 5 * i: 7 + 5 * i] for i in range(count)], 2 + 5 * count
     seqs, num_logits = [], []
-    for computed, scheduled, logits, blocks in heads:
-        seqs.append(RemoteSeq(computed, scheduled, values[at:at + blocks], []))
+    for computed, scheduled, logits, blocks, slot in heads:
+        seqs.append(RemoteSeq(computed, scheduled, values[at:at + blocks], [], None if slot < 0 else slot))
         num_logits.append(logits)
         at += blocks
     for seq in seqs:

@@ -3,8 +3,11 @@ of one process and of transformers' own model (fp32), plain and with a DSpark / 
 at T > 0; a rank that dies or stops is named in a RankFailure within the collective timeout, and no rank outlives
 close()."""
 import json
+import multiprocessing
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -15,6 +18,7 @@ from transformers import AutoModelForCausalLM
 from engine import LLM, SamplingParams
 from engine.distributed import RankFailure, head_split, split
 from engine.parallel import Shard
+from server.background import free_port
 
 ATOL = 2e-4
 TIMEOUT_S = 5.0
@@ -213,3 +217,46 @@ def test_close_stops_every_rank(models):
     [worker] = llm.ranks.processes
     llm.close()
     assert worker.exitcode == 0  # told to stop, not killed
+
+
+def test_a_failed_start_leaves_no_rank(models, tmp_path):
+    """Weights that do not match the config fail every rank's load: the error reaches the caller, the other rank is
+    gone and the process can start another engine."""
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in models["llama"].iterdir():
+        (broken / f.name).symlink_to(f)
+    config = json.loads((models["llama"] / "config.json").read_text()) | {"num_hidden_layers": 4}
+    (broken / "config.json").unlink()
+    (broken / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="do not match the LlamaForCausalLM config"):
+        make_llm(broken, 2)
+    assert not [p for p in multiprocessing.active_children() if p.name.startswith("dspark-tp-rank")]
+    make_llm(models["llama"], 2).close()
+
+
+RANK_SCRIPT = """
+import json, sys
+from engine import LLM, SamplingParams
+llm = LLM(model=sys.argv[1], dtype="float32", device="cpu", spec_method="none", num_threads=1, kv_cache_gb=0.02,
+          tensor_parallel_size=2, tensor_parallel_timeout=30)
+print(json.dumps(llm.generate([[3, 1, 4, 1, 5]], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True),
+                              use_tqdm=False)[0].token_ids))
+llm.close()
+"""
+
+
+def test_ranks_from_a_torchrun_environment(models):
+    """Two processes started as torchrun starts them (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT): rank 0 answers,
+    rank 1 turns into a worker inside LLM() and exits 0 when rank 0 closes."""
+    env = os.environ | {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2"}
+    ranks = [subprocess.Popen([sys.executable, "-c", RANK_SCRIPT, str(models["qwen3"])], env=env | {"RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) for r in (0, 1)]
+    try:
+        outputs = [rank.communicate(timeout=120)[0] for rank in ranks]
+    finally:
+        for rank in ranks:
+            rank.kill()
+    assert [rank.returncode for rank in ranks] == [0, 0]
+    assert json.loads(outputs[0]) == transformers_greedy(models["qwen3"], [3, 1, 4, 1, 5], 8)[0]
+    assert outputs[1] == ""

@@ -8,12 +8,12 @@ import torch
 from engine.calibration import load_scaling
 from engine.drafts.dspark import DraftConfig, DSparkDraft
 from engine.drafts.heads import SEQUENTIAL_HEADS
-from engine.drafts.v4_dspark import V4DSparkDraft, build_draft, declares_dspark, expected_shapes, finish_load
+from engine.drafts.v4_dspark import V4DSparkDraft, build_draft, declares_dspark, finish_load
 from engine.loader import read_tensors
 from engine.models.decoder import DecoderModel
 from engine.models.deepseek_v4.checkpoint import load_v4_state, weight_map
 from engine.models.deepseek_v4.model import V4Model
-from engine.parallel import shard_state
+from engine.parallel import shard_state, whole_shapes
 
 ARCHITECTURES = ("Qwen3DSparkModel",)
 CALIBRATION_FILE = "sts.json"  # {"temperatures": [T_1, ..., T_block_size]} from STS
@@ -187,9 +187,11 @@ def load_v4_dspark(model_dir: str | Path, target: V4Model, dtype: torch.dtype, m
     if not declares_dspark(target.config):
         raise ValueError(f"{model_dir}: config.json declares no DSpark module (no dspark_* keys): this checkpoint "
                          "has nothing to draft with; serve it with spec_method='none'")
-    draft = build_draft(target.v4, target.config, weight_map(model_dir), str(model_dir))
-    _, state = load_v4_state(model_dir, dtype, expected_stages=expected_shapes(draft), parts=("stages",))
-    draft.load_state_dict(state, assign=True)
+    names = weight_map(model_dir)
+    draft = build_draft(target.v4, target.config, names, str(model_dir))
+    whole = whole_shapes(lambda: build_draft(target.v4, target.config, names, str(model_dir)))
+    _, state = load_v4_state(model_dir, dtype, expected_stages=whole, parts=("stages",))
+    draft.load_state_dict(shard_state(state, draft), assign=True)  # tensor parallel: this rank's slices
     return attach(finish_load(draft), target.embed, target.head, model_dir, vocab_size)
 
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from engine import parallel_step
 from engine.context import TIMINGS
 from engine.drafts.dspark import DSparkDraft
 from engine.drafts.heads import ConfidenceHead, VanillaMarkov
@@ -128,6 +129,7 @@ class V4DSparkDraft(DSparkDraft):
         """Committed rows' features [N, len(target_layer_ids) * hidden] -> every stage's K=V at their slots."""
         if not features.shape[0]:
             return
+        parallel_step.send_context(features, positions, slot_mapping)
         main_x = self.main_x(features)
         cos, sin = self.rope(positions)
         for stage, cache in zip(self.mtp, self.kv_caches):
@@ -162,6 +164,7 @@ class V4DSparkDraft(DSparkDraft):
     def draft_block(self, anchors, starts, kv_slots, ctx_lens, num_tokens: int, sampling: SamplingTensors,
                     uniforms: torch.Tensor, temperature_only: bool):
         """As DSparkDraft.draft_block; the confidence head reads the pre-norm hidden state."""
+        parallel_step.send_draft(anchors, starts, kv_slots, ctx_lens, num_tokens)
         with TIMINGS.section("draft_backbone"):
             hidden = self.backbone(anchors, starts, kv_slots, ctx_lens)[:, :num_tokens]
         with TIMINGS.section("draft_lm_head"):
@@ -169,6 +172,12 @@ class V4DSparkDraft(DSparkDraft):
         tokens, probs = self.sample_block(hidden, base_logits, anchors, sampling, uniforms, temperature_only)
         with TIMINGS.section("confidence_head"):
             return (tokens, probs, *self.confidence(hidden, anchors, tokens))
+
+    def draft_collectives(self, anchors, starts, kv_slots, ctx_lens, num_tokens: int):
+        """A tensor-parallel worker's part of draft_block: the backbone and the LM head (rank 0 samples)."""
+        hidden = self.backbone(anchors, starts, kv_slots, ctx_lens)[:, :num_tokens]
+        if self.vocab_head is None:
+            self.target[1](self.mtp[-1].norm(hidden))
 
     def confidence_logits_from_prev(self, hidden: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
         features = torch.cat([hidden.float(), self.markov_head.markov_w1(prev).float()], dim=-1)

@@ -9,6 +9,7 @@ a power-of-two scale, as vLLM's DeepSeek-V4 DSpark draft mirrors from DeepSeek's
 (`_apply_dspark_kv_qat_`); the rest follows that draft's `_dspark_attention` and `_compute_main_kv`."""
 import torch
 
+from engine.models.deepseek_v4 import parallel
 from engine.models.deepseek_v4.attention import V4Attention, sink_attention
 from engine.models.deepseek_v4.mhc import collapse, spread, unit_rms
 from engine.models.deepseek_v4.model import V4Block
@@ -63,7 +64,7 @@ class DSparkStage(V4Block):
 
     def __init__(self, config, layer: int):
         super().__init__(config, layer)
-        self.attn = StageAttention(config, layer)
+        self.attn = parallel.attention(StageAttention, config, layer)  # tensor parallel: this rank's heads
 
     def forward(self, streams: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_ids: torch.Tensor,
                 windows: list[torch.Tensor]) -> torch.Tensor:

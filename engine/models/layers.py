@@ -53,6 +53,20 @@ def row_linear(part: tuple[int, int], out_features: int, bias: bool) -> Linear:
     return linear
 
 
+class ReducedLinear(Linear):
+    """A row-parallel linear that all-reduces its own output: for code shared with one process that has no all-reduce
+    of its own (DeepSeek-V4's attention output, engine/models/deepseek_v4/parallel.py)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return distributed.all_reduce(super().forward(x))
+
+
+def reduced_row_linear(part: tuple[int, int], out_features: int) -> ReducedLinear:
+    linear = ReducedLinear(part[1], out_features, bias=False)
+    linear.shard = columns(part) if distributed.is_parallel() else None
+    return linear
+
+
 class ParallelEmbedding(nn.Module):
     """A vocabulary-parallel embedding: this rank's rows; ids outside them read zeros, and the all-reduce adds the
     one rank that holds each id (vLLM's VocabParallelEmbedding)."""

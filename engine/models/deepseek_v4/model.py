@@ -7,11 +7,12 @@ import torch
 from torch import nn
 
 from engine.context import get_context
+from engine.models.deepseek_v4 import parallel
 from engine.models.deepseek_v4.attention import Segment, V4Attention, V4Norm
 from engine.models.deepseek_v4.config import V4Config, v4_config
 from engine.models.deepseek_v4.mhc import collapse, hc_head, hc_weights, spread
 from engine.models.deepseek_v4.moe import MoE
-from engine.models.layers import Linear
+from engine.models.layers import embedding, lm_head
 
 
 def hc_parameters(module: nn.Module, prefix: str, config: V4Config):
@@ -29,7 +30,7 @@ class V4Block(nn.Module):
         self.ffn_norm = V4Norm(config.hidden_size, config.rms_norm_eps)
         hc_parameters(self, "hc_attn", config)
         hc_parameters(self, "hc_ffn", config)
-        self.attn = V4Attention(config, layer)
+        self.attn = parallel.attention(V4Attention, config, layer)  # tensor parallel: this rank's heads
         self.ffn = MoE(config, layer)
         self.config = config
 
@@ -55,14 +56,14 @@ class V4Model(nn.Module):
         super().__init__()
         self.config = raw_config  # the engine reads vocab_size and max_position_embeddings here, as for dense models
         self.v4 = config = v4_config(raw_config)
-        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed = embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(V4Block(config, i) for i in range(config.num_layers))
         self.norm = V4Norm(config.hidden_size, config.rms_norm_eps)
         n = config.hc_mult
         self.hc_head_fn = nn.Parameter(torch.zeros(n, n * config.hidden_size, dtype=torch.float32))
         self.hc_head_base = nn.Parameter(torch.zeros(n, dtype=torch.float32))
         self.hc_head_scale = nn.Parameter(torch.ones(1, dtype=torch.float32))
-        self.head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.head = lm_head(config.hidden_size, config.vocab_size)
 
     def set_kv_layout(self, block_size: int, max_requests: int, max_rollback: int, prefix_caching: bool = False):
         """The engine's KV shape, before allocate_kv_cache: blocks hold whole compressor windows; one set of rings per
