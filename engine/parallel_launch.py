@@ -79,11 +79,14 @@ class Ranks:
             sender.start()
             sender.join(timeout_s)
             self.failed = sender.is_alive()
-        for process in self.processes:
+        for rank, process in enumerate(self.processes, 1):
             process.join(timeout=0 if self.failed else timeout_s)
             if process.is_alive():
                 process.kill()  # SIGKILL: a stopped process never acts on SIGTERM
                 process.join(timeout=timeout_s)
+            elif process.exitcode and not self.failed:
+                log.warning("tensor-parallel rank %d (pid %d) ended with code %d before it was told to stop", rank,
+                            process.pid, process.exitcode)
         distributed.shutdown()
 
     @staticmethod
@@ -145,6 +148,8 @@ def worker_main(rank: int, config: EngineConfig, init_method: str):
     ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # SIGKILL: stopped ranks too
     if os.getppid() == 1:
         sys.exit(1)  # the parent died before the line above took effect
+    for sig in (signal.SIGINT, signal.SIGTERM):  # a terminal's Ctrl-C or a SIGTERM to the whole process group:
+        signal.signal(sig, signal.SIG_IGN)      # rank 0 shuts down and stops this rank (or it dies with rank 0)
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     distributed.init(rank, config.tensor_parallel_size, config.device, config.tensor_parallel_timeout, init_method)

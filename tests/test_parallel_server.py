@@ -40,7 +40,8 @@ class Server:
         command = [sys.executable, "-m", "server", "--model", str(model_dir), "--port", str(self.port),
                    "--tensor-parallel-size", "2", "--tensor-parallel-timeout", str(TIMEOUT_S), "--device", "cpu",
                    "--dtype", "float32", "--spec-method", "none", "--num-threads", "1", "--kv-cache-gb", "0.02"]
-        self.process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=log.open("w"))
+        self.process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=log.open("w"),
+                                        start_new_session=True)  # its own process group, as in a terminal
         self.started: set[int] = set()
 
     def wait_ready(self, timeout: float = 120):
@@ -137,14 +138,22 @@ def streamed_text(url: str) -> str:
     return text
 
 
-def test_streams_what_one_process_answers_and_sigterm_stops_every_rank(server, model_dir):
+@pytest.mark.parametrize("to_group", [False, True], ids=["to-server", "to-process-group"])
+def test_streams_what_one_process_answers_and_sigterm_stops_every_rank(server, model_dir, to_group):
+    """SIGTERM to the server, or to its whole process group (systemd's default; a terminal's Ctrl-C reaches the group
+    the same way): a graceful shutdown that stops the worker, not a worker dying first."""
     offline = LLM(model=str(model_dir), dtype="float32", device="cpu", spec_method="none", kv_cache_gb=0.02)
     [expected] = offline.chat(MESSAGES, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
     assert expected.text and streamed_text(server.url) == expected.text
     worker = server.worker_pid()
-    server.process.send_signal(signal.SIGTERM)
+    if to_group:
+        os.killpg(server.process.pid, signal.SIGTERM)
+    else:
+        server.process.send_signal(signal.SIGTERM)
     assert server.wait_exit(30) == -signal.SIGTERM  # uvicorn shuts down, then re-raises the signal it caught
-    assert "engine loop stopped" in server.log.read_text() and "Finished server process" in server.log.read_text()
+    log = server.log.read_text()
+    assert "engine loop stopped" in log and "Finished server process" in log
+    assert "failed" not in log and "before it was told to stop" not in log
     assert worker in server.started and server.left_behind() == []
 
 
