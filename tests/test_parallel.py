@@ -241,22 +241,37 @@ from engine import LLM, SamplingParams
 llm = LLM(model=sys.argv[1], dtype="float32", device="cpu", spec_method="none", num_threads=1, kv_cache_gb=0.02,
           tensor_parallel_size=2, tensor_parallel_timeout=30)
 print(json.dumps(llm.generate([[3, 1, 4, 1, 5]], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True),
-                              use_tqdm=False)[0].token_ids))
+                              use_tqdm=False)[0].token_ids), flush=True)
+if sys.argv[2] == "die":
+    import os, signal
+    os.kill(os.getpid(), signal.SIGKILL)
 llm.close()
 """
 
 
-def test_ranks_from_a_torchrun_environment(models):
-    """Two processes started as torchrun starts them (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT): rank 0 answers,
-    rank 1 turns into a worker inside LLM() and exits 0 when rank 0 closes."""
+def torchrun_ranks(model_dir, ending: str) -> list[tuple[int, str, str]]:
+    """Two processes started as torchrun starts them (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), rank 0 closing its
+    engine at the end or being killed: each one's exit code, stdout and stderr."""
     env = os.environ | {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2"}
-    ranks = [subprocess.Popen([sys.executable, "-c", RANK_SCRIPT, str(models["qwen3"])], env=env | {"RANK": str(r)},
-                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) for r in (0, 1)]
+    ranks = [subprocess.Popen([sys.executable, "-c", RANK_SCRIPT, str(model_dir), ending], env=env | {"RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
     try:
-        outputs = [rank.communicate(timeout=120)[0] for rank in ranks]
+        outputs = [rank.communicate(timeout=120) for rank in ranks]
     finally:
         for rank in ranks:
             rank.kill()
-    assert [rank.returncode for rank in ranks] == [0, 0]
-    assert json.loads(outputs[0]) == transformers_greedy(models["qwen3"], [3, 1, 4, 1, 5], 8)[0]
-    assert outputs[1] == ""
+    return [(rank.returncode, *out) for rank, out in zip(ranks, outputs)]
+
+
+def test_ranks_from_a_torchrun_environment(models):
+    """Rank 0 answers; rank 1 turns into a worker inside LLM() and exits 0 when rank 0 closes."""
+    (code0, out0, _), (code1, out1, _) = torchrun_ranks(models["qwen3"], "close")
+    assert (code0, code1) == (0, 0)
+    assert json.loads(out0) == transformers_greedy(models["qwen3"], [3, 1, 4, 1, 5], 8)[0]
+    assert out1 == ""
+
+
+def test_a_torchrun_rank_exits_when_rank_0_dies(models):
+    (code0, _, _), (code1, _, err1) = torchrun_ranks(models["qwen3"], "die")
+    assert (code0, code1) == (-signal.SIGKILL, 1)
+    assert "tensor-parallel rank 1: rank 0 went away" in err1
