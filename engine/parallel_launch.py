@@ -1,21 +1,25 @@
 """Starting and stopping the ranks of one tensor-parallel engine. On one machine rank 0 (the process that builds the
-engine) starts the others itself, one spawned process each, which die with it (PR_SET_PDEATHSIG); across nodes
+engine) starts the others itself, one `python -m engine.parallel_worker` process each (not multiprocessing's spawn,
+which runs the caller's main script again in the child: a script without an `if __name__ == "__main__"` guard would
+start ranks recursively), which die with it (PR_SET_PDEATHSIG); across nodes
 torchrun starts every process, and the ones whose RANK is not 0 turn into workers when they build the engine. A
 collective that fails becomes a RankFailure naming the rank (after torchrun's and vLLM's multiproc executor's
 practice of watching the workers it started)."""
 import atexit
+import base64
 import ctypes
 import logging
 import os
+import pickle
 import signal
 import socket
+import subprocess
 import sys
 import threading
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-import torch.multiprocessing as mp
 
 from engine import distributed, parallel_step
 from engine.config import EngineConfig
@@ -26,10 +30,37 @@ PR_SET_PDEATHSIG = 1
 COLLECTIVE_ERRORS = ("gloo", "nccl", "timed out", "connection", "broken pipe")
 
 
+class LocalRank:
+    """A rank this process started: `python -m engine.parallel_worker` with the engine's config."""
+
+    def __init__(self, rank: int, config: EngineConfig, init_method: str):
+        payload = base64.b64encode(pickle.dumps(config)).decode()
+        self.popen = subprocess.Popen([sys.executable, "-m", "engine.parallel_worker", str(rank), init_method,
+                                       str(os.getpid()), payload])
+        self.pid = self.popen.pid
+
+    @property
+    def exitcode(self) -> int | None:
+        """None while it runs; minus the signal's number when a signal ended it."""
+        return self.popen.poll()
+
+    def is_alive(self) -> bool:
+        return self.exitcode is None
+
+    def join(self, timeout: float | None = None):
+        try:
+            self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def kill(self):
+        self.popen.kill()
+
+
 class Ranks:
     """The ranks of this engine as rank 0 sees them: the local processes it started (none under torchrun)."""
 
-    def __init__(self, processes: list, timeout_s: float):
+    def __init__(self, processes: list[LocalRank], timeout_s: float):
         self.processes, self.timeout_s, self.closed, self.failed = processes, timeout_s, False, False
 
     @contextmanager
@@ -114,11 +145,7 @@ def start(config: EngineConfig) -> Ranks | None:
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         return join_torchrun(config)
     port = free_port()
-    context = mp.get_context("spawn")
-    processes = [context.Process(target=worker_main, args=(rank, config, f"tcp://127.0.0.1:{port}"), daemon=True,
-                                 name=f"dspark-tp-rank{rank}") for rank in range(1, config.tensor_parallel_size)]
-    for process in processes:
-        process.start()
+    processes = [LocalRank(rank, config, f"tcp://127.0.0.1:{port}") for rank in range(1, config.tensor_parallel_size)]
     distributed.init(0, config.tensor_parallel_size, config.device, config.tensor_parallel_timeout,
                      f"tcp://127.0.0.1:{port}")
     ranks = Ranks(processes, config.tensor_parallel_timeout)
@@ -143,10 +170,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def worker_main(rank: int, config: EngineConfig, init_method: str):
-    """A spawned local rank: dies with the process that started it, joins the group, serves."""
+def worker_main(rank: int, config: EngineConfig, init_method: str, parent: int):
+    """A local rank (engine/parallel_worker.py): dies with the process that started it, joins the group, serves."""
     ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # SIGKILL: stopped ranks too
-    if os.getppid() == 1:
+    if os.getppid() != parent:
         sys.exit(1)  # the parent died before the line above took effect
     for sig in (signal.SIGINT, signal.SIGTERM):  # a terminal's Ctrl-C or a SIGTERM to the whole process group:
         signal.signal(sig, signal.SIG_IGN)      # rank 0 shuts down and stops this rank (or it dies with rank 0)
@@ -158,13 +185,13 @@ def worker_main(rank: int, config: EngineConfig, init_method: str):
 
 def run_worker(config: EngineConfig) -> int:
     """A worker rank: the same models and KV cache as rank 0's share, then the forwards rank 0 sends; 0 when told to
-    stop, 1 when rank 0 went away."""
+    stop; when rank 0 went away this process exits with code 1."""
     from engine.model_runner import ModelRunner
     try:
         parallel_step.serve(ModelRunner(config))
     except RuntimeError as e:
         print(f"tensor-parallel rank {distributed.rank()}: rank 0 went away ({str(e).splitlines()[0]})",
-              file=sys.stderr)
-        return 1
+              file=sys.stderr, flush=True)
+        os._exit(1)  # now, not through the broken process group's destructors (they can abort)
     distributed.shutdown()
     return 0

@@ -58,9 +58,9 @@ class Server:
         raise AssertionError("the server did not become ready")
 
     def worker_pid(self) -> int:
-        """The rank-1 process: the spawned child that runs engine.parallel_launch's worker."""
-        workers = [pid for pid in descendants(self.process.pid) if b"spawn" in cmdline(pid)]
-        assert len(workers) == 1, f"expected one spawned rank, found {workers}"
+        """The rank-1 process: the server's child that runs engine/parallel_worker.py."""
+        workers = [pid for pid in descendants(self.process.pid) if b"engine.parallel_worker" in cmdline(pid)]
+        assert len(workers) == 1, f"expected one local rank, found {workers}"
         return workers[0]
 
     def wait_exit(self, timeout: float) -> int:
