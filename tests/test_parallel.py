@@ -152,9 +152,11 @@ def test_step_longer_than_one_packet(models):
 def test_seeded_samples_match_one_process(models):
     params = [SamplingParams(temperature=0.8, top_k=50, top_p=0.9, max_tokens=16, ignore_eos=True, seed=s)
               for s in range(len(PROMPTS))]
-    tp1, _, _ = run(models["qwen3"], 1, PROMPTS, params)
-    tp2, _, _ = run(models["qwen3"], 2, PROMPTS, params)
+    tp1, _, one = run(models["qwen3"], 1, PROMPTS, params)
+    tp2, _, two = run(models["qwen3"], 2, PROMPTS, params)
     assert tp2 == tp1
+    blocks = one.block_manager.num_blocks  # kv_cache_gb is per rank, and each rank holds one of the 2 K/V heads
+    assert two.block_manager.num_blocks in (2 * blocks, 2 * blocks + 1)
     other_seeds = [SamplingParams(**{**p.__dict__, "seed": p.seed + 100}) for p in params]
     assert run(models["qwen3"], 1, PROMPTS, other_seeds)[0] != tp1  # negative control: the samples depend on seeds
 
