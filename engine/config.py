@@ -15,6 +15,7 @@ SPEC_METHODS = ("auto", "none", "dflash", "dspark")
 DEVICES = ("auto", "cpu", "cuda")
 KERNEL_BACKENDS = ("auto", "torch", "triton")
 ATTENTION_BACKENDS = ("auto", "triton", "flashinfer")
+QUANTIZATIONS = ("auto", "gguf", "none")
 
 
 def uses_cuda_graphs(config: "EngineConfig") -> bool:
@@ -71,6 +72,21 @@ def resolve_auto_spec(model: str, draft: str, dtype: str = "bfloat16") -> tuple[
     return "none", ""
 
 
+def resolve_quantization(quantization: str, model: str, device: str, tensor_parallel_size: int = 1) -> str:
+    """'auto' -> 'gguf' (weights kept in their GGUF block types) for a model with GGUF weights on one CPU process,
+    else 'none' (dense weights in dtype), as vLLM picks its GGUF method from the file."""
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
+    has_gguf = any(Path(model).glob("*.gguf"))
+    if quantization == "auto":
+        return "gguf" if has_gguf and device == "cpu" and tensor_parallel_size == 1 else "none"
+    if quantization == "gguf" and not has_gguf:
+        raise ValueError(f"quantization='gguf' needs GGUF weights (--model FILE.gguf); {model} has none")
+    if quantization == "gguf" and device != "cpu":
+        raise ValueError("quantization='gguf' runs on the CPU only (quantization='none' dequantizes at load)")
+    return quantization
+
+
 def resolve_device(device: str, kernels: str) -> tuple[str, str]:
     """'auto' -> the GPU when torch sees one; kernels 'auto' -> Triton on the GPU, the torch twins on CPU. Triton on
     CPU tensors only runs under its interpreter (TRITON_INTERPRET=1): slow, for tests."""
@@ -109,8 +125,10 @@ def check_attention(attention: str, kernels: str):
 @dataclass
 class EngineConfig:
     """One flat set of options shared by the offline API, the server CLI and the benchmarks."""
-    model: str = ""                      # model directory; "" = the embedded default
-    dtype: str = "bfloat16"              # bfloat16 | float32
+    model: str = ""                      # model directory or GGUF file; "" = the embedded default
+    dtype: str = "bfloat16"              # bfloat16 | float32: activations, and dense weights
+    quantization: str = "auto"           # auto | gguf (a GGUF's weights in their own block types, CPU) | none (dense
+                                         # in dtype); auto: gguf for GGUF weights on one CPU process
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 1024
     max_model_len: int = 0               # 0 = the model's own context length
@@ -144,10 +162,15 @@ class EngineConfig:
     tensor_parallel_size: int = 1        # ranks (processes) one engine spans; local ones are started by the engine,
                                          # other nodes' by torchrun (docs/parallelism.md). The KV budget is per rank.
     tensor_parallel_timeout: float = 60.0  # seconds a collective waits for another rank before the engine fails
+    expert_parallel: bool = False        # DeepSeek-V4: whole routed experts per rank (E / N each) instead of every
+                                         # expert split over the tensor-parallel ranks
 
     def __post_init__(self):
         if not self.model:
             self.model = str(DEFAULT_MODELS_DIR / DEFAULT_MODEL_NAME)
+        if self.model.endswith(".gguf"):
+            from engine.gguf_files import model_dir_for
+            self.model = str(model_dir_for(self.model))
         if self.dtype not in ("bfloat16", "float32"):
             raise ValueError(f"dtype must be 'bfloat16' or 'float32', got {self.dtype!r}")
         for name in ("max_num_seqs", "max_num_batched_tokens", "kv_block_size", "tensor_parallel_size"):
@@ -155,6 +178,9 @@ class EngineConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.tensor_parallel_timeout <= 0:
             raise ValueError(f"tensor_parallel_timeout must be > 0 seconds, got {self.tensor_parallel_timeout}")
+        if self.expert_parallel and self.tensor_parallel_size == 1:
+            raise ValueError("expert_parallel shards the experts over the tensor-parallel ranks: it needs "
+                             "tensor_parallel_size > 1")
         if self.kv_cache_gb < 0:
             raise ValueError(f"kv_cache_gb must be >= 0 (0 = auto), got {self.kv_cache_gb}")
         if self.spec_method not in SPEC_METHODS:
@@ -180,7 +206,9 @@ class EngineConfig:
         parse_verify_policy(self.verify_policy)
         self.device, self.kernels = resolve_device(self.device, self.kernels)
         check_attention(self.attention, self.kernels)
-        for name in ("enforce_eager", "enable_prefix_caching", "huge_pages"):
+        self.quantization = resolve_quantization(self.quantization, self.model, self.device,
+                                                 self.tensor_parallel_size)
+        for name in ("enforce_eager", "enable_prefix_caching", "huge_pages", "expert_parallel"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.kv_cache_gb == 0 and self.device == "cpu":

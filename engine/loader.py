@@ -9,7 +9,8 @@ from engine import distributed
 from engine.models.decoder import ARCHITECTURES, DecoderModel
 from engine.models.deepseek_v4.checkpoint import load_v4_state
 from engine.models.deepseek_v4.model import V4Model
-from engine.parallel import shard_state
+from engine.models.gguf import load_gguf
+from engine.parallel import shard_state, whole_shapes
 
 V4_ARCHITECTURE = "DeepseekV4ForCausalLM"
 
@@ -64,13 +65,27 @@ def fuse(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def load_model(model_dir: str | Path, dtype: torch.dtype) -> DecoderModel | V4Model:
+def gguf_weights(model_dir: Path) -> Path | None:
+    """The one GGUF file a model directory holds (python -m engine.default_model, or --model FILE.gguf), if any."""
+    files = sorted(model_dir.glob("*.gguf"))
+    if len(files) > 1:
+        raise ValueError(f"{model_dir} holds several GGUF files ({', '.join(f.name for f in files)}); keep one")
+    return files[0] if files else None
+
+
+def load_model(model_dir: str | Path, dtype: torch.dtype, quantization: str = "none") -> DecoderModel | V4Model:
+    """quantization 'gguf': the directory's GGUF weights kept in their own block types (CPU); 'none': dense dtype
+    weights (its safetensors, else its GGUF dequantized)."""
     model_dir = Path(model_dir)
     config = read_config(model_dir)
+    gguf = gguf_weights(model_dir)
+    if gguf and (quantization == "gguf" or not list(model_dir.glob("*.safetensors"))):
+        return load_gguf(gguf, config, dtype, keep_blocks=quantization == "gguf")
     if config["architectures"][0] == V4_ARCHITECTURE:
-        if distributed.is_parallel():
-            raise ValueError("tensor parallelism does not cover DeepSeek-V4 yet (use tensor_parallel_size=1)")
         return load_v4(model_dir, config, dtype)
+    if distributed.expert_parallel():
+        raise ValueError(f"expert_parallel shards DeepSeek-V4's routed experts; {config['architectures'][0]} has "
+                         "none (leave it off)")
     with torch.device("meta"):
         model = DecoderModel(config)
     state = fuse(read_tensors(model_dir))
@@ -95,9 +110,8 @@ def load_v4(model_dir: Path, config: dict, dtype: torch.dtype) -> V4Model:
     Its DSpark stages (mtp.*) are read by the DSpark module, not here."""
     with torch.device("meta"):
         model = V4Model(config)
-    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    state, _ = load_v4_state(model_dir, dtype, expected, parts=("target",))
-    model.load_state_dict(state, assign=True)
+    state, _ = load_v4_state(model_dir, dtype, whole_shapes(lambda: V4Model(config)), parts=("target",))
+    model.load_state_dict(shard_state(state, model), assign=True)  # tensor parallel: this rank's slices
     for layer in model.layers:
         layer.attn.make_rope(model.v4)
     return model.eval().requires_grad_(False)

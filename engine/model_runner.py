@@ -35,7 +35,9 @@ class ModelRunner:
         self.device = torch.device(config.device)
         self.dtype = DTYPES[config.dtype]
         self.kv_dtype = CPU_KV_DTYPE if self.device.type == "cpu" else self.dtype
-        self.model = load_model(config.model, self.dtype).to(self.device)
+        # dense: the two-argument call bench/gpu_check stands its random model in for
+        quantized = {"quantization": config.quantization} if config.quantization != "none" else {}
+        self.model = load_model(config.model, self.dtype, **quantized).to(self.device)
         if self.device.type == "cpu":
             pack_linears_for_cpu(self.model)
         self.block_size = config.kv_block_size

@@ -147,7 +147,7 @@ def start(config: EngineConfig) -> Ranks | None:
     port = free_port()
     processes = [LocalRank(rank, config, f"tcp://127.0.0.1:{port}") for rank in range(1, config.tensor_parallel_size)]
     distributed.init(0, config.tensor_parallel_size, config.device, config.tensor_parallel_timeout,
-                     f"tcp://127.0.0.1:{port}")
+                     f"tcp://127.0.0.1:{port}", config.expert_parallel)
     ranks = Ranks(processes, config.tensor_parallel_timeout)
     atexit.register(ranks.close)
     return ranks
@@ -158,7 +158,7 @@ def join_torchrun(config: EngineConfig) -> Ranks:
     if world != config.tensor_parallel_size:
         raise ValueError(f"torchrun started {world} processes but tensor_parallel_size is "
                          f"{config.tensor_parallel_size}: they must agree")
-    distributed.init(rank, world, config.device, config.tensor_parallel_timeout)
+    distributed.init(rank, world, config.device, config.tensor_parallel_timeout, expert_parallel=config.expert_parallel)
     if rank != 0:
         sys.exit(run_worker(config))
     return Ranks([], config.tensor_parallel_timeout)
@@ -179,7 +179,8 @@ def worker_main(rank: int, config: EngineConfig, init_method: str, parent: int):
         signal.signal(sig, signal.SIG_IGN)      # rank 0 shuts down and stops this rank (or it dies with rank 0)
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
-    distributed.init(rank, config.tensor_parallel_size, config.device, config.tensor_parallel_timeout, init_method)
+    distributed.init(rank, config.tensor_parallel_size, config.device, config.tensor_parallel_timeout, init_method,
+                     config.expert_parallel)
     sys.exit(run_worker(config))
 
 

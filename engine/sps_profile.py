@@ -35,6 +35,7 @@ def profile_key(runner: ModelRunner) -> dict:
     c = runner.config
     return {"model": str(Path(c.model).resolve()), "draft": str(Path(c.draft).resolve()) if c.draft else "",
             "spec_method": c.spec_method, "num_draft_tokens": c.num_draft_tokens, "dtype": c.dtype,
+            "quantization": c.quantization,
             "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.machine(),
             "cpu": platform.processor() or platform.node(), "device": device_name(c.device), "kernels": c.kernels,
             "attention": runner.attention, "graph_tiers": [] if runner.graphs is None else list(runner.graphs.tiers),
