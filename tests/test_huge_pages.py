@@ -1,5 +1,6 @@
 """Weights in transparent huge pages (engine/cpu.py): values, ties and sharing kept, memory marked for
 2 MB pages, and the same tokens as plain memory."""
+import mmap
 import sys
 from pathlib import Path
 
@@ -103,9 +104,12 @@ def test_buffer_is_marked_for_huge_pages():
     buffer = huge_page_buffer(8 << 20)
     assert buffer.data_ptr() % (2 << 20) == 0 and buffer.numel() == 8 << 20 and not buffer.any()
     assert thp_eligible(buffer.data_ptr())
-    if thp_mode() == "madvise":  # negative control: torch's own memory is not marked (every mapping is under 'always')
-        plain = torch.empty(8 << 20, dtype=torch.uint8)
+    if thp_mode() == "madvise":  # negative control: a fresh mapping is not marked (every mapping is under 'always');
+        # a fresh mmap, not torch.empty, whose malloc may reuse heap that earlier tests' weights marked
+        plain_map = mmap.mmap(-1, 8 << 20)
+        plain = torch.frombuffer(plain_map, dtype=torch.uint8)
         assert not thp_eligible(plain.data_ptr())
+        del plain
 
 
 @needs_madvise_thp
