@@ -24,6 +24,11 @@ def reference_logits(model, token_ids: list[int]) -> torch.Tensor:
 def recording_llm(model_dir, **options) -> tuple[LLM, dict]:
     """An LLM whose sampler records the logits each request sampled from, by (request, position)."""
     llm = LLM(model=str(model_dir), dtype="float32", **options)
+    return llm, record_sampled_logits(llm)
+
+
+def record_sampled_logits(llm: LLM) -> dict:
+    """From now on, the logits each request of llm samples from, by (request, position)."""
     recorded, sample = {}, llm.model_runner.sample
 
     def record(logits, seqs):
@@ -31,7 +36,7 @@ def recording_llm(model_dir, **options) -> tuple[LLM, dict]:
             recorded[(seq.request_id, len(seq) - 1)] = row.clone()
         return sample(logits, seqs)
     llm.model_runner.sample = record
-    return llm, recorded
+    return recorded
 
 
 def test_full_prefill_logits(tiny_model_dir, reference):

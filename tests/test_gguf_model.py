@@ -19,6 +19,7 @@ from engine import LLM, SamplingParams
 from engine.models.gguf import LAYER_NAMES, read_config
 from engine.models.quant import KERNEL_MAX_ROWS, QuantConcat, QuantEmbedding, QuantLinear
 from kernels import quant_linear
+from tests.test_engine_parity import record_sampled_logits
 from tests.tiny_models import save_tiny_model
 
 pytestmark = pytest.mark.skipif(not quant_linear.available(), reason="CPU kernels unavailable here")
@@ -102,13 +103,7 @@ def oracle_logits(model, ids: list[int]) -> torch.Tensor:
 
 def greedy_recording(llm: LLM, prompts: list[list[int]], max_tokens: int):
     """Greedy outputs, and the logits each step sampled from by (request, position)."""
-    recorded, sample = {}, llm.model_runner.sample
-
-    def record(logits, seqs):
-        for row, seq in zip(logits, seqs):
-            recorded[(seq.request_id, len(seq) - 1)] = row.clone()
-        return sample(logits, seqs)
-    llm.model_runner.sample = record
+    recorded = record_sampled_logits(llm)
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True),
                         use_tqdm=False)
     return outs, recorded

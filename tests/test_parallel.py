@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_engine_parity import record_sampled_logits
 from tiny_models import save_tiny_draft, save_tiny_model, tiny_config, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
@@ -54,13 +55,7 @@ def make_llm(model_dir, tp: int, **options) -> LLM:
 def run(model_dir, tp: int, prompts, params, **options) -> tuple[list[list[int]], dict, LLM]:
     """Tokens per prompt and the logits rank 0 sampled from, by (prompt index, position); the engine closed."""
     llm = make_llm(model_dir, tp, **options)
-    recorded, sample = {}, llm.model_runner.sample
-
-    def record(logits, seqs):
-        for row, seq in zip(logits, seqs):
-            recorded[(seq.request_id, len(seq) - 1)] = row.clone()
-        return sample(logits, seqs)
-    llm.model_runner.sample = record
+    recorded = record_sampled_logits(llm)
     try:
         outs = llm.generate(prompts, params, use_tqdm=False)
     finally:

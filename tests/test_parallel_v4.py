@@ -3,11 +3,10 @@ expert parallel (four whole experts per rank) give transformers' greedy tokens o
 in-checkpoint DSpark module the tokens, verify counts and confidences of one process, greedy and seeded at T > 0.
 How each rank's share is cut is checked by hand on a model built on the meta device."""
 
-import os
-from pathlib import Path
 
 import pytest
 import torch
+from test_parallel import local_ranks, restore_threads  # noqa: F401 (restore_threads: autouse here too)
 from tiny_models import save_tiny_model, save_tiny_v4, save_tiny_v4_dspark
 
 from engine import LLM, SamplingParams, distributed
@@ -20,26 +19,6 @@ from engine.parallel import shard_state, whole_shapes
 
 NEW_TOKENS = 20
 MODES = {"tp": {}, "ep": {"expert_parallel": True}}
-
-
-def local_ranks() -> list[int]:
-    """This process's children that run a local rank (engine/parallel_worker.py) and are not yet reaped."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        try:
-            state, ppid = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:2]
-            if int(ppid) == os.getpid() and b"engine.parallel_worker" in (entry / "cmdline").read_bytes():
-                found.append(int(entry.name))
-        except (OSError, ValueError):
-            continue
-    return found
-
-
-@pytest.fixture(scope="module", autouse=True)
-def restore_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

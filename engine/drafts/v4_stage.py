@@ -49,9 +49,7 @@ class StageAttention(V4Attention):
         size = x.shape[0] // len(windows)
         out = torch.cat([self.attend_block(q[b * size:(b + 1) * size], kv[b * size:(b + 1) * size], window)
                          for b, window in enumerate(windows)])
-        grouped = rotate(out, cos, -sin).reshape(x.shape[0], self.groups, -1)
-        w = self.wo_a.weight.view(self.groups, -1, grouped.shape[-1])
-        return self.wo_b(torch.einsum("sgi,gri->sgr", grouped, w.to(grouped.dtype)).flatten(1))
+        return self.output(out, cos, sin)
 
     def attend_block(self, q: torch.Tensor, block_kv: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
         keys = torch.cat([window.to(block_kv.dtype), block_kv])

@@ -225,7 +225,11 @@ class V4Attention(nn.Module):
                 keys, allowed = self.context(*inputs)
                 out[rows] = sink_attention(q[rows], keys, allowed, self.attn_sink, self.dim ** -0.5)
             self.ring.write(seg.request_slot, seg.first_position, kv[rows])
-        grouped = rotate(out, cos, -sin).reshape(x.shape[0], self.groups, -1)
+        return self.output(out, cos, sin)
+
+    def output(self, out: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Attention output [N, heads, D] -> [N, hidden]: the inverse rope, then the grouped low-rank projection."""
+        grouped = rotate(out, cos, -sin).reshape(out.shape[0], self.groups, -1)
         w = self.wo_a.weight.view(self.groups, -1, grouped.shape[-1])
         return self.wo_b(torch.einsum("sgi,gri->sgr", grouped, w.to(grouped.dtype)).flatten(1))
 
