@@ -3,6 +3,7 @@ import heapq
 from array import array
 from collections import OrderedDict
 
+from engine.block_end_states import BlockEndStates
 from engine.sequence import Sequence
 
 
@@ -24,9 +25,12 @@ class BlockManager:
     freed block keeps its K/V (and its entry) until the free list hands it out again, least recently freed first.
 
     A sequence holding blocks also holds a request slot, the lowest free one: the index of its per-request KV state
-    (DeepSeek-V4's rings), reserved by the model for every request that can run at once."""
+    (DeepSeek-V4's rings), reserved by the model for every request that can run at once. With num_state_slots, a
+    cached prefix also needs the rings' state saved at its last block's end (BlockEndStates), and a hit ends at the
+    last matched block that has one."""
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = False):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = False,
+                 num_state_slots: int = 0):
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
@@ -38,6 +42,7 @@ class BlockManager:
         self.num_hit_tokens = 0      # of which found
         self.free_request_slots: list[int] = []  # a heap of released slots, below num_request_slots
         self.num_request_slots = 0
+        self.states = BlockEndStates(num_state_slots) if enable_prefix_caching and num_state_slots else None
 
     @property
     def num_free_blocks(self) -> int:
@@ -64,11 +69,26 @@ class BlockManager:
             self.evict(block_id)
             self.ref_counts[block_id] = 1
             seq.block_table.append(block_id)
+        if self.states:
+            self.take_state_slots(seq, num_tokens)
+
+    def take_state_slots(self, seq: Sequence, num_tokens: int):
+        """A state slot for each block end among seq's next positions (up to num_tokens); a prefix hit's restore
+        lets go of its slot once seq has moved past it."""
+        if seq.state_restore and seq.state_restore[0] != seq.num_computed_tokens:
+            self.states.unpin(seq.state_restore[1])
+            seq.state_restore = None
+        bs = self.block_size
+        for end in range((seq.num_computed_tokens // bs + 1) * bs, num_tokens + 1, bs):
+            if end not in seq.state_saves and (slot := self.states.take()) is not None:
+                seq.state_saves[end] = slot
 
     def evict(self, block_id: int):
         key = self.block_hash.pop(block_id, None)
         if key is not None:
             del self.cached_blocks[key]
+        if self.states:
+            self.states.drop(block_id)
 
     def release(self, block_id: int):
         self.ref_counts[block_id] -= 1
@@ -83,9 +103,14 @@ class BlockManager:
             self.release(block_id)
         del seq.block_table[keep:]
         seq.num_filed_blocks = min(seq.num_filed_blocks, keep)
+        for end in [end for end in seq.state_saves if end > num_tokens]:  # saved after rolled-back positions
+            self.states.release(seq.state_saves.pop(end))
 
     def free(self, seq: Sequence):
         self.truncate(seq, 0)
+        if seq.state_restore:
+            self.states.unpin(seq.state_restore[1])
+            seq.state_restore = None
         if seq.request_slot is not None:
             heapq.heappush(self.free_request_slots, seq.request_slot)
             seq.request_slot = None
@@ -114,10 +139,7 @@ class BlockManager:
         token to compute, so the step yields its logits); returns the number of tokens they cover."""
         if not self.enable_prefix_caching or seq.block_table:
             return 0
-        for key in self.prefix_hashes(seq, (len(seq) - 1) // self.block_size):
-            block_id = self.cached_blocks.get(key)
-            if block_id is None:
-                break
+        for block_id in self.usable_prefix(seq):
             if self.ref_counts[block_id] == 0:
                 del self.free_block_ids[block_id]
             self.ref_counts[block_id] += 1
@@ -126,6 +148,23 @@ class BlockManager:
         seq.num_computed_tokens = len(seq.block_table) * self.block_size
         seq.num_cached_tokens = min(seq.num_computed_tokens, seq.num_prompt_tokens)
         return seq.num_computed_tokens
+
+    def usable_prefix(self, seq: Sequence) -> list[int]:
+        """The filed blocks of seq's longest cached prefix; with block-end states, cut back to the last one whose
+        state was kept (seq restores its rings from it, pinned until its step has run)."""
+        matched = []
+        for key in self.prefix_hashes(seq, (len(seq) - 1) // self.block_size):
+            if (block_id := self.cached_blocks.get(key)) is None:
+                break
+            matched.append(block_id)
+        if self.states is None:
+            return matched
+        for count in range(len(matched), 0, -1):
+            if (slot := self.states.lookup(matched[count - 1])) is not None:
+                self.states.pin(slot)
+                seq.state_restore = (count * self.block_size, slot)
+                return matched[:count]
+        return []
 
     def count_prefix_lookup(self, seq: Sequence):
         """Count an admitted sequence's lookup (a lookup retried because KV was short is counted once)."""
@@ -144,4 +183,7 @@ class BlockManager:
             if block_id not in self.block_hash and key not in self.cached_blocks:
                 self.cached_blocks[key] = block_id
                 self.block_hash[block_id] = key
+            if self.states and (slot := seq.state_saves.pop((i + 1) * self.block_size, None)) is not None:
+                filed = self.cached_blocks.get(key)
+                self.states.attach(filed, slot) if filed is not None else self.states.release(slot)
         seq.num_filed_blocks = full

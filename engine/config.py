@@ -135,6 +135,8 @@ class EngineConfig:
     kv_cache_gb: float = 0.0             # 0 = auto: CPU a tenth of RAM (0.5-8 GiB); GPU most of what is left free
     kv_block_size: int = 16
     enable_prefix_caching: bool = True   # reuse the K/V of full blocks whose token prefix was computed before
+    prefix_cache_states: int = 0         # DeepSeek-V4: ring states kept at block ends for the prefix cache (a cached
+                                         # prefix ends where one was kept); 0 = two per max_num_seqs
     num_threads: int = 0                 # 0 = leave torch's default
     seed: int = 0                        # seeds the requests that set no seed (reproducible runs, as vLLM's
                                          # --seed); -1 = fresh entropy every run
@@ -176,6 +178,9 @@ class EngineConfig:
         for name in ("max_num_seqs", "max_num_batched_tokens", "kv_block_size", "tensor_parallel_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.prefix_cache_states < 0:
+            raise ValueError(f"prefix_cache_states must be >= 0 (0 = two per max_num_seqs), got "
+                             f"{self.prefix_cache_states}")
         if self.tensor_parallel_timeout <= 0:
             raise ValueError(f"tensor_parallel_timeout must be > 0 seconds, got {self.tensor_parallel_timeout}")
         if self.expert_parallel and self.tensor_parallel_size == 1:

@@ -53,7 +53,7 @@ class LLMEngine:
         if uses_cuda_graphs(self.config):
             self.model_runner.capture_graphs(self.max_model_len)
         self.block_manager = BlockManager(self.model_runner.num_blocks, self.config.kv_block_size,
-                                          self.config.enable_prefix_caching)
+                                          self.config.enable_prefix_caching, self.model_runner.num_block_end_states)
         self.kv_capacity_tokens = self.block_manager.num_blocks * self.block_manager.block_size
         self.vocab_size = self.model_runner.model.config["vocab_size"]
         self.scheduler = Scheduler(self.config, self.block_manager)

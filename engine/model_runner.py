@@ -15,7 +15,7 @@ from engine.models.layers import pack_linears_for_cpu
 from engine.outputs import Emitted
 from engine.sampler import SamplingTensors, emit, sample
 from engine.sampling_params import SamplingParams
-from engine.sequence import Sequence
+from engine.sequence import Sequence, step_saves
 from kernels import flashinfer_attention, triton_support
 from kernels.flashinfer_attention import FlashInferAttention
 
@@ -52,25 +52,29 @@ class ModelRunner:
         if self.model.own_attention:  # DeepSeek-V4: entries in the pages, per-request rings beside them
             self.fit_kv_options_to_v4()
             self.model.set_kv_layout(self.block_size, config.max_num_seqs, self.max_rollback,
-                                     config.enable_prefix_caching)
+                                     self.num_block_end_states)
         self.attention = self.choose_attention()
         self.flashinfer = self.make_flashinfer() if self.attention == "flashinfer" else None
         self.num_blocks = self.allocate_kv_cache(config.kv_cache_gb or self.free_gpu_kv_gb())
         self.graphs = None  # engine/graphs.TargetGraphs once captured
 
     def fit_kv_options_to_v4(self):
-        """DeepSeek-V4 serves with its defaults: blocks of whole compressed windows (kv_block_size rounded up to a
-        multiple of the largest compress ratio) and no prefix cache (its rings are per request)."""
+        """DeepSeek-V4 serves with blocks of whole compressed windows: kv_block_size rounded up to a multiple of the
+        largest compress ratio."""
         c, largest = self.config, self.model.largest_ratio
         if c.kv_block_size % largest:
             rounded = -(-c.kv_block_size // largest) * largest
             log.info("DeepSeek-V4: kv_block_size %d -> %d (whole windows of its largest compress ratio)",
                      c.kv_block_size, rounded)
             c.kv_block_size = self.block_size = rounded
-        if c.enable_prefix_caching:
-            log.warning("DeepSeek-V4 runs without the prefix cache for now (its window and compressor state are per "
-                        "request): prefix caching is off")
-            c.enable_prefix_caching = False
+
+    @property
+    def num_block_end_states(self) -> int:
+        """Ring states the prefix cache keeps at block ends (DeepSeek-V4 only; engine/block_end_states.py)."""
+        c = self.config
+        if not (self.model.own_attention and c.enable_prefix_caching):
+            return 0
+        return c.prefix_cache_states or 2 * c.max_num_seqs
 
     def choose_attention(self) -> str:
         """config.attention settled: 'torch' off the Triton path; for 'auto', FlashInfer on a GPU where it is
@@ -183,7 +187,8 @@ class ModelRunner:
         elif triton_support.enabled() or self.model.own_attention:
             set_context(self.on_device(slot_mapping), [], inputs.varlen_batch(seqs, self.block_size, self.device))
             if self.model.own_attention:
-                self.model.use_request_slots([s.request_slot for s in seqs])
+                self.model.use_request_slots([s.request_slot for s in seqs], [s.state_restore for s in seqs],
+                                             [step_saves(s) for s in seqs])
         else:
             set_context(torch.tensor(slot_mapping), inputs.attention_groups(seqs, self.block_size))
         return self.on_device(input_ids), self.on_device(positions)

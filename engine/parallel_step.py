@@ -5,11 +5,12 @@ inputs and run the same forward; only the calls with collectives matter to them,
 reaches them as the next step's token ids. A message fits one broadcast of PACKET_WORDS words; a longer one sends its
 tail in a second. After vLLM's broadcast of the model input to the driver's workers (vllm/worker/worker_base.py),
 with a fixed-size packed tensor instead of a pickled dict."""
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from engine import distributed
+from engine.sequence import step_saves
 
 PACKET_WORDS = 4096
 FORWARD, CONTEXT, DRAFT, KEEP_ALIVE, STOP = range(5)
@@ -24,6 +25,8 @@ class RemoteSeq:
     block_table: list[int]
     token_ids: list[int]
     request_slot: int | None = None  # DeepSeek-V4's per-request rings
+    state_restore: tuple[int, int] | None = None  # and the prefix cache's saved ring states (Sequence's fields)
+    state_saves: dict[int, int] = field(default_factory=dict)
 
     def scheduled_token_ids(self) -> list[int]:
         return self.token_ids
@@ -57,24 +60,30 @@ def receive() -> tuple[int, torch.Tensor]:
 def send_forward(seqs, num_logits: list[int], capture: bool):
     if not sending():
         return
-    head = [len(seqs), int(capture)]
-    for s, n in zip(seqs, num_logits):
+    head, saves = [len(seqs), int(capture)], [step_saves(s) for s in seqs]
+    for s, n, saved in zip(seqs, num_logits, saves):
         slot = -1 if s.request_slot is None else s.request_slot
-        head += [s.num_computed_tokens, s.num_scheduled_tokens, n, len(s.block_table), slot]
+        restore = s.state_restore or (-1, -1)
+        head += [s.num_computed_tokens, s.num_scheduled_tokens, n, len(s.block_table), slot, *restore, len(saved)]
     tables = [b for s in seqs for b in s.block_table]
+    pairs = [v for saved in saves for pair in saved for v in pair]
     tokens = [t for s in seqs for t in s.scheduled_token_ids()]
-    send(FORWARD, [torch.tensor(head), torch.tensor(tables, dtype=torch.long), torch.tensor(tokens, dtype=torch.long)])
+    send(FORWARD, [torch.tensor(head), *(torch.tensor(part, dtype=torch.long) for part in (tables, pairs, tokens))])
 
 
 def unpack_forward(words: torch.Tensor) -> tuple[list[RemoteSeq], list[int], bool]:
     values = words.tolist()
     count, capture = values[:2]
-    heads, at = [values[2 + 5 * i: 7 + 5 * i] for i in range(count)], 2 + 5 * count
+    heads, at = [values[2 + 8 * i: 10 + 8 * i] for i in range(count)], 2 + 8 * count
     seqs, num_logits = [], []
-    for computed, scheduled, logits, blocks, slot in heads:
-        seqs.append(RemoteSeq(computed, scheduled, values[at:at + blocks], [], None if slot < 0 else slot))
+    for computed, scheduled, logits, blocks, slot, restore_end, restore_slot, _ in heads:
+        seqs.append(RemoteSeq(computed, scheduled, values[at:at + blocks], [], None if slot < 0 else slot,
+                              None if restore_end < 0 else (restore_end, restore_slot)))
         num_logits.append(logits)
         at += blocks
+    for seq, head in zip(seqs, heads):
+        pairs, at = values[at:at + 2 * head[-1]], at + 2 * head[-1]
+        seq.state_saves = dict(zip(pairs[::2], pairs[1::2]))
     for seq in seqs:
         seq.token_ids, at = values[at:at + seq.num_scheduled_tokens], at + seq.num_scheduled_tokens
     return seqs, num_logits, bool(capture)

@@ -30,6 +30,8 @@ class Sequence:
         self.num_scheduled_tokens = 0
         self.block_table: list[int] = []
         self.request_slot: int | None = None  # its per-request KV state (DeepSeek-V4's rings) while it holds blocks
+        self.state_restore: tuple[int, int] | None = None  # (block end, state slot) its rings start from: a prefix hit
+        self.state_saves: dict[int, int] = {}  # block end -> state slot its rings' rows are saved in, until filed
         self.block_hashes: list[bytes] = []  # prefix hashes of its full blocks (prefix caching), memoised
         self.num_filed_blocks = 0            # leading blocks of block_table already in the prefix cache
         self.num_cached_tokens = 0           # prompt tokens found in the prefix cache when last admitted
@@ -89,3 +91,9 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
+
+
+def step_saves(seq) -> list[tuple[int, int]]:
+    """The (block end, state slot) pairs of seq's saves that this step's positions reach."""
+    start, end = seq.num_computed_tokens, seq.num_computed_tokens + seq.num_scheduled_tokens
+    return [(boundary, slot) for boundary, slot in seq.state_saves.items() if start < boundary <= end]

@@ -42,19 +42,24 @@ def prompts(vocab: int) -> list[list[int]]:
 
 def v4_llm(path, tp: int, **options) -> LLM:
     return LLM(model=str(path), dtype="float32", device="cpu", kv_cache_gb=0.02, kv_block_size=8, num_threads=1,
-               enable_prefix_caching=False, tensor_parallel_size=tp, tensor_parallel_timeout=30.0,
-               **{"spec_method": "none"} | options)
+               tensor_parallel_size=tp, tensor_parallel_timeout=30.0,
+               **{"spec_method": "none", "enable_prefix_caching": False} | options)
 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_greedy_tokens_equal_transformers(v4, mode):
+    """Twice, with the prefix cache on: the second time each prompt's full blocks are found in the cache and every
+    rank restores its rings from the states saved at the hit's block end."""
     path, hf = v4
-    llm = v4_llm(path, 2, **MODES[mode])
+    llm = v4_llm(path, 2, enable_prefix_caching=True, **MODES[mode])
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
     try:
-        outs = llm.generate(prompts(320), SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True),
-                            use_tqdm=False)
+        outs = llm.generate(prompts(320), params, use_tqdm=False)
+        again = llm.generate(prompts(320), params, use_tqdm=False)
     finally:
         llm.close()
+    assert [o.token_ids for o in again] == [o.token_ids for o in outs]
+    assert [o.num_cached_tokens for o in again] == [8, 0, 8, 16]
     for prompt, out in zip(prompts(320), outs):
         with torch.no_grad():
             expected = hf.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, do_sample=False,

@@ -34,8 +34,8 @@ def prompts() -> list[list[int]]:
 
 
 def v4_llm(path, **options) -> LLM:
-    return LLM(model=str(path), dtype="float32", kv_cache_gb=0.02, kv_block_size=8, enable_prefix_caching=False,
-               **options)
+    return LLM(model=str(path), **{"dtype": "float32", "kv_cache_gb": 0.02, "kv_block_size": 8,
+                                   "enable_prefix_caching": False} | options)
 
 
 def test_the_module_is_found_without_a_draft_path(v4):
@@ -82,6 +82,23 @@ def test_greedy_speculative_output_equals_plain_greedy(v4, policy):
     stats = llm.spec_stats.as_dict()
     if policy in ("full", "fixed:2"):  # drafts were accepted and rejected: rollback ran
         assert 0 < stats["num_accepted_tokens"] < stats["num_verified_tokens"]
+
+
+def test_prefix_cache_hits_with_speculation_change_no_token(v4):
+    """With the prefix cache on, requests whose 37-token prefix is cached start from its pages, the draft's K=V
+    there and the target's rings saved at the block end; verify steps cross block ends and roll back past them:
+    the same tokens as plain greedy decoding without a prefix cache."""
+    path, _ = v4
+    g = torch.Generator().manual_seed(7)
+    base = torch.randint(0, VOCAB, (37,), generator=g).tolist()
+    requests = [base + torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in (3, 6, 1)]
+    expected = [o.token_ids for o in v4_llm(path, spec_method="none").generate(requests, GREEDY, use_tqdm=False)]
+    llm = v4_llm(path, spec_method="dspark", verify_policy="full", enable_prefix_caching=True)
+    outs = llm.generate(requests[:1], GREEDY, use_tqdm=False) + llm.generate(requests[1:], GREEDY, use_tqdm=False)
+    assert [o.token_ids for o in outs] == expected
+    assert [o.num_cached_tokens for o in outs] == [0, 32, 32]
+    stats = llm.spec_stats.as_dict()
+    assert 0 < stats["num_accepted_tokens"] < stats["num_verified_tokens"]
 
 
 def record_proposals(monkeypatch) -> list[tuple[list[int], int, torch.Tensor]]:

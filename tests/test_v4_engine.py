@@ -27,8 +27,8 @@ def prompts() -> list[list[int]]:
 
 
 def engine(path, **options) -> LLM:
-    return LLM(model=str(path), dtype="float32", kv_cache_gb=0.02, kv_block_size=8, enable_prefix_caching=False,
-               **options)
+    return LLM(model=str(path), **{"dtype": "float32", "kv_cache_gb": 0.02, "kv_block_size": 8,
+                                   "enable_prefix_caching": False} | options)
 
 
 @torch.no_grad()
@@ -52,19 +52,56 @@ def test_batching_and_chunking_change_nothing(v4):
     assert [o.token_ids for o in together.generate(prompts(), GREEDY, use_tqdm=False)] == expected
 
 
-def test_prefix_caching_and_partial_windows_in_a_block_are_turned_off(v4):
-    """Options that do not suit V4 are fitted to it: blocks of 12 tokens become 16 (whole windows of its largest ratio, 8)
-    and the prefix cache is off; the model itself refuses both when asked directly."""
+def test_partial_windows_in_a_block_are_fitted(v4):
+    """A block size that does not suit V4 is fitted to it: blocks of 12 tokens become 16 (whole windows of its largest
+    ratio, 8); the model itself refuses one when asked directly."""
     path, _ = v4
     llm = LLM(model=str(path), dtype="float32", kv_cache_gb=0.02, kv_block_size=12)
-    assert (llm.config.kv_block_size, llm.block_manager.block_size, llm.config.enable_prefix_caching) == (16, 16, False)
+    assert (llm.config.kv_block_size, llm.block_manager.block_size, llm.config.enable_prefix_caching) == (16, 16, True)
     assert llm.generate(prompts()[:1], GREEDY, use_tqdm=False)[0].token_ids == \
         engine(path).generate(prompts()[:1], GREEDY, use_tqdm=False)[0].token_ids
-    model = llm.model_runner.model
-    with pytest.raises(ValueError, match="cannot use the prefix cache"):
-        model.set_kv_layout(8, 1, 0, prefix_caching=True)
     with pytest.raises(ValueError, match="kv_block_size must be a multiple of 8"):
-        model.set_kv_layout(4, 1, 0)
+        llm.model_runner.model.set_kv_layout(4, 1, 0)
+
+
+def shared_prefix_prompts() -> list[list[int]]:
+    """A 43-token prefix (5 blocks of 8, crossing windows of 4 and 8 and the 8-token sliding window) with different
+    tails, and one that shares only 27 of its tokens."""
+    g = torch.Generator().manual_seed(11)
+    base = torch.randint(2, 320, (43,), generator=g).tolist()
+    tail = lambda n: torch.randint(2, 320, (n,), generator=g).tolist()  # noqa: E731
+    return [base + tail(5), base + tail(2), base[:27] + tail(9), base + tail(13)]
+
+
+@pytest.mark.parametrize("states", [0, 1])
+def test_prefix_cache_hits_change_no_token(v4, states):
+    """Requests that find their prefix in the cache start from its pages and from the rings saved at its last block's
+    end: the same greedy tokens as without a prefix cache, with most of each prompt found. With a single state slot
+    (states=1) only the latest block end is kept, most hits are lost, and the tokens are still the same."""
+    path, _ = v4
+    first, *rest = shared_prefix_prompts()
+    expected = [o.token_ids for o in engine(path).generate([first, *rest], GREEDY, use_tqdm=False)]
+    llm = engine(path, enable_prefix_caching=True, prefix_cache_states=states)
+    outs = llm.generate([first], GREEDY, use_tqdm=False) + llm.generate(rest, GREEDY, use_tqdm=False)
+    assert [o.token_ids for o in outs] == expected
+    cached = [o.num_cached_tokens for o in outs]
+    print("cached prompt tokens", cached)
+    assert cached[0] == 0
+    if not states:
+        assert all(c > 0 for c in cached[1:]) and max(cached) >= 40
+
+
+def test_prefix_cache_without_the_saved_rings_goes_wrong(v4, monkeypatch):
+    """Negative control: hits whose rings are not restored (states never saved, so the rings start from zeros)
+    change the tokens, so the test above would see a restore that went wrong."""
+    from engine.models.deepseek_v4.rings import Ring
+    path, _ = v4
+    first, *rest = shared_prefix_prompts()
+    expected = [o.token_ids for o in engine(path).generate(rest, GREEDY, use_tqdm=False)]
+    monkeypatch.setattr(Ring, "save", lambda *args: None)
+    llm = engine(path, enable_prefix_caching=True)
+    llm.generate([first], GREEDY, use_tqdm=False)
+    assert [o.token_ids for o in llm.generate(rest, GREEDY, use_tqdm=False)] != expected
 
 
 def test_kv_budget_counts_every_cache(v4):
@@ -83,9 +120,20 @@ def test_kv_budget_counts_every_cache(v4):
     assert allocated_bytes(runner.model) == runner.num_blocks * 896 + 126720
 
 
+def test_kv_budget_counts_the_prefix_cache_states(v4):
+    """A saved state holds what a step starting at a block end reads from before it: every layer's last 7 window
+    rows 7 * 32, each CSA compressor's previous window 4 * 128 and its indexer's 4 * 64, nothing of the HCA layer's
+    (its windows end at the block end): 4 * 224 + 2 * (512 + 256) = 2432 values, 9728 B. Two per request by default."""
+    path, _ = v4
+    runner = engine(path, num_draft_tokens=2, max_num_seqs=5, enable_prefix_caching=True).model_runner
+    assert runner.kv_fixed_bytes() == 5 * 25344 + 10 * 9728
+    assert allocated_bytes(runner.model) == runner.num_blocks * 896 + 5 * 25344 + 10 * 9728
+
+
 def allocated_bytes(model) -> int:
     attns = [layer.attn for layer in model.layers]
-    tensors = [r.buffer for a in attns for r in a.rings()] + [c.entries for a in attns for c in a.caches()]
+    tensors = ([r.buffer for a in attns for r in a.rings()] + [r.states for a in attns for r in a.rings()] +
+               [c.entries for a in attns for c in a.caches()])
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -117,13 +165,14 @@ def test_the_server_serves_it(v4):
 
 
 def test_the_plan_states_what_the_engine_allocates(v4):
-    """The plan's 'this engine' line is the bytes the V4 caches really take (bf16): per token and per request."""
+    """The plan's 'this engine' line is the bytes the V4 caches really take (bf16): per token, per request and per
+    prefix-cache state."""
     from engine.models.deepseek_v4.config import read_v4_config
     from engine.models.deepseek_v4.model import V4Model
     from engine.models.deepseek_v4.plan import engine_kv_bytes
     path, _ = v4
     model = V4Model(json.loads((path / "config.json").read_text()))
-    model.set_kv_layout(8, 3, 5)
+    model.set_kv_layout(8, 3, 5, 7)
     model.allocate_kv_cache(64, torch.bfloat16, torch.device("cpu"))
-    per_token, per_request = engine_kv_bytes(read_v4_config(path), 5)
-    assert allocated_bytes(model) == 64 * per_token + 3 * per_request
+    per_token, per_request, per_state = engine_kv_bytes(read_v4_config(path), 5)
+    assert allocated_bytes(model) == 64 * per_token + 3 * per_request + 7 * per_state

@@ -3,10 +3,12 @@ module starts from the checkpoint's own `mtp.*` tensors, its target features are
 (hc-averaged, as the engine captures them), its block forward is the one the engine serves with (each anchored block
 over the stage's K=V of the `sliding_window` positions before its anchor, made from the features), and the trained
 module is written back into a copy of the checkpoint in the released layout: the shards that hold `mtp.*` tensors
-rewritten with them in their stored dtypes, every other file linked or copied as it was."""
+rewritten with them in their stored formats (FP8 and MXFP4 quantized again), every other file linked or copied as it
+was."""
 import json
 import os
 import shutil
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -14,9 +16,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from engine.drafts.v4_dspark import V4DSparkDraft
-from engine.models.deepseek_v4.checkpoint import STAGE_PREFIX, weight_map
+from engine.models.deepseek_v4.checkpoint import PACKED_FP4_DTYPES, STAGE_PREFIX, scale_name, weight_map
 from engine.models.deepseek_v4.model import V4Model
 from train.blocks import Blocks
+from train.v4_quantize import quantize_fp8_block, quantize_mxfp4
+
+SCALE_DTYPES = {"F8_E8M0": torch.float8_e8m0fnu, "U8": torch.uint8, "F32": torch.float32, "BF16": torch.bfloat16}
 
 
 def is_v4(target_dir: str | Path) -> bool:
@@ -58,12 +63,14 @@ def block_hidden(draft: V4DSparkDraft, features: torch.Tensor, blocks: Blocks) -
 
 
 def write_back(draft: V4DSparkDraft, source_dir: str | Path, out_dir: str | Path) -> Path:
-    """A copy of the checkpoint at out_dir whose `mtp.*` tensors are the draft's, in the dtypes they were stored in
-    (FP8 / MXFP4 stage weights cannot be written back yet: a ValueError names the first)."""
+    """A copy of the checkpoint at out_dir whose `mtp.*` tensors are the draft's, stored as they were: floats in
+    their dtype, FP8 / MXFP4 weights quantized again with new scales (train/v4_quantize.py), wherever the index puts
+    a weight and its scale."""
     source, out = Path(source_dir), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    trained = {n: t.detach() for n, t in draft.state_dict().items()}
-    shards = sorted(set(weight_map(source).values()))
+    files = weight_map(source)
+    replacements = stored_stage_tensors({n: t.detach() for n, t in draft.state_dict().items()}, files)
+    shards = sorted(set(files.values()))
     for path in sorted(source.iterdir()):
         if path.is_file() and path not in shards:
             shutil.copyfile(path, out / path.name)
@@ -73,22 +80,37 @@ def write_back(draft: V4DSparkDraft, source_dir: str | Path, out_dir: str | Path
             if not any(n.startswith(STAGE_PREFIX) for n in names):
                 link_or_copy(shard, out / shard.name)
                 continue
-            tensors = {n: stored(n, f.get_tensor(n), trained) for n in names}
+            tensors = {n: replacements.get(n, f.get_tensor(n)) for n in names}
+        unknown = [n for n in names if n.startswith(STAGE_PREFIX) and n not in replacements]
+        if unknown:
+            raise ValueError(f"{unknown[0]}: stored among the DSpark module's tensors but not one of its weights or "
+                             "their scales")
         save_file(tensors, str(out / (shard.name + ".part")), metadata={"format": "pt"})
         (out / (shard.name + ".part")).replace(out / shard.name)
     return out
 
 
-def stored(name: str, tensor: torch.Tensor, trained: dict[str, torch.Tensor]) -> torch.Tensor:
-    if not name.startswith(STAGE_PREFIX):
-        return tensor
-    if name not in trained:
-        raise ValueError(f"{name}: stored beside the DSpark module's tensors but not one of them (a scale of a "
-                         "quantized stage weight?): writing quantized stage weights back is not supported yet")
-    if tensor.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"{name} is stored as {tensor.dtype}: writing quantized stage weights back is not "
-                         "supported yet")
-    return trained[name].to(tensor.dtype).contiguous()
+def stored_stage_tensors(trained: dict[str, torch.Tensor], files: dict[str, Path]) -> dict[str, torch.Tensor]:
+    """Released name -> the tensor to store for every trained stage weight (and the scale of a quantized one), in
+    the layout the source stores it in."""
+    out = {}
+    with ExitStack() as stack:
+        handles = {file: stack.enter_context(safe_open(str(file), framework="pt")) for file in set(files.values())}
+        for name, weight in trained.items():
+            if name not in files:
+                raise ValueError(f"{name}: a trained DSpark weight the checkpoint does not hold")
+            stored = handles[files[name]].get_tensor(name)
+            scale = scale_name(name)
+            if stored.dtype == torch.float8_e4m3fn or stored.dtype in PACKED_FP4_DTYPES:
+                if scale not in files:
+                    raise ValueError(f"{name} is stored as {stored.dtype} but the checkpoint has no {scale}")
+                scale_dtype = handles[files[scale]].get_slice(scale).get_dtype()
+                out[name], out[scale] = (quantize_fp8_block(weight, SCALE_DTYPES[scale_dtype])
+                                         if stored.dtype == torch.float8_e4m3fn else
+                                         quantize_mxfp4(weight, stored.dtype))
+            else:
+                out[name] = weight.to(stored.dtype).contiguous()
+    return out
 
 
 def link_or_copy(source: Path, target: Path):

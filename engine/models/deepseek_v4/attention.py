@@ -13,7 +13,11 @@ every ratio, so entry w of a sequence sits at its token slot of position w * rat
 K=V and each compressor's raw projections (wkv | wgate) of the tokens its next entry pools live in per-request rings
 (rings.py). An entry is written by the step that computes its window's last
 token, from that step's projections and the ring's; a rolled-back entry is unread until its tokens are computed again,
-which writes it anew."""
+which writes it anew.
+
+With the prefix cache, a step also saves every ring's rows before each block end it crosses (Segment.saves), and a
+request whose cached prefix ends at a block end starts from the rings saved there (Segment.restore): every entry
+before it is in the shared pages already."""
 from dataclasses import dataclass
 
 import torch
@@ -32,11 +36,14 @@ from kernels import dispatch, triton_support
 class Segment:
     """One sequence's rows in a step: rows start..start+length of the flat batch are its last `length` positions,
     context_slots [L] are the cache slots of all its positions 0..L-1 (the new ones included), and request_slot
-    indexes its per-request rings."""
+    indexes its per-request rings; restore (block end, state slot) loads the rings saved there before the step, and
+    each of saves (block end, state slot) keeps the rings' rows before that end."""
     start: int
     length: int
     context_slots: torch.Tensor
     request_slot: int = 0
+    restore: tuple[int, int] | None = None
+    saves: tuple[tuple[int, int], ...] = ()
 
     @property
     def rows(self) -> slice:
@@ -76,7 +83,8 @@ class Compressor(nn.Module):
         self.ape = nn.Parameter(torch.zeros(ratio, self.width, dtype=torch.float32))
         self.norm = V4Norm(dim, eps)
         self.dim, self.ratio, self.overlap = dim, ratio, overlap
-        self.ring = Ring(2 * self.width, self.windows * ratio)  # each token's wkv | wgate
+        # each token's wkv | wgate; a step starting at a block end reads the previous window's (overlap)
+        self.ring = Ring(2 * self.width, self.windows * ratio, (self.windows - 1) * ratio)
         self.entries = None  # [slots // ratio, dim]: the paged entries
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
@@ -92,7 +100,7 @@ class Compressor(nn.Module):
             tokens = torch.cat([self.ring.read(seg.request_slot, start, s).to(raw.dtype), raw])[:last * r - start]
             pooled = self.pool(tokens, start // r, freqs)[first - start // r:]
             self.entries[seg.context_slots[first * r:last * r:r] // r] = pooled.to(self.entries.dtype)
-        self.ring.write(seg.request_slot, s, raw)
+        save_and_write(self.ring, seg, raw)
 
     def pool(self, tokens: torch.Tensor, first_window: int, freqs: torch.Tensor) -> torch.Tensor:
         """Whole windows of projections [n * ratio, 2 * width] -> entries [n, dim], rope at each window's first
@@ -177,7 +185,7 @@ class V4Attention(nn.Module):
         self.make_rope(c)
         self.heads, self.dim, self.groups, self.window = c.num_heads, d, c.o_groups, c.sliding_window
         self.eps = c.rms_norm_eps
-        self.ring = Ring(d, c.sliding_window)  # the window's K=V after norm and rope
+        self.ring = Ring(d, c.sliding_window, c.sliding_window - 1)  # the window's K=V after norm and rope
 
     def make_rope(self, c: V4Config):
         """The rope frequencies (not in the checkpoint: made again after a load on the meta device). A compressed
@@ -198,9 +206,10 @@ class V4Attention(nn.Module):
     def kv_bytes_per_token(self, dtype: torch.dtype) -> float:
         return sum(c.dim / c.ratio for c in self.caches()) * dtype.itemsize
 
-    def allocate(self, num_slots: int, requests: int, rollback: int, dtype: torch.dtype, device: torch.device):
+    def allocate(self, num_slots: int, requests: int, rollback: int, dtype: torch.dtype, device: torch.device,
+                 states: int = 0):
         for ring in self.rings():
-            ring.allocate(requests, rollback, dtype, device)
+            ring.allocate(requests, rollback, dtype, device, states)
         for c in self.caches():
             c.entries = torch.zeros(num_slots // c.ratio, c.dim, dtype=dtype, device=device)
 
@@ -216,6 +225,9 @@ class V4Attention(nn.Module):
         out = torch.empty_like(q)
         for seg in segments:
             rows = seg.rows
+            if seg.restore is not None:
+                for ring in self.rings():
+                    ring.load(seg.request_slot, *seg.restore)
             for compressor, raw in zip(self.caches(), raws):
                 compressor.update(seg, raw[rows], self.freqs)
             inputs = (seg, kv[rows], x[rows], q_low[rows], positions[rows], cos[rows], sin[rows])
@@ -224,7 +236,7 @@ class V4Attention(nn.Module):
             else:
                 keys, allowed = self.context(*inputs)
                 out[rows] = sink_attention(q[rows], keys, allowed, self.attn_sink, self.dim ** -0.5)
-            self.ring.write(seg.request_slot, seg.first_position, kv[rows])
+            save_and_write(self.ring, seg, kv[rows])
         return self.output(out, cos, sin)
 
     def output(self, out: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -276,6 +288,13 @@ class V4Attention(nn.Module):
             entry = self.indexer.top_entries(x, q_low, cos, sin, index_keys, visible)
             visible = entry >= 0
         return torch.where(visible, pages[entry.clamp_min(0)], -1)
+
+
+def save_and_write(ring: Ring, seg: Segment, rows: torch.Tensor):
+    """seg's new rows into its ring, after keeping the states of the block ends they cross."""
+    for end, state in seg.saves:
+        ring.save(seg.request_slot, seg.first_position, rows, end, state)
+    ring.write(seg.request_slot, seg.first_position, rows)
 
 
 def sink_attention(q: torch.Tensor, keys: torch.Tensor, allowed: torch.Tensor, sinks: torch.Tensor,

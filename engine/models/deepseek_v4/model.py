@@ -65,18 +65,15 @@ class V4Model(nn.Module):
         self.hc_head_scale = nn.Parameter(torch.ones(1, dtype=torch.float32))
         self.head = lm_head(config.hidden_size, config.vocab_size)
 
-    def set_kv_layout(self, block_size: int, max_requests: int, max_rollback: int, prefix_caching: bool = False):
+    def set_kv_layout(self, block_size: int, max_requests: int, max_rollback: int, block_end_states: int = 0):
         """The engine's KV shape, before allocate_kv_cache: blocks hold whole compressor windows; one set of rings per
-        request that can run at once, each keeping max_rollback positions more than a step reads back."""
+        request that can run at once, each keeping max_rollback positions more than a step reads back; and, for the
+        prefix cache, block_end_states saved ring states (engine/block_end_states.py)."""
         largest = self.largest_ratio
         if block_size % largest:
             raise ValueError(f"kv_block_size must be a multiple of {largest} for this DeepSeek-V4 (a block holds whole "
                              f"compressed windows; its largest compress ratio is {largest}), got {block_size}")
-        if prefix_caching:
-            raise ValueError("DeepSeek-V4 cannot use the prefix cache yet: its sliding-window K=V and compressor "
-                             "state live in per-request rings, not in the cached blocks (set enable_prefix_caching="
-                             "False, --no-enable-prefix-caching)")
-        self.max_requests, self.max_rollback = max_requests, max_rollback
+        self.max_requests, self.max_rollback, self.block_end_states = max_requests, max_rollback, block_end_states
 
     def attentions(self) -> list[V4Attention]:
         return [layer.attn for layer in self.layers]
@@ -90,19 +87,23 @@ class V4Model(nn.Module):
         return sum(a.kv_bytes_per_token(dtype) for a in self.attentions())
 
     def kv_fixed_bytes(self, dtype: torch.dtype) -> int:
-        """The per-request part, for every request that can run at once: the window rings and compressor rings."""
+        """The per-request part, for every request that can run at once: the window rings and compressor rings; and
+        the prefix cache's saved states at block ends."""
         rings = [ring for a in self.attentions() for ring in a.rings()]
-        return self.max_requests * sum(ring.bytes_per_request(self.max_rollback, dtype) for ring in rings)
+        return (self.max_requests * sum(ring.bytes_per_request(self.max_rollback, dtype) for ring in rings) +
+                self.block_end_states * sum(ring.bytes_per_state(dtype) for ring in rings))
 
     def allocate_kv_cache(self, num_slots: int, dtype: torch.dtype, device: torch.device):
         for attn in self.attentions():
-            attn.allocate(num_slots, self.max_requests, self.max_rollback, dtype, device)
+            attn.allocate(num_slots, self.max_requests, self.max_rollback, dtype, device, self.block_end_states)
 
-    def use_request_slots(self, request_slots: list[int]):
-        """The next step's sequences' ring indices (Sequence.request_slot), in the varlen batch's order."""
+    def use_request_slots(self, request_slots: list[int], restores: list | None = None, saves: list | None = None):
+        """The next step's sequences' ring indices (Sequence.request_slot), in the varlen batch's order, and per
+        sequence the block-end state its rings start from (or None) and the block ends whose states it saves."""
         if any(slot is None or not 0 <= slot < self.max_requests for slot in request_slots):
             raise RuntimeError(f"request slots {request_slots} outside the {self.max_requests} allocated")
         self.request_slots = request_slots
+        self.ring_states = (restores or [None] * len(request_slots), saves or [()] * len(request_slots))
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, capture_layers: tuple[int, ...] = ()):
@@ -111,7 +112,7 @@ class V4Model(nn.Module):
         copies [N, hidden]: what the in-checkpoint DSpark module reads)."""
         ctx = get_context()
         captured = dict.fromkeys(capture_layers)
-        segments = segments_of(ctx.varlen, self.request_slots)
+        segments = segments_of(ctx.varlen, self.request_slots, *self.ring_states)
         hidden = self.run_layers(input_ids, positions, ctx.slot_mapping, segments, captured)
         return hidden, [captured[i] for i in capture_layers]
 
@@ -149,9 +150,9 @@ class V4Model(nn.Module):
         return self.run_layers(input_ids, slots, slots, [Segment(0, n, slots)], captured)
 
 
-def segments_of(varlen, request_slots: list[int]) -> list[Segment]:
+def segments_of(varlen, request_slots: list[int], restores: list, saves: list) -> list[Segment]:
     """The varlen batch's sequences: rows cu[b]:cu[b+1], context slots kv_slots[b, :kv_lens[b]], rings
-    request_slots[b]."""
+    request_slots[b] (restored from restores[b], saving saves[b])."""
     cu, lens = varlen.cu_seqlens_q.tolist(), varlen.kv_lens.tolist()
-    return [Segment(cu[b], cu[b + 1] - cu[b], varlen.kv_slots[b, :lens[b]], request_slots[b])
-            for b in range(len(lens))]
+    return [Segment(cu[b], cu[b + 1] - cu[b], varlen.kv_slots[b, :lens[b]], request_slots[b], restores[b],
+                    tuple(saves[b])) for b in range(len(lens))]

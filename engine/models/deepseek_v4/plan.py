@@ -308,21 +308,26 @@ class KVRow:
     layers: int
     per_token: float     # bytes per token, all layers of the kind together
     per_request: int     # fixed bytes per request, all layers of the kind together
+    ratios: list[int] = field(default_factory=list)  # the compress ratios of its layers
 
 
-def engine_kv_bytes(cfg: V4Config, rollback: int) -> tuple[float, int]:
+def engine_kv_bytes(cfg: V4Config, rollback: int) -> tuple[float, int, int]:
     """This engine's V4 caches for the target's layers in bf16 (engine/models/deepseek_v4/attention.py, rings.py):
-    (bytes per token, bytes per request). Per token each compressor's entries, dim / ratio (a CSA layer has two: its
-    own and its indexer's); per request each layer's window ring of sliding_window + rollback K=V rows and each
-    compressor's ring of coff * ratio + rollback raw rows (wkv | wgate, 2 * coff * dim wide; coff = 2 where windows
-    overlap), rollback being the most tokens a verify step rejects."""
-    hd, idx, per_token, per_request = cfg.head_dim, cfg.index_head_dim, 0.0, 0
+    (bytes per token, bytes per request, bytes per prefix-cache state). Per token each compressor's entries, dim /
+    ratio (a CSA layer has two: its own and its indexer's); per request each layer's window ring of sliding_window +
+    rollback K=V rows and each compressor's ring of coff * ratio + rollback raw rows (wkv | wgate, 2 * coff * dim wide;
+    coff = 2 where windows overlap), rollback being the most tokens a verify step rejects; per state saved at a block
+    end the rows a step starting there reads back: sliding_window - 1 K=V rows per layer, (coff - 1) * ratio raw rows
+    per compressor."""
+    hd, idx, per_token, per_request, per_state = cfg.head_dim, cfg.index_head_dim, 0.0, 0, 0
     for kind, ratio in zip(cfg.layer_kinds, cfg.compress_ratios):
         per_request += (cfg.sliding_window + rollback) * hd
+        per_state += (cfg.sliding_window - 1) * hd
         for dim, coff in {"window": [], "hca": [(hd, 1)], "csa": [(hd, 2), (idx, 2)]}[kind]:
             per_token += dim / ratio
             per_request += (coff * ratio + rollback) * 2 * coff * dim
-    return 2 * per_token, 2 * per_request
+            per_state += (coff - 1) * ratio * 2 * coff * dim
+    return 2 * per_token, 2 * per_request, 2 * per_state
 
 
 def kv_rows(cfg: V4Config) -> list[KVRow]:
@@ -331,17 +336,18 @@ def kv_rows(cfg: V4Config) -> list[KVRow]:
     ring = (cfg.sliding_window + (cfg.dspark.get("block_size", 0) if cfg.dspark else 0)) * hd * 2
     rows = []
     for kind in ("window", "csa", "hca"):
-        n = cfg.layer_kinds.count(kind)
-        if not n:
+        ratios = [r for k, r in zip(cfg.layer_kinds, cfg.compress_ratios) if k == kind]
+        if not ratios:
             continue
-        ratio = {"window": 0, "csa": 4, "hca": 128}[kind]
-        per_token = 0.0 if kind == "window" else hd * 2 / ratio + (idx * 2 / ratio if kind == "csa" else 0)
-        state = 0
-        if kind == "csa":
-            state = compressor_state(4, hd, True) + compressor_state(4, idx, True)
-        elif kind == "hca":
-            state = compressor_state(128, hd, False)
-        rows.append(KVRow(kind, n, n * per_token, n * (ring + state)))
+        per_token, state = 0.0, 0
+        for ratio in ratios:
+            if kind == "csa":
+                per_token += hd * 2 / ratio + idx * 2 / ratio
+                state += compressor_state(ratio, hd, True) + compressor_state(ratio, idx, True)
+            elif kind == "hca":
+                per_token += hd * 2 / ratio
+                state += compressor_state(ratio, hd, False)
+        rows.append(KVRow(kind, len(ratios), per_token, len(ratios) * ring + state, sorted(set(ratios))))
     stages = (num_stages(cfg) if cfg.dspark else 0) or len(cfg.stage_compress_ratios)
     if stages:
         rows.append(KVRow("stages", stages, 0.0, stages * ring))
@@ -474,8 +480,9 @@ class Plan:
 
     def kv_table(self) -> list[str]:
         stages = "DSpark stages (window)" if self.cfg.dspark else "NextN MTP (window)"
-        titles = {"window": "window only (ratio 0)", "csa": "CSA (ratio 4) + indexer", "hca": "HCA (ratio 128)",
-                  "stages": stages}
+        ratios = {r.kind: "/".join(map(str, r.ratios)) for r in self.kv}
+        titles = {"window": "window only (ratio 0)", "csa": f"CSA (ratio {ratios.get('csa')}) + indexer",
+                  "hca": f"HCA (ratio {ratios.get('hca')})", "stages": stages}
         rows = [(titles[r.kind], str(r.layers), f"{r.per_token / r.layers:g}", f"{r.per_token:g}",
                  f"{r.per_request / MiB:.3f}") for r in self.kv]
         rows.append(("total", str(sum(r.layers for r in self.kv)), "", f"{self.kv_per_token:g}",
@@ -488,10 +495,11 @@ class Plan:
 
     def engine_line(self) -> str:
         rollback = self.cfg.dspark.get("block_size", 0) if self.cfg.dspark else 0
-        per_token, per_request = engine_kv_bytes(self.cfg, rollback)
+        per_token, per_request, per_state = engine_kv_bytes(self.cfg, rollback)
         return (f"this engine (bf16, the target's layers): {per_token:,g} B/token; {per_request / MiB:.3f} MiB a "
                 f"request in rings of window + {rollback} (the verify width) rows per layer and coff windows + "
-                f"{rollback} raw rows per compressor")
+                f"{rollback} raw rows per compressor; {per_state / MiB:.3f} MiB per ring state the prefix cache keeps "
+                f"at a block end (2 per max_num_seqs by default)")
 
     @property
     def kv_ring(self) -> int:

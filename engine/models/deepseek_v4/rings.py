@@ -2,24 +2,33 @@
 compressor's raw projections of the tokens its next entry pools) lives in one ring per request, row p at p % capacity.
 A ring holds `span` positions back plus `rollback`, the most a verify step can reject: rejected positions are never
 erased, only written over when they are computed again, so the rows before a rolled-back step's first position are
-still there (vLLM keeps DeepSeek-V4's window and compressor state per request too; the rollback margin is ours)."""
+still there (vLLM keeps DeepSeek-V4's window and compressor state per request too; the rollback margin is ours).
+
+For the prefix cache a ring also keeps states: the `keep` rows before a block end that a step starting there reads,
+saved by the step that crosses that end and loaded into another request's ring that starts there
+(engine/block_end_states.py)."""
 import torch
 
 
 class Ring:
-    def __init__(self, width: int, span: int):
-        self.width, self.span = width, span
+    def __init__(self, width: int, span: int, keep: int):
+        self.width, self.span, self.keep = width, span, keep
         self.capacity = span
         self.buffer: torch.Tensor | None = None  # [requests, capacity, width]
         self.ends: list[int] = []                # per request: one past the last position written
+        self.states: torch.Tensor | None = None  # [state slots, keep, width]: rows before a block end, right-aligned
 
     def bytes_per_request(self, rollback: int, dtype: torch.dtype) -> int:
         return (self.span + rollback) * self.width * dtype.itemsize
 
-    def allocate(self, requests: int, rollback: int, dtype: torch.dtype, device: torch.device):
+    def bytes_per_state(self, dtype: torch.dtype) -> int:
+        return self.keep * self.width * dtype.itemsize
+
+    def allocate(self, requests: int, rollback: int, dtype: torch.dtype, device: torch.device, states: int = 0):
         self.capacity = self.span + rollback
         self.buffer = torch.zeros(requests, self.capacity, self.width, dtype=dtype, device=device)
         self.ends = [0] * requests
+        self.states = torch.zeros(states, self.keep, self.width, dtype=dtype, device=device)
 
     def read(self, request: int, start: int, end: int) -> torch.Tensor:
         """Rows of positions start..end-1 [end - start, width]; an error when the ring no longer (or never) held one."""
@@ -41,3 +50,16 @@ class Ring:
 
     def places(self, start: int, end: int) -> torch.Tensor:
         return torch.arange(start, end, device=self.buffer.device) % self.capacity
+
+    def save(self, request: int, start: int, rows: torch.Tensor, end: int, state: int):
+        """Keep positions end-keep..end-1 as state `state`, from the ring's earlier rows and `rows` (a step's rows of
+        positions start.., not written yet); before position keep, only the positions from 0."""
+        first = max(0, end - self.keep)
+        earlier = self.read(request, first, start) if first < start else rows[:0]
+        kept = torch.cat([earlier.to(rows.dtype), rows[max(first, start) - start:end - start]])
+        self.states[state, self.keep - kept.shape[0]:] = kept.to(self.states.dtype)
+
+    def load(self, request: int, end: int, state: int):
+        """Make request's ring what it was at position end when `state` was saved there."""
+        count = min(self.keep, end)
+        self.write(request, end - count, self.states[state, self.keep - count:])
