@@ -92,6 +92,22 @@ def test_tiny_parameters_and_bytes_by_hand(tmp_path):
     assert (plan.params, plan.weight_bytes, plan.device_weight_bytes) == (TINY_PARAMS, TINY_BYTES, TINY_BYTES)
 
 
+def test_this_engine_holds_bf16_by_hand(tmp_path):
+    """The engine dequantizes FP8 / MXFP4 to bf16 at load: 2 bytes a parameter there; fp32 and bf16 stay as stored.
+    On V4-Flash-DSpark that is 3.6x the released bytes (4x for the MXFP4 experts): TP 2 on 141 GB GPUs does not fit,
+    TP 8 does."""
+    plan = plan_model(write_model(tmp_path, TINY))
+    rows = {r.component: r for r in plan.weights}
+    assert rows["routed experts"].engine_device_bytes == 2 * 73728  # MXFP4 in the file
+    assert rows["shared experts"].engine_device_bytes == 2 * 18432  # FP8 in the file
+    assert rows["mHC"].engine_device_bytes == 25876 and rows["norms"].engine_device_bytes == 3520  # fp32 as stored
+    assert rows["embedding"].engine_device_bytes == 16384  # bf16 as stored
+    flash = real(tmp_path, FLASH_DSPARK, "flash-dspark", tp=2, memory_gb=141)
+    assert flash.engine_device_weight_bytes == pytest.approx(3.63 * flash.device_weight_bytes, rel=0.01)
+    assert "does not fit on 141 GB; TP 8 does (77.74 GB" in flash.engine_verdict()
+    assert "fits on 141 GB" in real(tmp_path, FLASH_DSPARK, "tp8", tp=8, memory_gb=141).engine_verdict()
+
+
 def test_tiny_tensor_parallel_split_by_hand(tmp_path):
     model = write_model(tmp_path, TINY)
     plan = plan_model(model, tp=2)

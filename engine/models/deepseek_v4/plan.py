@@ -75,6 +75,8 @@ from engine.models.deepseek_v4.config import V4Config, read_v4_config
 
 GB, GiB, MiB = 10**9, 2**30, 2**20
 FORMAT_BYTES = {"bf16": 2, "fp32": 4, "int64": 8}
+ENGINE_BYTES = {"fp8": 2, "mxfp4": 2, "bf16": 2, "fp32": 4, "int64": 8}  # this engine dequantizes to bf16 at load
+TP_SIZES = (1, 2, 4, 8, 16, 32)
 MXFP4_GROUP = 32
 CONTEXTS = (8192, 131072, 1 << 20)  # request lengths the plan sizes (those within max_position_embeddings)
 STAGE_KIND = "window"
@@ -275,6 +277,7 @@ class WeightRow:
     params: int = 0
     nbytes: int = 0
     device_bytes: int = 0
+    engine_device_bytes: int = 0  # as this engine holds them: bf16 for what is stored FP8 / MXFP4 / bf16
 
 
 def weight_rows(cfg: V4Config, tp: int = 1, ep: bool = False) -> list[WeightRow]:
@@ -286,6 +289,7 @@ def weight_rows(cfg: V4Config, tp: int = 1, ep: bool = False) -> list[WeightRow]
         row.params += t.params
         row.nbytes += t.count * fm.nbytes(t.fmt, t.shape)
         row.device_bytes += local_count(t, tp, ep) * fm.nbytes(t.fmt, local_shape(t, tp, ep))
+        row.engine_device_bytes += local_count(t, tp, ep) * math.prod(local_shape(t, tp, ep)) * ENGINE_BYTES[t.fmt]
     order = ["embedding", "head"] + [f"attention: {KIND_TITLES[k]}" for k in ("window", "csa", "hca")]
     order += ["compressor + indexer", "mHC", "routed experts", "shared experts", "router", "norms"]
     return [rows[c] for c in order if c in rows] + [r for c, r in rows.items() if c not in order]
@@ -388,6 +392,10 @@ class Plan:
         return sum(r.device_bytes for r in self.weights)
 
     @property
+    def engine_device_weight_bytes(self) -> int:
+        return sum(r.engine_device_bytes for r in self.weights)
+
+    @property
     def kv_per_token(self) -> float:
         return sum(r.per_token for r in self.kv)
 
@@ -452,8 +460,30 @@ class Plan:
                    else "routed experts tensor-split (the same bytes as expert parallel)")
         lines += [f"tensor parallel {self.tp}; {experts}", "units: GB = 1e9 bytes, GiB = 2**30 bytes", ""]
         lines += self.weight_table()
-        lines += ["", *self.kv_table(), "", *self.fit_lines(), self.verdict()]
+        lines += ["", *self.kv_table(), "", *self.fit_lines(), self.engine_verdict(), self.verdict()]
         return "\n".join(lines)
+
+    def engine_verdict(self) -> str:
+        """What this engine needs: it holds the weights dequantized to bf16 (FP8 / MXFP4 are not kept on the device
+        yet), so more devices than the released format needs."""
+        held = f"this engine holds the weights in bf16 (FP8 / MXFP4 dequantized at load): " \
+               f"{self.engine_device_weight_bytes / GB:.2f} GB per device at TP {self.tp}"
+        if self.memory_gb <= 0:
+            return held
+        left = self.memory_gb * GB - self.engine_device_weight_bytes - self.request_bytes(self.contexts[0])
+        if left >= 0:
+            return f"{held}: fits on {self.memory_gb:g} GB ({left / GB:.2f} GB more for KV)"
+        return f"{held}: does not fit on {self.memory_gb:g} GB; {self.engine_fitting_tp()}"
+
+    def engine_fitting_tp(self) -> str:
+        for tp in TP_SIZES:
+            try:
+                other = Plan(self.cfg, self.name, tp, self.ep, self.memory_gb)
+            except ValueError:
+                continue
+            if self.memory_gb * GB >= other.engine_device_weight_bytes + other.request_bytes(self.contexts[0]):
+                return f"TP {tp} does ({other.engine_device_weight_bytes / GB:.2f} GB of weights per device)"
+        return f"no tensor-parallel size up to {TP_SIZES[-1]} does"
 
     def weight_table(self) -> list[str]:
         unit, scale = byte_unit(self.weight_bytes)
