@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PROMPT ?= What is the capital of France?
 
-.PHONY: setup model kernels run serve test bench gpu-check clean
+.PHONY: setup model kernels run serve test bench gpu-check gpu-pack gpu-train clean
 
 setup: $(VENV)/.installed model kernels
 
@@ -40,6 +40,19 @@ bench: setup
 GPU_PYTHON ?= python3
 gpu-check:
 	PYTHONPATH=. DSPARK_DISABLE_CPU_KERNELS=1 $(GPU_PYTHON) -m bench.gpu_check --out bench_out/gpu_check
+
+# A draft training leg on one GPU with no network (docs/training.md#a-gpu-leg): `make gpu-pack` here writes the
+# conversations and the target's GGUF in parts under data/gpupack; `make gpu-train` there reassembles them, trains the
+# default draft for GPU_MINUTES (features and export included) and writes it to GPU_EXPORT in shards of <= 15 MiB.
+GPU_PACK ?= data/gpupack
+GPU_MINUTES ?= 8
+GPU_EXPORT ?= $(if $(OUT),$(OUT)/draft,runs/dspark_smollm2_gpu/export)
+gpu-pack:
+	$(PY) -m train.gpu_leg pack --config train/configs/dspark_smollm2_gpu.json --out $(GPU_PACK)
+
+gpu-train:
+	PYTHONPATH=. DSPARK_DISABLE_CPU_KERNELS=1 PYTHONUNBUFFERED=1 $(GPU_PYTHON) -m train.gpu_leg train --pack $(GPU_PACK) \
+		--minutes $(GPU_MINUTES) --out runs/dspark_smollm2_gpu --export-to $(GPU_EXPORT)
 
 clean:
 	rm -rf $(VENV) models .cache

@@ -1,6 +1,6 @@
 """Anchored training blocks (DeepSpec `common.py`): random anchors per conversation, the block inputs
 [token at anchor, MASK x (G-1)] and labels, the packed attention mask and the eval mask."""
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -12,6 +12,11 @@ class Blocks:
     positions: torch.Tensor    # [A, G] anchor + k
     labels: torch.Tensor       # [A, G] input_ids[anchor + 1 + k] (0 where past the end)
     valid: torch.Tensor        # [A, G] bool: a supervised label and every earlier label in the block too
+    context_start: torch.Tensor | None = None  # [A] first context position each block may see (None = 0: one
+    #                                            conversation; train/gpu_leg.py packs several into one forward)
+
+    def to(self, device) -> "Blocks":
+        return Blocks(*(None if (t := getattr(self, f.name)) is None else t.to(device) for f in fields(self)))
 
 
 def anchor_candidates(loss_mask: torch.Tensor) -> torch.Tensor:
@@ -41,10 +46,14 @@ def make_blocks(input_ids: torch.Tensor, loss_mask: torch.Tensor, anchors: torch
     return Blocks(anchors, block_ids, positions, labels, valid)
 
 
-def block_attention_mask(anchors: torch.Tensor, context_len: int, block_size: int) -> torch.Tensor:
-    """[A*G, S + A*G] bool (True = may attend): a block's queries see context positions < its anchor and every
-    position of their own block (bidirectionally); blocks never see each other."""
+def block_attention_mask(anchors: torch.Tensor, context_len: int, block_size: int,
+                         context_start: torch.Tensor | None = None) -> torch.Tensor:
+    """[A*G, S + A*G] bool (True = may attend): a block's queries see context positions < its anchor (and >= its
+    context_start) and every position of their own block (bidirectionally); blocks never see each other."""
     A, G = len(anchors), block_size
-    context = torch.arange(context_len)[None, :] < anchors[:, None]                    # [A, S]
-    own_block = torch.eye(A, dtype=torch.bool).repeat_interleave(G, dim=1)              # [A, A*G]
+    p = torch.arange(context_len, device=anchors.device)[None, :]
+    context = p < anchors[:, None]                                                      # [A, S]
+    if context_start is not None:
+        context &= p >= context_start[:, None]
+    own_block = torch.eye(A, dtype=torch.bool, device=anchors.device).repeat_interleave(G, dim=1)  # [A, A*G]
     return torch.cat([context, own_block], dim=1).repeat_interleave(G, dim=0)

@@ -41,6 +41,7 @@ class TrainConfig:
     max_minutes: float = 0.0                 # 0 = no wall-clock limit; else stop (and save) after this long
     seed: int = 42
     num_threads: int = 0                     # 0 = torch's default
+    device: str = "cpu"                      # cpu | cuda (train/gpu_leg.py): the draft, the features and the steps
     # output
     out: str = "runs/dspark"                 # checkpoints (resume) and the exported draft under out/draft
     checkpoint_every: int = 50

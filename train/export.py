@@ -13,7 +13,7 @@ from engine.drafts.loader import FUSED
 def deepspec_state(draft: DSparkDraft, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
     state = {}
     for name, tensor in draft.state_dict().items():
-        tensor = tensor.detach().to(dtype)
+        tensor = tensor.detach().to("cpu", dtype)  # safetensors writes host memory (a GPU leg trains on cuda)
         fused = next((f for f in FUSED if f".{f}." in name), None)
         if fused is None:
             state[name] = tensor.contiguous()

@@ -16,9 +16,9 @@ def backbone_hidden(draft: DSparkDraft, features: torch.Tensor, blocks: Blocks) 
     dtype = draft.fc.weight.dtype
     ctx = draft.context(features.to(dtype))
     S = ctx.shape[0]
-    cos_c, sin_c = draft.rotary.cos_sin_at(torch.arange(S), dtype)
+    cos_c, sin_c = draft.rotary.cos_sin_at(torch.arange(S, device=features.device), dtype)
     cos_b, sin_b = draft.rotary.cos_sin_at(blocks.positions.reshape(-1), dtype)
-    mask = block_attention_mask(blocks.anchors, S, G)
+    mask = block_attention_mask(blocks.anchors, S, G, blocks.context_start)
     x = draft.target[0](blocks.input_ids.reshape(-1)).to(dtype)
     for layer in draft.layers:
         attn = layer.self_attn
@@ -52,7 +52,7 @@ def draft_logits(draft: DSparkDraft, hidden: torch.Tensor, prev: torch.Tensor, h
 def markov_bias(head, hidden: torch.Tensor, prev: torch.Tensor, vocab_ids: torch.Tensor | None = None):
     if head is None:
         return None
-    with torch.autocast("cpu", enabled=False):  # the bias stays fp32, as when serving
+    with torch.autocast(hidden.device.type, enabled=False):  # the bias stays fp32, as when serving
         if type(head) is VanillaMarkov:  # stateless: every position at once, only the vocabulary's columns
             w2 = head.markov_w2.weight if vocab_ids is None else head.markov_w2.weight[vocab_ids]
             return F.linear(head.markov_w1(prev).float(), w2.float())

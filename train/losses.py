@@ -22,7 +22,7 @@ class LossSums:
 
 
 def position_weights(valid: torch.Tensor, decay_gamma: float) -> torch.Tensor:
-    k = torch.arange(valid.shape[-1], dtype=torch.float32)
+    k = torch.arange(valid.shape[-1], dtype=torch.float32, device=valid.device)
     return torch.exp(-k / decay_gamma) * valid.float()
 
 

@@ -39,11 +39,11 @@ class DraftLoss(nn.Module):
         self.frozen = {"target_head": weight, "draft_head": weight if vocab_ids is None else weight[vocab_ids]}
         self.vocab_ids = vocab_ids
         if vocab_ids is not None:
-            self.column = torch.full((weight.shape[0],), -1, dtype=torch.long)
-            self.column[vocab_ids] = torch.arange(len(vocab_ids))
+            self.column = torch.full((weight.shape[0],), -1, dtype=torch.long, device=weight.device)
+            self.column[vocab_ids] = torch.arange(len(vocab_ids), device=weight.device)
 
     def forward(self, record: dict, blocks) -> LossSums:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+        with torch.autocast(record["features"].device.type, dtype=torch.bfloat16, enabled=self.bf16):
             hidden, confidence_hidden = self.hidden(record["features"], blocks)
             prev = teacher_forced_prev(blocks)
             logits = draft_logits(self.draft, hidden, prev, self.frozen["draft_head"], self.vocab_ids)
@@ -113,7 +113,10 @@ def feature_records(cfg: TrainConfig, rank: int = 0) -> list[dict]:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, records: list[dict] | None = None):
+    """records: the conversations with their target features (None = the feature cache of cfg); target: the loaded
+    target model (None = load cfg.target). Both on cfg.device."""
+
+    def __init__(self, cfg: TrainConfig, records: list[dict] | None = None, target=None):
         init_distributed()
         self.cfg, (self.rank, self.world_size) = cfg, world()
         if cfg.num_threads:
@@ -121,12 +124,13 @@ class Trainer:
         if cfg.batch_size % self.world_size:
             raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of the {self.world_size} ranks")
         torch.manual_seed(cfg.seed)
-        self.out = Path(cfg.out)
-        target = load_model(cfg.target, torch.float32)
+        self.out, self.device = Path(cfg.out), torch.device(cfg.device)
+        target = target if target is not None else load_model(cfg.target, torch.float32).to(self.device)
         self.layer_ids = layer_ids_of(cfg, target.config)
         self.records = records if records is not None else feature_records(cfg, self.rank)
-        self.draft = self.initial_draft(target)
-        self.vocab_ids = read_vocab_file(cfg.draft_vocab, 0, target.config["vocab_size"]) if cfg.draft_vocab else None
+        self.draft = self.initial_draft(target).to(self.device)
+        self.vocab_ids = None if not cfg.draft_vocab else \
+            read_vocab_file(cfg.draft_vocab, 0, target.config["vocab_size"]).to(self.device)
         self.module = DraftLoss(self.draft, self.draft.target[1], cfg.loss_decay_gamma, self.vocab_ids, cfg.bf16)
         self.ddp = torch.nn.parallel.DistributedDataParallel(self.module) if self.world_size > 1 else self.module
         params = [p for p in self.draft.parameters() if p.requires_grad]
@@ -176,7 +180,7 @@ class Trainer:
     def resume(self):
         if not self.checkpoint_path.is_file():
             return
-        state = torch.load(self.checkpoint_path, weights_only=False)
+        state = torch.load(self.checkpoint_path, weights_only=False, map_location=self.device)
         self.draft.load_state_dict(state["draft"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -217,7 +221,8 @@ class Trainer:
         g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step * 10_007 + index)
         anchors = sample_anchors(record["loss_mask"], self.cfg.num_anchors, g)
         c = self.draft.config
-        return make_blocks(record["input_ids"].long(), record["loss_mask"], anchors, c.block_size, c.mask_token_id)
+        blocks = make_blocks(record["input_ids"].long(), record["loss_mask"], anchors, c.block_size, c.mask_token_id)
+        return blocks if self.device.type == "cpu" else blocks.to(self.device)
 
     def train_step(self) -> dict:
         stats = self.accumulate_gradients(self.step)
@@ -233,7 +238,7 @@ class Trainer:
         cfg = self.cfg
         items = [(i, self.blocks_for(i, step)) for i in self.batch_indices(step)]
         total = torch.tensor([sum(float(position_weights(b.valid, cfg.loss_decay_gamma).sum()) for _, b in items)],
-                             dtype=torch.float64)
+                             dtype=torch.float64, device=self.device)
         if dist.is_initialized():
             dist.all_reduce(total)
         self.optimizer.zero_grad(set_to_none=True)
