@@ -116,6 +116,7 @@ def linear(p):
     engine_flags(p, "model", "num_threads")
     workload_flags(p, "bench_out/linear", repeats=5)
     p.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128])
+    p.add_argument("--paths", nargs="*", default=[], help="only the paths whose names contain one of these")
 
 
 COMMANDS = {  # name: (help, the function adding its flags); bench.<name with _> runs it

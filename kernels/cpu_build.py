@@ -26,7 +26,7 @@ import torch
 _NAME = "dspark_cpu_kernels"
 _CSRC = Path(__file__).resolve().parent / "csrc"
 _SOURCES = [_CSRC / name for name in ("bf16_linear.cpp", "bf16_linear_avx512.cpp", "decode_ops.cpp", "quant_linear.cpp",
-                                       "quant_linear_avx512.cpp", "bindings.cpp")]
+                                       "quant_linear_avx512.cpp", "quant_packed_avx512.cpp", "bindings.cpp")]
 _HEADERS = [_CSRC / name for name in ("decode_ops.h", "bf16_linear_avx512.h", "hsum.h", "weight_prefetch.h",
                                        "quant_linear.h", "quant_rows.inc")]
 _CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]

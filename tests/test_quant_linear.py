@@ -140,3 +140,108 @@ def test_rows_are_batch_invariant(qtype, n, k, dtype):
     together = quant_linear.linear(x, packed, int(qtype), k)
     for i in (0, 5, 10):
         assert torch.equal(quant_linear.linear(x[i:i + 1], packed, int(qtype), k), together[i:i + 1])
+
+
+# ---- the x16-packed layout (kernels/csrc/quant_packed_avx512.cpp): bf16 x, Q4_0 / Q4_1 / Q8_0 ----
+
+needs_packed = pytest.mark.skipif(not quant_linear.packed_available(), reason="no AVX512-BF16 here")
+PACKED_CASES = [(T.Q4_0, 67, 32 * 13), (T.Q4_1, 41, 32 * 19), (T.Q8_0, 29, 32 * 7), (T.Q4_1, 16, 32)]
+# decode; 2..8 rows (one pass); 9, 16, 27, 64 (several passes of 8, a ragged last one); a prefill
+PACKED_ROWS = (1, 2, 5, 8, 9, 16, 27, 64, 200)
+
+
+def packed_weight(qtype: T, n: int, k: int, seed: int) -> tuple[np.ndarray, torch.Tensor]:
+    blocks = weight_blocks(qtype, n, k, seed)
+    return blocks, quant_linear.pack(torch.from_numpy(blocks), int(qtype), k)
+
+
+@needs_packed
+@pytest.mark.parametrize("qtype,n,k", PACKED_CASES, ids=[f"{c[0].name}-{c[1]}x{c[2]}" for c in PACKED_CASES])
+def test_packed_linear_equals_gguf_dequantize_matmul(qtype, n, k):
+    """Every row count the engine sends (decode, verify, draft, prefill) on odd shapes: N not a multiple of 16 (a
+    partial last group), K an odd number of blocks."""
+    blocks, packed = packed_weight(qtype, n, k, seed=int(qtype) + 20)
+    assert packed.shape == ((n + 15) // 16, quant_linear.row_bytes(int(qtype), k) * 16)
+    g = torch.Generator().manual_seed(k + 1)
+    for m in PACKED_ROWS:
+        x = torch.randn(m, k, generator=g).bfloat16()
+        y = quant_linear.linear_packed(x, packed, int(qtype), k, n)
+        assert y.dtype == torch.bfloat16 and y.shape == (m, n)
+        assert_close(y, *reference(blocks, qtype, x))
+
+
+@needs_packed
+@pytest.mark.parametrize("qtype,n,k", PACKED_CASES[:3], ids=[c[0].name for c in PACKED_CASES[:3]])
+def test_packed_dequantize_equals_gguf(qtype, n, k):
+    blocks, packed = packed_weight(qtype, n, k, seed=int(qtype) + 21)
+    expected = torch.from_numpy(dequantize(blocks, qtype).astype(np.float32))
+    assert torch.equal(quant_linear.dequantize_packed(packed, int(qtype), k, n), expected)
+    rows = torch.tensor([n - 1, 0, 17, 17])
+    assert torch.equal(quant_linear.dequantize_packed(packed, int(qtype), k, n, rows), expected[rows])
+
+
+@needs_packed
+@pytest.mark.parametrize("qtype,n,k", PACKED_CASES[:3], ids=[c[0].name for c in PACKED_CASES[:3]])
+def test_packed_rows_are_batch_invariant(qtype, n, k):
+    """A row's result is bitwise the same alone or at any place among 27 (verify rows equal decode rows)."""
+    _, packed = packed_weight(qtype, n, k, seed=22)
+    x = torch.randn(27, k, generator=torch.Generator().manual_seed(23)).bfloat16()
+    together = quant_linear.linear_packed(x, packed, int(qtype), k, n)
+    for i in (0, 7, 8, 15, 26):
+        assert torch.equal(quant_linear.linear_packed(x[i:i + 1], packed, int(qtype), k, n), together[i:i + 1])
+        assert torch.equal(quant_linear.linear_packed(x[i:i + 9], packed, int(qtype), k, n)[0], together[i])
+
+
+@needs_packed
+def test_packed_leading_dims_and_bias():
+    qtype, n, k = T.Q4_1, 33, 64
+    blocks, packed = packed_weight(qtype, n, k, seed=24)
+    x = torch.randn(2, 5, k, generator=torch.Generator().manual_seed(0)).bfloat16()
+    bias = torch.randn(n, generator=torch.Generator().manual_seed(1))
+    y = quant_linear.linear_packed(x, packed, int(qtype), k, n, bias)
+    ref, scale = reference(blocks, qtype, x.reshape(-1, k))
+    assert y.shape == (2, 5, n)
+    assert_close(y.reshape(-1, n), ref + bias.double(), scale + bias.double().abs())
+
+
+@needs_packed
+@pytest.mark.parametrize("qtype", [T.Q4_1, T.Q8_0], ids=["Q4_1", "Q8_0"])
+def test_packed_negative_control(qtype):
+    """One flipped exponent bit in one lane's scale of one tile fails the check on that output only (at 1 and at 12
+    rows); two lanes' nibbles swapped (a wrong layout) fail it on those two outputs."""
+    n, k = 21, 32 * 3
+    blocks, packed = packed_weight(qtype, n, k, seed=25)
+    corrupted = packed.clone()
+    corrupted[1, 2 * 4 + 1] ^= 0x04  # group 1 (rows 16..), block 0, lane 4: the high byte of row 20's first d
+    for m in (1, 12):
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(26)).bfloat16()
+        ref, scale = reference(blocks, qtype, x)
+        y = quant_linear.linear_packed(x, corrupted, int(qtype), k, n)
+        with pytest.raises(AssertionError, match="max err"):
+            assert_close(y, ref, scale)
+        keep = torch.arange(n) != 20
+        assert_close(y[:, keep], ref[:, keep], scale[:, keep])
+    swapped = packed.clone()
+    qs = 64 if qtype == T.Q4_1 else 32
+    tile = swapped[0, :quant_linear.row_bytes(int(qtype), k) * 16 // 3]  # group 0, block 0
+    lane = lambda l: [qs + c * 32 + 2 * l + h for c in range((len(tile) - qs) // 32) for h in (0, 1)]
+    tile[lane(2) + lane(3)] = tile[lane(3) + lane(2)].clone()
+    x = torch.randn(3, k, generator=torch.Generator().manual_seed(27)).bfloat16()
+    ref, scale = reference(blocks, qtype, x)
+    y = quant_linear.linear_packed(x, swapped, int(qtype), k, n)
+    for bad in (2, 3):
+        with pytest.raises(AssertionError, match="max err"):
+            assert_close(y[:, bad:bad + 1], ref[:, bad:bad + 1], scale[:, bad:bad + 1])
+    keep = (torch.arange(n) != 2) & (torch.arange(n) != 3)
+    assert_close(y[:, keep], ref[:, keep], scale[:, keep])
+
+
+@needs_packed
+def test_packed_errors_name_the_problem():
+    _, packed = packed_weight(T.Q4_1, 20, 64, seed=28)
+    with pytest.raises(RuntimeError, match="x must be bf16"):
+        quant_linear.linear_packed(torch.randn(1, 64), packed, int(T.Q4_1), 64, 20)
+    with pytest.raises(RuntimeError, match="expected a contiguous CPU uint8"):
+        quant_linear.linear_packed(torch.randn(1, 64).bfloat16(), packed, int(T.Q4_1), 64, 40)
+    with pytest.raises(RuntimeError, match="no packed layout"):
+        quant_linear.pack(torch.zeros(3, 288, dtype=torch.uint8), int(T.Q4_K), 512)

@@ -200,10 +200,12 @@ def install_quantized(model: DecoderModel, weights: dict, dtype: torch.dtype) ->
     for name in [n for n, v in weights.items() if isinstance(v, (Blocks, list))]:
         path, value = name.removesuffix(".weight"), weights.pop(name)
         if path == "embed_tokens":
-            install(model, path, QuantEmbedding(value.data, value.qtype, in_features(value), dtype))
-            if model.tie_word_embeddings:  # the LM head reads the same blocks
-                install(model, "lm_head", QuantLinear(value.data, value.qtype, in_features(value), None, dtype))
+            head = None
+            if model.tie_word_embeddings:  # the LM head reads the same blocks (packed for it where they are)
+                head = QuantLinear(value.data, value.qtype, in_features(value), None, dtype)
+                install(model, "lm_head", head)
                 installed.add("lm_head")
+            install(model, path, QuantEmbedding(value.data, value.qtype, in_features(value), dtype, head))
         else:
             install(model, path, quant_module(value, weights.pop(f"{path}.bias", None), dtype))
         installed.add(path)

@@ -139,14 +139,9 @@ void dequant_row(int type, const uint8_t* src, float* dst, int64_t k) { quant_av
 namespace quant_bf16_impl {
 using namespace quant_avx512_impl;
 
-inline __m512i nibble_table(int offset) {  // bf16 bits of (i - offset), i = 0..15, twice
+inline __m512i nibble_table(int offset) {  // bf16 of (i & 15) - offset, i = 0..31
   alignas(64) uint16_t t[32];
-  for (int i = 0; i < 32; ++i) {
-    const float v = static_cast<float>((i & 15) - offset);
-    uint32_t bits;
-    __builtin_memcpy(&bits, &v, 4);
-    t[i] = static_cast<uint16_t>(bits >> 16);
-  }
+  quant_avx512::bf16_nibble_table(offset, t);
   return _mm512_load_si512(t);
 }
 
