@@ -15,7 +15,7 @@ SPEC_METHODS = ("auto", "none", "dflash", "dspark")
 DEVICES = ("auto", "cpu", "cuda")
 KERNEL_BACKENDS = ("auto", "torch", "triton")
 ATTENTION_BACKENDS = ("auto", "triton", "flashinfer")
-QUANTIZATIONS = ("auto", "gguf", "none")
+QUANTIZATIONS = ("auto", "gguf", "fp8", "none")
 
 
 def uses_cuda_graphs(config: "EngineConfig") -> bool:
@@ -74,17 +74,32 @@ def resolve_auto_spec(model: str, draft: str, dtype: str = "bfloat16") -> tuple[
 
 def resolve_quantization(quantization: str, model: str, device: str, tensor_parallel_size: int = 1) -> str:
     """'auto' -> 'gguf' (weights kept in their GGUF block types) for a model with GGUF weights on one CPU process,
-    else 'none' (dense weights in dtype), as vLLM picks its GGUF method from the file."""
+    'fp8' (kept as stored) for a DeepSeek-V4 checkpoint with FP8 weights on CUDA (on the CPU dequantizing at load
+    lets the bf16 kernels run), else 'none' (dense weights in dtype), as vLLM picks its method from the checkpoint."""
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
     has_gguf = any(Path(model).glob("*.gguf"))
     if quantization == "auto":
-        return "gguf" if has_gguf and device == "cpu" and tensor_parallel_size == 1 else "none"
+        if has_gguf:
+            return "gguf" if device == "cpu" and tensor_parallel_size == 1 else "none"
+        return "fp8" if device == "cuda" and has_fp8_v4_weights(model) else "none"
+    if quantization == "fp8" and not has_fp8_v4_weights(model):
+        raise ValueError(f"quantization='fp8' keeps a DeepSeek-V4 checkpoint's FP8 / MXFP4 weights as stored; {model} "
+                         "is not one (its config.json has no fp8 quantization_config)")
     if quantization == "gguf" and not has_gguf:
         raise ValueError(f"quantization='gguf' needs GGUF weights (--model FILE.gguf); {model} has none")
     if quantization == "gguf" and device != "cpu":
         raise ValueError("quantization='gguf' runs on the CPU only (quantization='none' dequantizes at load)")
     return quantization
+
+
+def has_fp8_v4_weights(model: str) -> bool:
+    path = Path(model) / "config.json"
+    if not path.is_file():
+        return False
+    config = json.loads(path.read_text())
+    return ("DeepseekV4ForCausalLM" in (config.get("architectures") or []) and
+            (config.get("quantization_config") or {}).get("quant_method") in ("fp8", "deepseek_v4_fp8"))
 
 
 def resolve_device(device: str, kernels: str) -> tuple[str, str]:
@@ -127,8 +142,10 @@ class EngineConfig:
     """One flat set of options shared by the offline API, the server CLI and the benchmarks."""
     model: str = ""                      # model directory or GGUF file; "" = the embedded default
     dtype: str = "bfloat16"              # bfloat16 | float32: activations, and dense weights
-    quantization: str = "auto"           # auto | gguf (a GGUF's weights in their own block types, CPU) | none (dense
-                                         # in dtype); auto: gguf for GGUF weights on one CPU process
+    quantization: str = "auto"           # auto | gguf (a GGUF's weights in their own block types, CPU) | fp8
+                                         # (DeepSeek-V4's FP8 / MXFP4 weights kept as stored, dequantized per call) |
+                                         # none (dense in dtype); auto: gguf for GGUF weights on one CPU process, fp8
+                                         # for a quantized DeepSeek-V4 checkpoint on CUDA
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 1024
     max_model_len: int = 0               # 0 = the model's own context length

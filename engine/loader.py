@@ -9,6 +9,7 @@ from engine import distributed
 from engine.models.decoder import ARCHITECTURES, DecoderModel
 from engine.models.deepseek_v4.checkpoint import load_v4_state
 from engine.models.deepseek_v4.model import V4Model
+from engine.models.deepseek_v4.stored import assign_state
 from engine.models.gguf import load_gguf
 from engine.parallel import shard_state, whole_shapes
 
@@ -74,15 +75,16 @@ def gguf_weights(model_dir: Path) -> Path | None:
 
 
 def load_model(model_dir: str | Path, dtype: torch.dtype, quantization: str = "none") -> DecoderModel | V4Model:
-    """quantization 'gguf': the directory's GGUF weights kept in their own block types (CPU); 'none': dense dtype
-    weights (its safetensors, else its GGUF dequantized)."""
+    """quantization 'gguf': the directory's GGUF weights kept in their own block types (CPU); 'fp8': DeepSeek-V4's
+    FP8 / MXFP4 weights kept as stored, dequantized per call; 'none': dense dtype weights (its safetensors, else its
+    GGUF dequantized)."""
     model_dir = Path(model_dir)
     config = read_config(model_dir)
     gguf = gguf_weights(model_dir)
     if gguf and (quantization == "gguf" or not list(model_dir.glob("*.safetensors"))):
         return load_gguf(gguf, config, dtype, keep_blocks=quantization == "gguf")
     if config["architectures"][0] == V4_ARCHITECTURE:
-        return load_v4(model_dir, config, dtype)
+        return load_v4(model_dir, config, dtype, keep_quantized=quantization == "fp8")
     if distributed.expert_parallel():
         raise ValueError(f"expert_parallel shards DeepSeek-V4's routed experts; {config['architectures'][0]} has "
                          "none (leave it off)")
@@ -105,13 +107,14 @@ def load_model(model_dir: str | Path, dtype: torch.dtype, quantization: str = "n
     return model.eval().requires_grad_(False)
 
 
-def load_v4(model_dir: Path, config: dict, dtype: torch.dtype) -> V4Model:
-    """A released DeepSeek-V4 checkpoint (FP8 / FP4 dequantized to dtype); what the release keeps in fp32 stays fp32.
-    Its DSpark stages (mtp.*) are read by the DSpark module, not here."""
+def load_v4(model_dir: Path, config: dict, dtype: torch.dtype, keep_quantized: bool = False) -> V4Model:
+    """A released DeepSeek-V4 checkpoint (FP8 / FP4 dequantized to dtype, or kept as stored); what the release keeps
+    in fp32 stays fp32. Its DSpark stages (mtp.*) are read by the DSpark module, not here."""
     with torch.device("meta"):
         model = V4Model(config)
-    state, _ = load_v4_state(model_dir, dtype, whole_shapes(lambda: V4Model(config)), parts=("target",))
-    model.load_state_dict(shard_state(state, model), assign=True)  # tensor parallel: this rank's slices
+    state, _ = load_v4_state(model_dir, dtype, whole_shapes(lambda: V4Model(config)), parts=("target",),
+                             keep_quantized=keep_quantized)
+    assign_state(model, shard_state(state, model), str(model_dir))  # tensor parallel: this rank's slices
     for layer in model.layers:
         layer.attn.make_rope(model.v4)
     return model.eval().requires_grad_(False)

@@ -17,7 +17,9 @@ class Shard:
     ranges: tuple[tuple[int, int], ...]
     pad_to: int = 0
 
-    def take(self, full: torch.Tensor) -> torch.Tensor:
+    def take(self, full: torch.Tensor):
+        if not isinstance(full, torch.Tensor):  # a weight kept as stored (engine/models/deepseek_v4/stored.py)
+            return full.take_shard(self)
         part = torch.cat([full.narrow(self.dim, start, count) for start, count in self.ranges], self.dim)
         if self.pad_to > part.shape[0]:
             part = torch.cat([part, part.new_zeros(self.pad_to - part.shape[0], *part.shape[1:])])

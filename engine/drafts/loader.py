@@ -13,6 +13,7 @@ from engine.loader import read_tensors
 from engine.models.decoder import DecoderModel
 from engine.models.deepseek_v4.checkpoint import load_v4_state, weight_map
 from engine.models.deepseek_v4.model import V4Model
+from engine.models.deepseek_v4.stored import assign_state
 from engine.parallel import shard_state, whole_shapes
 
 ARCHITECTURES = ("Qwen3DSparkModel",)
@@ -178,8 +179,9 @@ def attach(draft: DSparkDraft, embed: torch.nn.Module, head: torch.nn.Module, dr
 
 
 def load_v4_dspark(model_dir: str | Path, target: V4Model, dtype: torch.dtype, method: str,
-                   vocab_size: int = 0) -> V4DSparkDraft:
-    """DeepSeek-V4's DSpark module from the target's own checkpoint (its mtp.* tensors, dequantized as the target's)."""
+                   vocab_size: int = 0, keep_quantized: bool = False) -> V4DSparkDraft:
+    """DeepSeek-V4's DSpark module from the target's own checkpoint (its mtp.* tensors, dequantized as the target's
+    or kept as stored)."""
     model_dir = Path(model_dir)
     if method != "dspark":
         raise ValueError(f"{model_dir}: DeepSeek-V4 drafts with the DSpark module in its checkpoint, "
@@ -190,8 +192,8 @@ def load_v4_dspark(model_dir: str | Path, target: V4Model, dtype: torch.dtype, m
     names = weight_map(model_dir)
     draft = build_draft(target.v4, target.config, names, str(model_dir))
     whole = whole_shapes(lambda: build_draft(target.v4, target.config, names, str(model_dir)))
-    _, state = load_v4_state(model_dir, dtype, expected_stages=whole, parts=("stages",))
-    draft.load_state_dict(shard_state(state, draft), assign=True)  # tensor parallel: this rank's slices
+    _, state = load_v4_state(model_dir, dtype, expected_stages=whole, parts=("stages",), keep_quantized=keep_quantized)
+    assign_state(draft, shard_state(state, draft), f"the DSpark module in {model_dir}")  # this rank's slices
     return attach(finish_load(draft), target.embed, target.head, model_dir, vocab_size)
 
 
@@ -215,4 +217,5 @@ def load_configured_draft(config, target: DecoderModel | V4Model, dtype: torch.d
     if Path(config.draft).resolve() != Path(config.model).resolve():
         raise ValueError(f"draft {config.draft}: DeepSeek-V4 drafts only with the DSpark module in its own checkpoint; "
                          "leave draft unset")
-    return load_v4_dspark(config.model, target, dtype, config.spec_method, config.draft_vocab_size)
+    return load_v4_dspark(config.model, target, dtype, config.spec_method, config.draft_vocab_size,
+                          config.quantization == "fp8")

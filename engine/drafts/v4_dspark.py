@@ -108,6 +108,11 @@ class V4DSparkDraft(DSparkDraft):
         return self.mtp[-1].confidence_head
 
     @property
+    def dtype(self) -> torch.dtype:
+        """The module's activations' dtype (its Markov embedding's: never stored quantized)."""
+        return self.markov_head.markov_w1.weight.dtype
+
+    @property
     def window(self) -> int:
         return self.v4.sliding_window
 
@@ -122,7 +127,7 @@ class V4DSparkDraft(DSparkDraft):
 
     def main_x(self, features: torch.Tensor) -> torch.Tensor:
         first = self.mtp[0]
-        return first.main_norm(first.main_proj(features.to(first.main_proj.weight.dtype)))
+        return first.main_norm(first.main_proj(features.to(self.dtype)))
 
     @torch.inference_mode()
     def extend_context(self, features: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor):

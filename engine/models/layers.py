@@ -20,8 +20,25 @@ class Linear(nn.Linear):
     packed_weight = packed_bias = None
     use_kernel = cpu_ready = False
 
+    def keep_stored(self, stored: nn.Module):
+        """Hold the weight as stored(dtype) makes it on each call (DeepSeek-V4's FP8 / MXFP4 bytes kept on the
+        device: engine/models/deepseek_v4/stored.py) instead of a dense parameter."""
+        del self.weight
+        self.weight = None
+        self.stored = stored  # a submodule: its buffers move with the model
+
+    @property
+    def kept(self) -> nn.Module | None:
+        """The stored weight's module, if the weight is kept as stored."""
+        return self._modules.get("stored")
+
+    def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.kept(dtype) if self.kept is not None else self.weight
+
     def pack_for_cpu(self):
         self.cpu_ready = True
+        if self.kept is not None:
+            return
         self.use_kernel = self.weight.dtype == torch.bfloat16 and cpu_linear.available()
         if self.use_kernel and cpu_linear.native_bf16_available():
             return  # oneDNN bf16 GEMM: ~2x the packed fp32 copy here (docs/benchmarks.md), in half the memory
@@ -29,6 +46,8 @@ class Linear(nn.Linear):
         self.packed_bias = None if self.bias is None else self.bias.detach().float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (kept := self.kept) is not None:
+            return F.linear(x, kept(x.dtype), self.bias)
         rows = x.numel() // x.shape[-1]
         if self.use_kernel and rows <= KERNEL_MAX_ROWS:
             return cpu_linear.bf16_linear(x, self.weight, self.bias)

@@ -43,6 +43,7 @@ Sources followed (learned from, not copied):
 """
 import json
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -114,6 +115,34 @@ def dequant_mxfp4(packed: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype 
     codes = torch.stack((raw & 0x0F, raw >> 4), dim=-1).reshape(rows, cols)
     values = E2M1_VALUES[codes.long()]
     return (values * e8m0_to_float(scale).repeat_interleave(group, 1)).to(dtype)
+
+
+@dataclass
+class StoredTensor:
+    """A weight as read from the checkpoint: kind fp8 (data float8_e4m3fn [out, in]) or fp4 (data packed bytes
+    [out, in/2]), with its scale tensor; shape is the dense [out, in]."""
+    name: str
+    kind: str
+    data: torch.Tensor
+    scale: torch.Tensor
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        rows, cols = self.data.shape
+        return (rows, cols * 2) if self.kind == "fp4" else (rows, cols)
+
+    def take_shard(self, shard) -> "StoredTensor":
+        """This rank's rows or columns (engine/parallel.Shard), cut along whole scale blocks."""
+        block = FP8_BLOCK if self.kind == "fp8" else (1 if shard.dim == 0 else MX_GROUP)
+        for start, count in shard.ranges:
+            if start % block or (count % block and start + count != self.shape[shard.dim]):
+                raise ValueError(f"{self.name}: tensor parallelism cuts its dim {shard.dim} at {start}..{start + count}"
+                                 f", inside a {block}-wide block of its {self.kind} scales (use quantization='none')")
+        packed = 2 if self.kind == "fp4" and shard.dim == 1 else 1
+        data = torch.cat([self.data.narrow(shard.dim, s // packed, c // packed) for s, c in shard.ranges], shard.dim)
+        scale = torch.cat([self.scale.narrow(shard.dim, s // block, -(-c // block)) for s, c in shard.ranges],
+                          shard.dim)
+        return StoredTensor(self.name, self.kind, data.contiguous(), scale.contiguous())
 
 
 # ---- reading the checkpoint ---------------------------------------------------------------------------------------
@@ -207,7 +236,10 @@ def check_expected(found: dict[str, tuple[int, ...]], expected: dict[str, tuple[
         raise ValueError(f"{what} does not match the model: " + "; ".join(problems))
 
 
-def _load_one(reader: _Reader, name: str, kind: str, scale: str | None, dtype: torch.dtype) -> torch.Tensor:
+def _load_one(reader: _Reader, name: str, kind: str, scale: str | None, dtype: torch.dtype,
+              keep_quantized: bool = False) -> torch.Tensor | StoredTensor:
+    if keep_quantized and kind in ("fp8", "fp4"):
+        return StoredTensor(name, kind, reader.tensor(name), reader.tensor(scale))
     try:
         if kind == "fp8":
             return dequant_fp8_block(reader.tensor(name), reader.tensor(scale), dtype)
@@ -224,12 +256,13 @@ def _load_one(reader: _Reader, name: str, kind: str, scale: str | None, dtype: t
 def load_v4_state(model_dir: str | Path, dtype: torch.dtype = torch.bfloat16,
                   expected: dict[str, tuple[int, ...]] | None = None,
                   expected_stages: dict[str, tuple[int, ...]] | None = None, parts: tuple[str, ...] = PARTS,
-                  ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+                  keep_quantized: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(target tensors, DSpark-stage tensors) by released name, dequantized: FP8 and MXFP4 weights and bf16 tensors
     to `dtype`, float32 tensors kept float32, integer tables as int64. Stage tensors keep their `mtp.K.` names.
     `expected` (name -> shape of each target tensor the model wants) and `expected_stages` are checked from the
     headers before anything is read: a missing, unexpected or mis-shaped key is a ValueError naming it. Only the
-    `parts` asked for ("target", "stages") are read; the other comes back empty."""
+    `parts` asked for ("target", "stages") are read; the other comes back empty. keep_quantized: FP8 / MXFP4 weights
+    come back as StoredTensors (bytes and scales as stored) instead."""
     if dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise ValueError(f"dequantize to bf16, fp16 or fp32, not {dtype}")
     files = weight_map(model_dir)
@@ -243,7 +276,8 @@ def load_v4_state(model_dir: str | Path, dtype: torch.dtype = torch.bfloat16,
         if expected_stages is not None:
             check_expected({n: p[2] for n, p in stages.items()}, expected_stages,
                            f"the DSpark stages ({STAGE_PREFIX}*) in {model_dir}")
-        return tuple({n: _load_one(reader, n, kind, scale, dtype) for n, (kind, scale, _) in plans.items()}
+        return tuple({n: _load_one(reader, n, kind, scale, dtype, keep_quantized)
+                      for n, (kind, scale, _) in plans.items()}
                      if part in parts else {} for part, plans in zip(PARTS, (target, stages)))
 
 

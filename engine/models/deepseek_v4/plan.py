@@ -464,10 +464,10 @@ class Plan:
         return "\n".join(lines)
 
     def engine_verdict(self) -> str:
-        """What this engine needs: it holds the weights dequantized to bf16 (FP8 / MXFP4 are not kept on the device
-        yet), so more devices than the released format needs."""
-        held = f"this engine holds the weights in bf16 (FP8 / MXFP4 dequantized at load): " \
-               f"{self.engine_device_weight_bytes / GB:.2f} GB per device at TP {self.tp}"
+        """This engine on CUDA keeps the FP8 / MXFP4 weights as stored (--quantization auto: fp8), the bytes above;
+        with --quantization none it holds them dequantized to bf16, which needs more devices."""
+        held = f"this engine keeps FP8 / MXFP4 as stored on CUDA (the bytes above); with --quantization none it " \
+               f"holds bf16: {self.engine_device_weight_bytes / GB:.2f} GB per device at TP {self.tp}"
         if self.memory_gb <= 0:
             return held
         left = self.memory_gb * GB - self.engine_device_weight_bytes - self.request_bytes(self.contexts[0])
