@@ -163,3 +163,29 @@ def test_quantization_errors_name_the_problem(tiny_model_dir):
         LLM(model=str(tiny_model_dir), quantization="int4")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         LLM(model="/nonexistent/model.gguf")
+
+
+# one packable type per fused linear (no QuantConcat), so every layer's linears are x16-packed in a bf16 model
+PACKED_TYPES = {"q_proj": T.Q4_1, "k_proj": T.Q4_1, "v_proj": T.Q4_1, "o_proj": T.Q4_0, "gate_proj": T.Q8_0,
+                "up_proj": T.Q8_0, "down_proj": T.Q4_1, "embed_tokens": T.Q8_0, "lm_head": T.Q4_0}
+
+
+@pytest.mark.skipif(not quant_linear.packed_available(), reason="no AVX512-BF16 here")
+def test_packed_weights_run_in_the_decoder_stack_bitwise_as_layer_by_layer(tmp_path, monkeypatch):
+    """A bf16 model over x16-packed GGUF weights: a short-query step through the C++ decoder stack (really taken)
+    equals the Python layers bitwise, logits and captured features."""
+    from tests.test_cpu_ops import short_query_step
+    model_dir, oracle = gguf_model_dir(tmp_path, "qwen2", PACKED_TYPES)
+    llm, seqs = short_query_step(model_dir)
+    model, runner = llm.model_runner.model, llm.model_runner
+    assert llm.config.quantization == "gguf" and model.layers[0].mlp.gate_up_proj.packed
+    assert len(model.layers[0].fused_weights()) == 16
+    calls = []
+    stack_of = model.fused_stack
+    monkeypatch.setattr(model, "fused_stack", lambda h: calls.append(stack_of(h)) or calls[-1])
+    logits, features = runner.forward(seqs, [5, 1, 4], capture_layers=(-1, 0, 1))
+    assert calls and calls[0] is not None
+    monkeypatch.setattr(model, "fused_stack", lambda h: None)
+    ref_logits, ref_features = runner.forward(seqs, [5, 1, 4], capture_layers=(-1, 0, 1))
+    for ours, ref in zip(logits + features, ref_logits + ref_features):
+        assert torch.equal(ours, ref)

@@ -96,16 +96,22 @@ class DecoderLayer(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
     def fused_weights(self) -> list[torch.Tensor]:
-        """This layer's tensors in kernels/cpu_ops.decoder_stack's order."""
+        """This layer's tensors in kernels/cpu_ops.decoder_stack's order: bf16 weights, or GGUF weights packed in
+        tiles of 16 rows (engine/models/quant.py), then each linear's (type, K, N) meta."""
         attn, none = self.self_attn, torch.empty(0)
         norms = [attn.q_norm.weight, attn.k_norm.weight] if attn.qk_norm else [none, none]
         linears = [attn.qkv_proj, attn.o_proj, self.mlp.gate_up_proj, self.mlp.down_proj]
-        if not all(lin.use_kernel for lin in linears):
+        packed = [getattr(lin, "packed", False) for lin in linears]
+        if not all(lin.use_kernel or p for lin, p in zip(linears, packed)):
             return []
+        weights = [lin.blocks if p else lin.weight for lin, p in zip(linears, packed)]
         bias = [none if lin.bias is None else lin.bias for lin in linears[:2]]
-        return [self.input_layernorm.weight, attn.qkv_proj.weight, bias[0], *norms, attn.o_proj.weight, bias[1],
-                self.post_attention_layernorm.weight, self.mlp.gate_up_proj.weight, self.mlp.down_proj.weight,
-                attn.k_cache, attn.v_cache]
+        tensors = [self.input_layernorm.weight, weights[0], bias[0], *norms, weights[1], bias[1],
+                   self.post_attention_layernorm.weight, weights[2], weights[3], attn.k_cache, attn.v_cache]
+        if not any(packed):
+            return tensors
+        return tensors + [torch.tensor([lin.qtype, lin.in_features, lin.out_features]) if p else none
+                          for lin, p in zip(linears, packed)]
 
 
 def cached_decoder_stack(cached: tuple, layers, eps: float) -> tuple:
@@ -178,7 +184,8 @@ class DecoderModel(nn.Module):
         return self.norm(h), [captured[i] for i in capture_layers]
 
     def fused_stack(self, h: torch.Tensor):
-        """The C++ decoder stack when this step is short queries only (decode / verify) on bf16 weights, else None."""
+        """The C++ decoder stack when this step is short queries only (decode / verify) on bf16 (or x16-packed GGUF)
+        weights, else None."""
         groups = get_context().groups
         if (distributed.is_parallel() or len(groups) != 1 or groups[0].row_limit is None or h.shape[0] > KERNEL_MAX_ROWS
                 or h.dtype != torch.bfloat16 or not cpu_ops.usable(h)):

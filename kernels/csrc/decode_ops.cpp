@@ -545,16 +545,35 @@ c10::optional<at::Tensor> optional(const at::Tensor& t) {  // empty = absent
   return t.defined() && t.numel() ? c10::optional<at::Tensor>(t) : c10::nullopt;
 }
 
+// A layer's linear j (qkv, o, gate_up, down): its bf16 weight, or a GGUF weight packed in tiles of 16 rows (uint8)
+// whose int64 meta tensor (layer tensor 12 + j) holds its GGML type, K and N.
+at::Tensor stack_linear(const at::Tensor& x, const std::vector<at::Tensor>& layer, int j, int slot,
+                        const c10::optional<at::Tensor>& bias) {
+  const at::Tensor& w = layer[slot];
+  if (w.scalar_type() != at::kByte) return bf16_linear(x, w, bias);
+  const int64_t* meta = layer[12 + j].data_ptr<int64_t>();
+  return packed_linear(x, w, meta[0], meta[1], meta[2], bias);
+}
+
 }  // namespace
 
 // The decoder layers of a Llama/Qwen2/Qwen3 model for a step whose rows are all short queries against the paged cache
 // (decode, verify): the same fused ops as engine/models/decoder.py's fused path, in the same order, with no Python
-// between them. Weights are bf16; each layer's tensors are, in order: input norm, qkv weight, qkv bias, q norm,
-// k norm, o weight, o bias, post-attention norm, gate_up weight, down weight, k cache, v cache (absent = empty).
+// between them. Each layer's tensors are, in order: input norm, qkv weight, qkv bias, q norm, k norm, o weight,
+// o bias, post-attention norm, gate_up weight, down weight, k cache, v cache (absent = empty); weights are bf16, or
+// (then 16 tensors: qkv, o, gate_up and down metas follow) GGUF weights packed in tiles of 16 rows (stack_linear).
 DecoderStack::DecoderStack(std::vector<std::vector<at::Tensor>> layers, int64_t num_heads, int64_t num_kv_heads,
                            int64_t head_dim, double eps)
     : layers_(std::move(layers)), H_(num_heads), Hkv_(num_kv_heads), D_(head_dim), eps_(eps) {
-  for (const auto& l : layers_) TORCH_CHECK(l.size() == 12, "DecoderStack: 12 tensors per layer");
+  for (const auto& l : layers_) {
+    TORCH_CHECK(l.size() == 12 || l.size() == 16, "DecoderStack: 12 tensors per layer, or 16 with linears' metas");
+    for (int j = 0; j < 4; ++j) {
+      const int slot = j == 0 ? 1 : j == 1 ? 5 : 7 + j;
+      TORCH_CHECK(l[slot].scalar_type() != at::kByte ||
+                      (l.size() == 16 && l[12 + j].scalar_type() == at::kLong && l[12 + j].numel() == 3),
+                  "DecoderStack: a packed weight needs its meta tensor (type, K, N)");
+    }
+  }
 }
 
 std::vector<at::Tensor> DecoderStack::forward(at::Tensor h, const at::Tensor& cos, const at::Tensor& sin,
@@ -567,15 +586,15 @@ std::vector<at::Tensor> DecoderStack::forward(at::Tensor h, const at::Tensor& co
   for (size_t i = 0; i < layers_.size(); ++i) {
     const auto& w = layers_[i];
     at::Tensor x = rms_norm(h, w[0], eps_);
-    const at::Tensor qkv = bf16_linear(x, w[1], optional(w[2]));
+    const at::Tensor qkv = stack_linear(x, w, 0, 1, optional(w[2]));
     const auto qk = norm_rope(qkv, cos, sin, optional(w[3]), optional(w[4]), eps_, H_, Hkv_);
     const at::Tensor v = qkv.slice(1, (H_ + Hkv_) * D_).view({T, Hkv_, D_});
     at::Tensor k_cache = w[10], v_cache = w[11];
     store_kv(qk[1], v, k_cache, v_cache, slot_mapping);
     const at::Tensor attn = paged_attention(qk[0], k_cache, v_cache, kv_slots, row_seq, row_limit, scale);
-    h = h + bf16_linear(attn.view({T, H_ * D_}), w[5], optional(w[6]));
+    h = h + stack_linear(attn.view({T, H_ * D_}), w, 1, 5, optional(w[6]));
     x = rms_norm(h, w[7], eps_);
-    h = h + bf16_linear(silu_mul(bf16_linear(x, w[8], c10::nullopt)), w[9], c10::nullopt);
+    h = h + stack_linear(silu_mul(stack_linear(x, w, 2, 8, c10::nullopt)), w, 3, 9, c10::nullopt);
     for (size_t c = 0; c < capture.size(); ++c)
       if (capture[c] == static_cast<int64_t>(i)) captured[c] = h;
   }

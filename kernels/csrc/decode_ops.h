@@ -9,6 +9,9 @@
 at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
                        bool allow_native = true);
 bool native_bf16_available();
+// bf16 x over a GGUF weight packed in tiles of 16 output rows (quant_linear.cpp, kernels/quant_linear.linear_packed)
+at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, int64_t type, int64_t k, int64_t n,
+                         const c10::optional<at::Tensor>& bias);
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps);
 at::Tensor silu_mul(const at::Tensor& gate_up);
 std::vector<at::Tensor> norm_rope(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,

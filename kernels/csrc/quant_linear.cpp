@@ -18,6 +18,7 @@
 #include <utility>
 #include <vector>
 
+#include "decode_ops.h"
 #include "quant_linear.h"
 
 namespace quant_avx2 {
@@ -272,6 +273,11 @@ at::Tensor quant_linear_packed(const at::Tensor& x, const at::Tensor& packed, in
 }
 
 }  // namespace
+
+at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, int64_t type, int64_t k, int64_t n,
+                         const c10::optional<at::Tensor>& bias) {
+  return quant_linear_packed(x, packed, type, k, n, bias);
+}
 
 TORCH_LIBRARY(dspark_quant, m) {
   m.def("linear(Tensor x, Tensor blocks, int type, int k, Tensor? bias) -> Tensor");
