@@ -177,24 +177,31 @@ def short_query_step(model_dir):
     return llm, seqs
 
 
+def assert_stack_equals_layers(llm, seqs, monkeypatch, capture_layers: tuple[int, ...]) -> list[torch.Tensor]:
+    """The step through the C++ stack (asserted taken) bitwise equals it through the Python layers; its logits."""
+    model, runner = llm.model_runner.model, llm.model_runner
+    calls = []
+    stack_of = model.fused_stack
+    monkeypatch.setattr(model, "fused_stack", lambda h: calls.append(stack_of(h)) or calls[-1])
+    logits, features = runner.forward(seqs, [5, 1, 4], capture_layers=capture_layers)
+    assert calls and calls[0] is not None
+    monkeypatch.setattr(model, "fused_stack", lambda h: None)
+    ref_logits, ref_features = runner.forward(seqs, [5, 1, 4], capture_layers=capture_layers)
+    for ours, ref in zip(logits + features, ref_logits + ref_features):
+        assert torch.equal(ours, ref)
+    monkeypatch.setattr(model, "fused_stack", stack_of)
+    return logits
+
+
 def test_decoder_stack_equals_the_layer_by_layer_path(tiny_model_dir, monkeypatch):
     """The C++ stack chains the same fused ops as the Python layers (which test_engine_parity checks against
     transformers), so logits and captured features of a short-query step are bitwise the same."""
     llm, seqs = short_query_step(tiny_model_dir)
     model, runner = llm.model_runner.model, llm.model_runner
     assert model.layers[0].self_attn.qkv_proj.use_kernel
-    calls = []
-    stack_of = model.fused_stack
-    monkeypatch.setattr(model, "fused_stack", lambda h: calls.append(stack_of(h)) or calls[-1])
-    logits, features = runner.forward(seqs, [5, 1, 4], capture_layers=(-1, 0, 2))
-    assert calls and calls[0] is not None
-    monkeypatch.setattr(model, "fused_stack", lambda h: None)
-    ref_logits, ref_features = runner.forward(seqs, [5, 1, 4], capture_layers=(-1, 0, 2))
-    for ours, ref in zip(logits + features, ref_logits + ref_features):
-        assert torch.equal(ours, ref)
+    logits = assert_stack_equals_layers(llm, seqs, monkeypatch, (-1, 0, 2))
     # one row fewer for the last request: its first rows are unchanged (causal, batch invariant), and the check can
     # fail: they differ from the rows one position later
-    monkeypatch.setattr(model, "fused_stack", stack_of)
     seqs[2].num_scheduled_tokens = 3
     shorter = runner.forward(seqs, [5, 1, 3])[0][2]
     assert torch.equal(shorter, logits[2][:3]) and not torch.equal(shorter, logits[2][1:])

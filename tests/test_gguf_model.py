@@ -174,18 +174,10 @@ PACKED_TYPES = {"q_proj": T.Q4_1, "k_proj": T.Q4_1, "v_proj": T.Q4_1, "o_proj": 
 def test_packed_weights_run_in_the_decoder_stack_bitwise_as_layer_by_layer(tmp_path, monkeypatch):
     """A bf16 model over x16-packed GGUF weights: a short-query step through the C++ decoder stack (really taken)
     equals the Python layers bitwise, logits and captured features."""
-    from tests.test_cpu_ops import short_query_step
-    model_dir, oracle = gguf_model_dir(tmp_path, "qwen2", PACKED_TYPES)
+    from tests.test_cpu_ops import assert_stack_equals_layers, short_query_step
+    model_dir, _ = gguf_model_dir(tmp_path, "qwen2", PACKED_TYPES)
     llm, seqs = short_query_step(model_dir)
-    model, runner = llm.model_runner.model, llm.model_runner
+    model = llm.model_runner.model
     assert llm.config.quantization == "gguf" and model.layers[0].mlp.gate_up_proj.packed
     assert len(model.layers[0].fused_weights()) == 16
-    calls = []
-    stack_of = model.fused_stack
-    monkeypatch.setattr(model, "fused_stack", lambda h: calls.append(stack_of(h)) or calls[-1])
-    logits, features = runner.forward(seqs, [5, 1, 4], capture_layers=(-1, 0, 1))
-    assert calls and calls[0] is not None
-    monkeypatch.setattr(model, "fused_stack", lambda h: None)
-    ref_logits, ref_features = runner.forward(seqs, [5, 1, 4], capture_layers=(-1, 0, 1))
-    for ours, ref in zip(logits + features, ref_logits + ref_features):
-        assert torch.equal(ours, ref)
+    assert_stack_equals_layers(llm, seqs, monkeypatch, (-1, 0, 1))
