@@ -1,6 +1,7 @@
 """`make gpu-check` runs this on CUDA (bench/gpu_check.KERNEL_TESTS): the tiny V4 + DSpark engine path, with the
 Triton kernels eager and with CUDA graphs asked for (V4 then runs eagerly), gives the CPU path's greedy tokens, plain
-and speculative. On a machine without a GPU it is skipped: the CPU path is covered by tests/test_v4_*.py."""
+and speculative; and so does a checkpoint stored as the release stores it, its FP8 / MXFP4 weights kept on the GPU
+(quantization 'fp8'). On a machine without a GPU it is skipped: the CPU path is covered by tests/test_v4_*.py."""
 import pytest
 import torch
 from tiny_models import save_tiny_v4_dspark
@@ -31,3 +32,18 @@ def test_cuda_tokens_equal_cpu_tokens(path, spec_method, enforce_eager):
     expected = tokens(path, device="cpu", spec_method=spec_method)
     assert tokens(path, device="cuda", kernels="triton", spec_method=spec_method,
                   enforce_eager=enforce_eager) == expected
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory):
+    """The checkpoint stored as the release stores it (FP8 block linears, MXFP4 experts): tests/test_v4_stored.py."""
+    from test_v4_stored import quantized_checkpoint
+    return quantized_checkpoint(tmp_path_factory, "fp4")
+
+
+@pytest.mark.parametrize("spec_method", ["none", "dspark"])
+def test_weights_kept_as_stored_on_cuda_give_the_cpu_tokens(quantized, spec_method):
+    """quantization 'fp8' (the default on CUDA for this checkpoint): the FP8 / MXFP4 bytes on the GPU, each weight
+    dequantized per matmul; the same tokens as the CPU path, which dequantizes at load."""
+    expected = tokens(quantized, device="cpu", spec_method=spec_method, quantization="none")
+    assert tokens(quantized, device="cuda", kernels="triton", spec_method=spec_method, quantization="fp8") == expected

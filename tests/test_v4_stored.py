@@ -3,6 +3,8 @@ checkpoint quantized as the release stores it (tests/test_v4_checkpoint.py's qua
 tokens as the same checkpoint dequantized at load, every kept weight makes exactly the loader's dense weight, and it
 holds the stored bytes, not a dense copy; tensor-parallel cuts of a stored weight are the cuts of its dense weight,
 and a cut inside a scale block is refused by name."""
+import json
+
 import pytest
 import torch
 from test_v4_checkpoint import quantize, quantize_fp8_block, quantize_mxfp4, write_checkpoint
@@ -18,21 +20,26 @@ from engine.parallel import columns, rows
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
 
 
-@pytest.fixture(scope="module", params=["fp4", "fp8"])
-def quantized(request, tmp_path_factory):
+def quantized_checkpoint(tmp_path_factory, experts: str):
+    """A tiny V4 + DSpark checkpoint (8-token vocabulary) with fp4 (V4-Flash) or fp8 (Flash-Base) experts."""
     from safetensors.torch import load_file
     plain = tmp_path_factory.mktemp("plain") / "tiny-v4-dspark"
     save_tiny_v4_dspark(plain, seed=4, vocab_size=8)
-    path = write_checkpoint(tmp_path_factory.mktemp(request.param) / "ckpt",
-                            quantize(load_file(str(plain / "model.safetensors")), request.param))
-    config = __import__("json").loads((plain / "config.json").read_text())
+    path = write_checkpoint(tmp_path_factory.mktemp(experts) / "ckpt",
+                            quantize(load_file(str(plain / "model.safetensors")), experts))
+    config = json.loads((plain / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "scale_fmt": "ue8m0",
-                                     "weight_block_size": [128, 128], "expert_dtype": request.param}
-    (path / "config.json").write_text(__import__("json").dumps(config))
+                                     "weight_block_size": [128, 128], "expert_dtype": experts}
+    (path / "config.json").write_text(json.dumps(config))
     for file in plain.iterdir():
         if not file.name.startswith(("model.safetensors", "config.json")):
             (path / file.name).write_bytes(file.read_bytes())
     return path
+
+
+@pytest.fixture(scope="module", params=["fp4", "fp8"])
+def quantized(request, tmp_path_factory):
+    return quantized_checkpoint(tmp_path_factory, request.param)
 
 
 def llm(path, quantization: str, **options) -> LLM:
