@@ -151,7 +151,7 @@ def test_bench_linear_runs_every_path_on_the_models_shapes(tmp_path):
     tiny = tmp_path / "model"
     tiny.mkdir()
     (tiny / "config.json").write_text(json.dumps({**smollm2, "num_hidden_layers": 2, "vocab_size": 300}))
-    result = linear.run(SimpleNamespace(model=str(tiny), num_threads=1, rows=[1, 3], repeats=2))
+    result = linear.run(SimpleNamespace(model=str(tiny), num_threads=1, rows=[1, 3], repeats=2, paths=None))
     assert result["layers"] == 9 and set(result["ms"]["kernel AVX2"]) == {1, 3}
     assert ("kernel AVX512-BF16" in result["ms"]) == cpu_linear.native_bf16_available()
     linear.report(result, tmp_path / "out")
