@@ -28,8 +28,11 @@ def backbone_hidden(draft: DSparkDraft, features: torch.Tensor, blocks: Blocks) 
         k_ctx, v_ctx = attn.key_values(ctx, cos_c, sin_c)
         k_blk, v_blk = attn.key_values(xn, cos_b, sin_b)
         k, v = torch.cat([k_ctx, k_blk]), torch.cat([v_ctx, v_blk])
+        gqa = q.device.type == "cpu"  # on CUDA, a masked SDPA with GQA falls back to the math kernel (whole scores)
+        if not gqa:
+            k, v = (t.repeat_interleave(attn.num_heads // attn.num_kv_heads, dim=1) for t in (k, v))
         out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-                                             attn_mask=mask, scale=attn.scale, enable_gqa=True)
+                                             attn_mask=mask, scale=attn.scale, enable_gqa=gqa)
         x = x + attn.o_proj(out.transpose(0, 1).reshape(A * G, -1))
         x = x + layer.mlp(layer.post_attention_layernorm(x))
     return draft.norm(x).view(A, G, -1)

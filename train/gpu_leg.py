@@ -203,7 +203,7 @@ def merged_trainer_class():
     class MergedTrainer(Trainer):
         """Trainer whose optimiser step runs its conversations in forwards of up to merge_tokens tokens each (one GPU
         forward per batch instead of one per conversation); the loss is the same sum, normalised the same way."""
-        merge_tokens = 6000
+        merge_tokens = 3000
 
         def accumulate_gradients(self, step: int) -> dict:
             cfg = self.cfg
@@ -260,7 +260,7 @@ def save_sharded(draft_dir: Path, out: Path, max_mib: float = 15.0):
 
 def train(pack_dir: str, out: str, minutes: float, device: str = "cuda", max_steps: int = 0,
           max_conversations: int = 0, batch_size: int = 0, lr: float = 0.0, export_to: str = "",
-          merge_tokens: int = 6000) -> Path:
+          merge_tokens: int = 3000) -> Path:
     from engine.loader import load_model
     from train.trainer import layer_ids_of, lr_lambda
     pack_dir, t0 = Path(pack_dir), time.monotonic()
@@ -340,7 +340,7 @@ def main():
     t.add_argument("--max-conversations", type=int, default=0)
     t.add_argument("--batch-size", type=int, default=0, help="conversations per step (0 = the packed config's)")
     t.add_argument("--lr", type=float, default=0.0, help="peak learning rate (0 = the packed config's)")
-    t.add_argument("--merge-tokens", type=int, default=6000,
+    t.add_argument("--merge-tokens", type=int, default=3000,
                    help="conversations of a step run in forwards of up to this many context tokens")
     args = parser.parse_args()
     if args.command == "pack":
