@@ -73,15 +73,16 @@ def shared_prefix_prompts() -> list[list[int]]:
     return [base + tail(5), base + tail(2), base[:27] + tail(9), base + tail(13)]
 
 
-@pytest.mark.parametrize("states", [0, 1])
-def test_prefix_cache_hits_change_no_token(v4, states):
+@pytest.mark.parametrize("states, chunk", [(0, 1024), (1, 1024), (0, 5)])
+def test_prefix_cache_hits_change_no_token(v4, states, chunk):
     """Requests that find their prefix in the cache start from its pages and from the rings saved at its last block's
     end: the same greedy tokens as without a prefix cache, with most of each prompt found. With a single state slot
-    (states=1) only the latest block end is kept, most hits are lost, and the tokens are still the same."""
+    (states=1) only the latest block end is kept, most hits are lost, and the tokens are still the same. In prefill
+    chunks of 5 tokens (chunk=5) a block end's rows come partly from the ring, partly from the step."""
     path, _ = v4
     first, *rest = shared_prefix_prompts()
     expected = [o.token_ids for o in engine(path).generate([first, *rest], GREEDY, use_tqdm=False)]
-    llm = engine(path, enable_prefix_caching=True, prefix_cache_states=states)
+    llm = engine(path, enable_prefix_caching=True, prefix_cache_states=states, max_num_batched_tokens=chunk)
     outs = llm.generate([first], GREEDY, use_tqdm=False) + llm.generate(rest, GREEDY, use_tqdm=False)
     assert [o.token_ids for o in outs] == expected
     cached = [o.num_cached_tokens for o in outs]
@@ -89,6 +90,17 @@ def test_prefix_cache_hits_change_no_token(v4, states):
     assert cached[0] == 0
     if not states:
         assert all(c > 0 for c in cached[1:]) and max(cached) >= 40
+
+
+def test_prefix_cache_through_preemption(v4):
+    """A KV cache too small for the four requests at once: the newest are preempted, and readmitted from the prefix
+    cache, their own blocks' states included; the same tokens as one request at a time without a cache."""
+    path, _ = v4
+    prompts = shared_prefix_prompts()
+    expected = [engine(path).generate([p], GREEDY, use_tqdm=False)[0].token_ids for p in prompts]
+    llm = engine(path, enable_prefix_caching=True, max_num_seqs=4, kv_cache_gb=0.000175)  # ~30 blocks of 8 tokens
+    assert [o.token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)] == expected
+    assert llm.scheduler.num_preemptions > 0 and llm.block_manager.num_hit_tokens > 0
 
 
 def test_prefix_cache_without_the_saved_rings_goes_wrong(v4, monkeypatch):
