@@ -6,6 +6,7 @@ kernels/budget.py are the test oracles.)"""
 import torch
 
 from kernels import attention, sampling, triton_support
+from kernels import sinkhorn as sinkhorn_twin
 from kernels import v4_attention as v4_attention_twin
 
 
@@ -31,6 +32,15 @@ def v4_attention(q, window_kv, window: int, entries, entry_index, sinks, scale: 
         from kernels import triton_v4_attention
         return triton_v4_attention.v4_attention(q, window_kv, window, entries, entry_index, sinks, scale)
     return v4_attention_twin.v4_attention(q, window_kv, window, entries, entry_index, sinks, scale)
+
+
+def sinkhorn(comb: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
+    """mHC's Sinkhorn normalisation of [T, N, N] fp32 matrices: one Triton launch when selected (and no gradient is
+    asked for: the kernel has no backward), else the twin."""
+    if triton_support.enabled() and not comb.requires_grad:
+        from kernels import triton_sinkhorn
+        return triton_sinkhorn.sinkhorn(comb, iters, eps)
+    return sinkhorn_twin.sinkhorn(comb, iters, eps)
 
 
 def rejection_sample(target_probs, draft_probs, draft_tokens, num_drafts, uniforms, bonus_uniforms):

@@ -5,6 +5,8 @@ fp32, as transformers 5.24's DeepseekV4HyperConnection and DeepseekV4HyperHead, 
 import torch
 import torch.nn.functional as F
 
+from kernels import dispatch
+
 
 def unit_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
     return x * torch.rsqrt(x.float().square().mean(-1, keepdim=True) + eps).to(x.dtype)
@@ -21,15 +23,7 @@ def hc_weights(streams: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scal
     pre = torch.sigmoid(pre_w * s[0] + pre_b) + eps
     post = 2 * torch.sigmoid(post_w * s[1] + post_b)
     comb = torch.softmax(comb_w.unflatten(-1, (n, n)) * s[2] + comb_b.view(n, n), -1) + eps
-    return pre, post, sinkhorn(comb, iters, eps)
-
-
-def sinkhorn(comb: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
-    comb = comb / (comb.sum(-2, keepdim=True) + eps)
-    for _ in range(iters - 1):
-        comb = comb / (comb.sum(-1, keepdim=True) + eps)
-        comb = comb / (comb.sum(-2, keepdim=True) + eps)
-    return comb
+    return pre, post, dispatch.sinkhorn(comb, iters, eps)
 
 
 def collapse(pre: torch.Tensor, streams: torch.Tensor) -> torch.Tensor:
