@@ -184,6 +184,8 @@ class BlockManager:
                 self.cached_blocks[key] = block_id
                 self.block_hash[block_id] = key
             if self.states and (slot := seq.state_saves.pop((i + 1) * self.block_size, None)) is not None:
-                filed = self.cached_blocks.get(key)
-                self.states.attach(filed, slot) if filed is not None else self.states.release(slot)
+                if (filed := self.cached_blocks.get(key)) is not None:
+                    self.states.attach(filed, slot)
+                else:
+                    self.states.release(slot)
         seq.num_filed_blocks = full

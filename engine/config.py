@@ -46,13 +46,18 @@ def auto_kv_cache_gb() -> float:
     return min(8.0, max(0.5, physical / 10))
 
 
-def ships_dspark(model: str) -> bool:
-    """A DeepSeek-V4 checkpoint whose config declares the DSpark module it carries (V4-Flash-DSpark, -0731, ...)."""
+def v4_config_of(model: str) -> dict | None:
+    """The config.json of a DeepSeek-V4 checkpoint directory; None for anything else."""
     path = Path(model) / "config.json"
     if not path.is_file():
-        return False
+        return None
     c = json.loads(path.read_text())
-    return "DeepseekV4ForCausalLM" in (c.get("architectures") or []) and any(k.startswith("dspark_") for k in c)
+    return c if "DeepseekV4ForCausalLM" in (c.get("architectures") or []) else None
+
+
+def ships_dspark(model: str) -> bool:
+    """A DeepSeek-V4 checkpoint whose config declares the DSpark module it carries (V4-Flash-DSpark, -0731, ...)."""
+    return any(k.startswith("dspark_") for k in v4_config_of(model) or {})
 
 
 def resolve_auto_spec(model: str, draft: str, dtype: str = "bfloat16") -> tuple[str, str]:
@@ -94,12 +99,8 @@ def resolve_quantization(quantization: str, model: str, device: str, tensor_para
 
 
 def has_fp8_v4_weights(model: str) -> bool:
-    path = Path(model) / "config.json"
-    if not path.is_file():
-        return False
-    config = json.loads(path.read_text())
-    return ("DeepseekV4ForCausalLM" in (config.get("architectures") or []) and
-            (config.get("quantization_config") or {}).get("quant_method") in ("fp8", "deepseek_v4_fp8"))
+    quantization = (v4_config_of(model) or {}).get("quantization_config") or {}
+    return quantization.get("quant_method") in ("fp8", "deepseek_v4_fp8")
 
 
 def resolve_device(device: str, kernels: str) -> tuple[str, str]:

@@ -64,18 +64,24 @@ def whole_shapes(build) -> dict[str, tuple[int, ...]]:
         return {name: tuple(t.shape) for name, t in build().state_dict().items()}
 
 
+def held_by(key: str, modules: set[str]) -> bool:
+    """Whether the state key belongs to one of these modules (or to a module inside one)."""
+    parts = key.split(".")
+    return any(".".join(parts[:i]) in modules for i in range(1, len(parts)))
+
+
 def shard_state(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
     """The full checkpoint state cut to this rank's slices, by each module's recorded `shard` (its weight and bias)
     and `param_shards` (other parameters by name); the tensors of a module `held_elsewhere` (an expert on another
     rank) are dropped."""
     if not distributed.is_parallel():
         return state
+    elsewhere = {name for name, module in model.named_modules() if getattr(module, "held_elsewhere", False)}
+    if elsewhere:
+        for key in [k for k in state if held_by(k, elsewhere)]:  # one pass over the keys, not one per module
+            del state[key]
     for name, module in model.named_modules():
         prefix = f"{name}." if name else ""
-        if getattr(module, "held_elsewhere", False):
-            for key in [k for k in state if k.startswith(prefix)]:
-                del state[key]
-            continue
         if (shard := getattr(module, "shard", None)) is not None:
             if prefix + "weight" in state:
                 state[prefix + "weight"] = shard.take(state[prefix + "weight"])

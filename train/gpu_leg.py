@@ -197,7 +197,6 @@ def merge(records: list[dict], blocks: list) -> tuple[dict, object]:
 
 
 def merged_trainer_class():
-    from train.losses import combine, position_weights
     from train.trainer import Trainer
 
     class MergedTrainer(Trainer):
@@ -205,13 +204,7 @@ def merged_trainer_class():
         forward per batch instead of one per conversation); the loss is the same sum, normalised the same way."""
         merge_tokens = 3000
 
-        def accumulate_gradients(self, step: int) -> dict:
-            cfg = self.cfg
-            items = [(i, self.blocks_for(i, step)) for i in self.batch_indices(step)]
-            total = sum(float(position_weights(b.valid, cfg.loss_decay_gamma).sum()) for _, b in items)
-            self.optimizer.zero_grad(set_to_none=True)
-            stats = {"loss": 0.0, "ce": 0.0, "l1": 0.0, "conf": 0.0}
-            accept_sum = accept_count = 0
+        def forward_units(self, items):
             groups, size = [[]], 0
             for i, b in items:
                 n = len(self.records[i]["features"])
@@ -220,16 +213,7 @@ def merged_trainer_class():
                     size = 0
                 groups[-1].append((i, b))
                 size += n
-            for group in groups:
-                record, blocks = merge([self.records[i] for i, _ in group], [b for _, b in group])
-                sums = self.module(record, blocks)
-                loss = combine(sums, total, cfg.ce_alpha, cfg.l1_alpha, cfg.confidence_alpha)
-                loss.backward()
-                stats["loss"] += float(loss.detach())
-                for key in ("ce", "l1", "conf"):
-                    stats[key] += float(getattr(sums, key).detach()) / max(total, 1e-8)
-                accept_sum, accept_count = accept_sum + sums.accept_sum, accept_count + sums.accept_count
-            return stats | {"accept_sum": accept_sum, "accept_count": accept_count}
+            return [merge([self.records[i] for i, _ in group], [b for _, b in group]) for group in groups]
 
     return MergedTrainer
 

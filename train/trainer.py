@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from engine.drafts.loader import VOCAB_FILE, load_draft, load_v4_dspark, read_vocab_file
 from engine.drafts.v4_dspark import V4DSparkDraft
 from engine.loader import load_model
-from train.blocks import make_blocks, sample_anchors
+from train.blocks import Blocks, make_blocks, sample_anchors
 from train.config import TrainConfig
 from train.data import read_rows
 from train.export import save_draft
@@ -244,10 +244,11 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         stats = {"loss": 0.0, "ce": 0.0, "l1": 0.0, "conf": 0.0}
         accept_sum = accept_count = 0
-        for n, (index, blocks) in enumerate(items):
-            sync = n == len(items) - 1 or not dist.is_initialized()
+        units = self.forward_units(items)
+        for n, (record, blocks) in enumerate(units):
+            sync = n == len(units) - 1 or not dist.is_initialized()
             with (self.ddp.no_sync() if not sync else torch.enable_grad()):
-                sums = self.ddp(self.records[index], blocks)
+                sums = self.ddp(record, blocks)
                 loss = combine(sums, float(total), cfg.ce_alpha, cfg.l1_alpha, cfg.confidence_alpha)
                 (loss * self.world_size).backward()
             stats["loss"] += float(loss.detach())
@@ -255,6 +256,10 @@ class Trainer:
                 stats[key] += float(getattr(sums, key).detach()) / max(float(total), 1e-8)
             accept_sum, accept_count = accept_sum + sums.accept_sum, accept_count + sums.accept_count
         return stats | {"accept_sum": accept_sum, "accept_count": accept_count}
+
+    def forward_units(self, items: list[tuple[int, Blocks]]) -> list[tuple[dict, Blocks]]:
+        """What each forward of a step runs: one conversation's record and blocks (train/gpu_leg.py merges several)."""
+        return [(self.records[index], blocks) for index, blocks in items]
 
     def train(self) -> Path:
         cfg, start = self.cfg, time.monotonic()

@@ -21,7 +21,10 @@ from engine.models.deepseek_v4.model import V4Model
 from train.blocks import Blocks
 from train.v4_quantize import quantize_fp8_block, quantize_mxfp4
 
-SCALE_DTYPES = {"F8_E8M0": torch.float8_e8m0fnu, "U8": torch.uint8, "F32": torch.float32, "BF16": torch.bfloat16}
+# safetensors header dtypes -> torch's: what a stage tensor is stored as, read without loading it
+HEADER_DTYPES = {"F8_E8M0": torch.float8_e8m0fnu, "F8_E4M3": torch.float8_e4m3fn, "F4": torch.float4_e2m1fn_x2,
+                 "U8": torch.uint8, "I8": torch.int8, "F32": torch.float32, "BF16": torch.bfloat16,
+                 "F16": torch.float16}
 
 
 def is_v4(target_dir: str | Path) -> bool:
@@ -99,17 +102,16 @@ def stored_stage_tensors(trained: dict[str, torch.Tensor], files: dict[str, Path
         for name, weight in trained.items():
             if name not in files:
                 raise ValueError(f"{name}: a trained DSpark weight the checkpoint does not hold")
-            stored = handles[files[name]].get_tensor(name)
+            stored = HEADER_DTYPES[handles[files[name]].get_slice(name).get_dtype()]
             scale = scale_name(name)
-            if stored.dtype == torch.float8_e4m3fn or stored.dtype in PACKED_FP4_DTYPES:
+            if stored == torch.float8_e4m3fn or stored in PACKED_FP4_DTYPES:
                 if scale not in files:
-                    raise ValueError(f"{name} is stored as {stored.dtype} but the checkpoint has no {scale}")
-                scale_dtype = handles[files[scale]].get_slice(scale).get_dtype()
-                out[name], out[scale] = (quantize_fp8_block(weight, SCALE_DTYPES[scale_dtype])
-                                         if stored.dtype == torch.float8_e4m3fn else
-                                         quantize_mxfp4(weight, stored.dtype))
+                    raise ValueError(f"{name} is stored as {stored} but the checkpoint has no {scale}")
+                scale_dtype = HEADER_DTYPES[handles[files[scale]].get_slice(scale).get_dtype()]
+                out[name], out[scale] = (quantize_fp8_block(weight, scale_dtype) if stored == torch.float8_e4m3fn
+                                         else quantize_mxfp4(weight, stored))
             else:
-                out[name] = weight.to(stored.dtype).contiguous()
+                out[name] = weight.to(stored).contiguous()
     return out
 
 

@@ -1,6 +1,6 @@
 """DeepSeek-V4's FP8 and MXFP4 weights kept on the device as the checkpoint stores them (`quantization='fp8'`), and
 dequantized to the activations' dtype at each call: weight-only quantization, so that the released 167 GB of
-V4-Flash-DSpark take 167 GB of device memory, not the 2.4x that bf16 weights take. A call pays one pass over the
+V4-Flash-DSpark take 167 GB of device memory, not the 3.6x that bf16 weights take. A call pays one pass over the
 stored bytes to make a transient dense weight; an FP8 GEMM on the stored bytes would not, and is not built.
 
 The formats are the loader's (checkpoint.py): FP8 e4m3 with one scale per 128x128 block, MXFP4 e2m1 pairs (the low
