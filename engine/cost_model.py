@@ -84,6 +84,10 @@ def measure_curve(runner: ModelRunner, blocks: BlockManager, token_counts=QUICK_
     token_counts = token_grid(runner, token_counts)
     rows = min(ROWS_PER_REQUEST, runner.max_rollback) if runner.drafter else ROWS_PER_REQUEST
     rows = rows if graphs is None else min(rows, graphs.max_q_len)
+    if runner.model.own_attention:  # DeepSeek-V4: rings for max_num_seqs requests, no more at once
+        seats = runner.config.max_num_seqs
+        token_counts = [b for b in token_counts if b <= seats * rows]
+        request_counts = [r for r in request_counts if r <= seats]
     most = max(-(-max(token_counts) // rows), max(request_counts))
     fits = blocks.num_free_blocks // most * blocks.block_size - rows
     if fits < 1:

@@ -1,5 +1,7 @@
 """CUDA graphs for the two passes every decoding step makes (nano-vllm's capture, vLLM's padding): the target's
-decode/verify forward, one graph per token tier, and the draft step, one graph per request-count bucket. Each graph
+decode/verify forward, one graph per token tier, and the draft step, one graph per request-count bucket. A
+DeepSeek-V4 target's graphs hold its fixed-shape step (V4Model.forward_rows; its host work before and after runs
+around the replay). Each graph
 reads fixed (static) input buffers; a step is copied into the smallest graph that holds it, padded so that padding
 rows store no KV (slot -1) and padding requests have no queries or context, and replayed. Prefill chunks longer than
 a verify row, steps past the largest graph and `--enforce-eager` run eagerly. Graphs are captured largest first into
@@ -95,6 +97,7 @@ class TargetGraphs:
             self.cu_seqlens_q = torch.zeros(B + 1, dtype=torch.int32, **on)
             self.kv_lens = torch.zeros(B, dtype=torch.int32, **on)
             self.kv_slots = torch.zeros(B, max_kv_len, dtype=torch.long, **on)
+            self.request_slots = torch.zeros(B, dtype=torch.long, **on)  # DeepSeek-V4's rings
         # one pool for every graph, the draft's too: they replay one at a time
         self.graphs, self.pool = capture_largest_first(self.tiers, self.forward_fn, device)
 
@@ -107,6 +110,10 @@ class TargetGraphs:
             attention.plan(self.capture_table(t))  # the graph's first plan: it fixes the rows the graph holds
         else:
             batch = VarlenBatch(self.cu_seqlens_q[:b + 1], self.kv_slots[:b], self.kv_lens[:b], min(t, self.max_q_len))
+
+        if self.model.own_attention:  # DeepSeek-V4: its fixed-shape step (engine/models/deepseek_v4/step_rows.py)
+            return lambda: self.model.forward_rows(self.input_ids[:t], self.positions[:t], self.capture_layers,
+                                                   batch.cu_seqlens_q, batch.kv_slots, self.request_slots[:b])
 
         def forward():
             set_context(self.slot_mapping[:t], [], batch, attention)
@@ -132,7 +139,8 @@ class TargetGraphs:
 
     @torch.inference_mode()
     def run(self, tier: int, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
-            batch: VarlenBatch | None, want_features: bool = True) -> tuple[torch.Tensor, list[torch.Tensor]]:
+            batch: VarlenBatch | None, want_features: bool = True,
+            request_slots: list[int] | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Copy the step into graph `tier`'s buffers, replay, and return its rows (features copied out of the graph's
         memory, which the next replay overwrites; [] unless wanted). With FlashInfer, batch is None: the step was
         planned into the tier's wrapper already."""
@@ -145,6 +153,8 @@ class TargetGraphs:
         self.slot_mapping[n:tier].fill_(-1)
         if batch is not None:
             self.copy_varlen(tier, n, batch)
+        if request_slots is not None:
+            self.request_slots[:len(request_slots)].copy_(torch.tensor(request_slots), non_blocking=True)
         hidden, captured = self.graphs[tier].replay()
         return hidden[:n], [c[:n].clone() for c in captured] if want_features else []
 

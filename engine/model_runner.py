@@ -19,6 +19,7 @@ from engine.sequence import Sequence, step_saves
 from kernels import flashinfer_attention, triton_support
 from kernels.flashinfer_attention import FlashInferAttention
 
+V4_GRAPH_CONTEXT = 16384  # DeepSeek-V4 graphs score every entry a row could see: longer contexts step eagerly
 GPU_MEMORY_UTILIZATION = 0.9  # of the GPU memory free after loading and a warm-up step; the rest is slack
 
 log = logging.getLogger("engine")
@@ -187,8 +188,9 @@ class ModelRunner:
         elif triton_support.enabled() or self.model.own_attention:
             set_context(self.on_device(slot_mapping), [], inputs.varlen_batch(seqs, self.block_size, self.device))
             if self.model.own_attention:
-                self.model.use_request_slots([s.request_slot for s in seqs], [s.state_restore for s in seqs],
-                                             [step_saves(s) for s in seqs])
+                self.model.use_request_slots([s.request_slot for s in seqs],
+                                             [(s.num_computed_tokens, s.num_scheduled_tokens) for s in seqs],
+                                             [s.state_restore for s in seqs], [step_saves(s) for s in seqs])
         else:
             set_context(torch.tensor(slot_mapping), inputs.attention_groups(seqs, self.block_size))
         return self.on_device(input_ids), self.on_device(positions)
@@ -208,12 +210,16 @@ class ModelRunner:
         from engine.graphs import TargetGraphs
         if not triton_support.enabled():
             raise ValueError("CUDA graphs need the Triton kernels (kernels='triton')")
+        max_kv_len = max_model_len
         if self.model.own_attention:
-            log.warning("DeepSeek-V4 runs eagerly for now: its steps loop over requests on the host (no CUDA graphs)")
-            return
+            if not self.model.sync_free():
+                log.warning("DeepSeek-V4 runs eagerly: its experts are kept as stored (FP8 / MXFP4), which the "
+                            "grouped MoE a CUDA graph needs does not take yet")
+                return
+            max_kv_len = min(max_model_len, V4_GRAPH_CONTEXT)
         max_q_len = 1 + (self.drafter.num_draft_tokens if self.drafter else 0)
         max_tokens = min(self.config.max_num_batched_tokens, self.config.max_num_seqs * max_q_len)
-        self.graphs = TargetGraphs(self.model, self.device, self.config.max_num_seqs, max_q_len, max_model_len,
+        self.graphs = TargetGraphs(self.model, self.device, self.config.max_num_seqs, max_q_len, max_kv_len,
                                    max_tokens, self.capture_layers,
                                    self.make_flashinfer if self.flashinfer is not None else None, self.block_size)
         if self.drafter:
@@ -240,9 +246,7 @@ class ModelRunner:
         if tier is None:
             hidden, captured = self.model(input_ids, positions, capture_layers)
         else:
-            ctx = get_context()
-            hidden, captured = self.graphs.run(tier, input_ids, positions, ctx.slot_mapping, ctx.varlen,
-                                               want_features=bool(capture_layers))
+            hidden, captured = self.replay(tier, input_ids, positions, capture_layers)
         reset_context()
         ends = self.cumulative_ends(ordered)
         rows = [r for i, end in zip(order, ends) for r in range(end - num_logits[i], end)]
@@ -253,6 +257,19 @@ class ModelRunner:
             by_seq = dict(zip(order, torch.cat(captured, dim=-1).split([s.num_scheduled_tokens for s in ordered])))
             features = [by_seq[i] for i in range(len(seqs))]
         return [per_seq[i] for i in range(len(seqs))], features
+
+    def replay(self, tier: int, input_ids: torch.Tensor, positions: torch.Tensor, capture_layers: tuple[int, ...]):
+        """The step in CUDA graph `tier`; a DeepSeek-V4 step's host work (ring restores and checks, then ends and
+        block-end saves) before and after the replay."""
+        ctx, v4 = get_context(), self.model.own_attention
+        if v4:
+            self.model.begin_step()
+        hidden, captured = self.graphs.run(tier, input_ids, positions, ctx.slot_mapping, ctx.varlen,
+                                           want_features=bool(capture_layers),
+                                           request_slots=self.model.request_slots if v4 else None)
+        if v4:
+            self.model.end_step(saved=False)
+        return hidden, captured
 
     def run(self, seqs: list[Sequence]) -> dict[int, Emitted]:
         """A plain decoding step: the forward, then a sampled token for each seq whose scheduled tokens reach its end;

@@ -34,6 +34,15 @@ def v4_attention(q, window_kv, window: int, entries, entry_index, sinks, scale: 
     return v4_attention_twin.v4_attention(q, window_kv, window, entries, entry_index, sinks, scale)
 
 
+def v4_rows_attention(q, window_keys, window_index, entries, entry_index, sinks, scale: float) -> torch.Tensor:
+    """v4_attention for the rows of many sequences, keys by index (a DeepSeek-V4 decode / verify step in fixed
+    shapes): Triton when selected, else the twin."""
+    if triton_support.enabled():
+        from kernels import triton_v4_attention
+        return triton_v4_attention.v4_rows_attention(q, window_keys, window_index, entries, entry_index, sinks, scale)
+    return v4_attention_twin.v4_rows_attention(q, window_keys, window_index, entries, entry_index, sinks, scale)
+
+
 def sinkhorn(comb: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
     """mHC's Sinkhorn normalisation of [T, N, N] fp32 matrices: one Triton launch when selected (and no gradient is
     asked for: the kernel has no backward), else the twin."""

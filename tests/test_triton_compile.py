@@ -124,6 +124,8 @@ def run_every_kernel():
         v4_kv = torch.randn(6, head_dim, generator=g).bfloat16()
         triton_v4_attention.v4_attention(v4_q, v4_kv, 4, v4_kv, torch.tensor([[0, -1], [2, 1], [-1, -1]]),
                                          torch.zeros(5), 0.1)
+        triton_v4_attention.v4_rows_attention(v4_q, v4_kv, torch.tensor([[0, 1], [3, -1], [-1, 5]]), v4_kv,
+                                              torch.tensor([[0, -1], [2, 1], [-1, -1]]), torch.zeros(5), 0.1)
     triton_sinkhorn.sinkhorn(torch.rand(3, 4, 4, generator=g) + 0.1, 20, 1e-6)  # DeepSeek-V4's hc_mult, iterations
 
 
@@ -132,7 +134,8 @@ def test_every_kernel_compiles_for_sm90(recorded):
     kernels = {(launch["module"], launch["kernel"]) for launch in recorded}
     assert {k for _, k in kernels} == {"_store_kv_kernel", "_varlen_attention_kernel", "_rejection_kernel",
                                        "_logits_kernel", "_pick_kernel", "_normalize_kernel",
-                                       "_allocate_budget_kernel", "_v4_attention_kernel", "_sinkhorn_kernel"}
+                                       "_allocate_budget_kernel", "_v4_attention_kernel", "_v4_rows_kernel",
+                                       "_sinkhorn_kernel"}
     unique = list({json.dumps(launch, sort_keys=True): launch for launch in recorded}.values())
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", COMPILE], input=json.dumps(unique), capture_output=True, text=True,

@@ -10,6 +10,7 @@ from tiny_models import save_tiny_v4
 
 from engine import LLM
 from engine.models.deepseek_v4.attention import V4Attention, sink_attention
+from engine.models.deepseek_v4.model import V4Model
 from kernels import triton_support
 from kernels import triton_v4_attention as kernel
 from kernels import v4_attention as twin
@@ -118,6 +119,53 @@ def test_bad_inputs_name_the_problem(kernel_device):
         kernel.v4_attention(**inputs | {"window": 0})
 
 
+def rows_inputs(dtype, device, head_dim=40, heads=5) -> dict:
+    """Three sequences' rows over flattened rings of 12 rows each (the last ring scratch): sequence b's rows sit at
+    positions starts[b].. and see the last 5 positions up to their own (none before 0), and a few paged entries."""
+    gen = torch.Generator().manual_seed(4)
+    capacity, window, starts, lengths = 12, 5, [0, 9, 3], [2, 3, 1]
+    ring_row = torch.tensor([b for b, n in enumerate(lengths) for _ in range(n)] + [3])  # a padding row: scratch
+    positions = torch.tensor([s + i for s, n in zip(starts, lengths) for i in range(n)] + [0])
+    span = positions[:, None] + torch.arange(1 - window, 1)
+    window_index = torch.where(span >= 0, ring_row[:, None] * capacity + span % capacity, -1)
+    chosen = [[17, 2], [], [22, 0, 5], [9], [4, 11], [1], []]
+    entry_index = torch.full((7, 3), -1, dtype=torch.int32)
+    for i, picks in enumerate(chosen):
+        entry_index[i, :len(picks)] = torch.tensor(picks, dtype=torch.int32)
+    return dict(q=torch.randn(7, heads, head_dim, generator=gen).to(dtype).to(device),
+                window_keys=torch.randn(4 * capacity, head_dim, generator=gen).to(dtype).to(device),
+                window_index=window_index.to(device), entries=torch.randn(23, head_dim, generator=gen).to(dtype)
+                .to(device), entry_index=entry_index.to(device),
+                sinks=(torch.randn(heads, generator=gen) + 1.0).to(device), scale=head_dim ** -0.5)
+
+
+def rows_oracle(q, window_keys, window_index, entries, entry_index, sinks, scale) -> torch.Tensor:
+    """Row by row, the engine's sink_attention over exactly the keys its two index lists name."""
+    out = []
+    for i in range(q.shape[0]):
+        keys = torch.cat([window_keys[window_index[i][window_index[i] >= 0].long()],
+                          entries[entry_index[i][entry_index[i] >= 0].long()]])
+        allowed = torch.ones(1, keys.shape[0], dtype=torch.bool)
+        out.append(sink_attention(q[i:i + 1], keys, allowed, sinks, scale))
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_rows_kernel_and_twin_match_row_by_row_attention(kernel_device, dtype):
+    inputs = rows_inputs(dtype, kernel_device)
+    ref = rows_oracle(**on_cpu_fp32(inputs))
+    assert_close(kernel.v4_rows_attention(**inputs), ref, dtype)
+    assert_close(twin.v4_rows_attention(**on_cpu_fp32(inputs)), ref, torch.float32)
+
+
+def test_rows_comparison_can_fail(kernel_device):
+    """Negative control: the window read one ring row off gives other outputs."""
+    inputs = rows_inputs(torch.float32, kernel_device)
+    ref = rows_oracle(**on_cpu_fp32(inputs))
+    shifted = inputs | {"window_index": torch.where(inputs["window_index"] >= 0, inputs["window_index"] + 1, -1)}
+    assert (kernel.v4_rows_attention(**shifted).cpu() - ref).abs().max() > 0.05
+
+
 # The engine's V4 path: kernels='triton' against kernels='torch', logits of every step.
 DRAFTS = 6
 ENGINE_TOLERANCE = 2e-5  # fp32 logits of magnitude ~3 (as tests/test_v4_model.py): only summation order differs
@@ -143,6 +191,7 @@ def worst_gap(path, monkeypatch, rounds: int = 5) -> float:
     """A 13-token prefill, then verify rounds of random drafts of which a random prefix is kept (the rest rolled
     back), through both engines in lockstep; the largest gap between their logits."""
     monkeypatch.setattr(triton_support, "_use_triton", False)  # restored after the test: LLM sets it globally
+    monkeypatch.setattr(V4Model, "eager_rows_from", 1)  # the verify steps in fixed shapes, as in a CUDA graph
     engines = [LLM(model=str(path), dtype="float32", kv_cache_gb=0.02, kv_block_size=8, enable_prefix_caching=False,
                    num_draft_tokens=DRAFTS, kernels=kernels, enforce_eager=True)  # the attention, not CUDA graphs
                for kernels in ("torch", "triton")]
@@ -168,19 +217,28 @@ def worst_gap(path, monkeypatch, rounds: int = 5) -> float:
 
 
 def test_engine_triton_path_equals_torch_path(tiny_v4_dir, monkeypatch):
-    calls = []
-    real = kernel.v4_attention
-    monkeypatch.setattr(kernel, "v4_attention", lambda *args: calls.append(args[4].shape) or real(*args))
+    """The prefill steps one sequence at a time (v4_attention), the verify steps in fixed shapes
+    (v4_rows_attention): both kernels run, with entries from the pages among them."""
+    calls = {"v4_attention": [], "v4_rows_attention": []}
+    for name, entry_index in (("v4_attention", 4), ("v4_rows_attention", 4)):
+        real = getattr(kernel, name)
+        monkeypatch.setattr(kernel, name, lambda *args, real=real, name=name, i=entry_index:
+                            calls[name].append(args[i].shape) or real(*args))
     assert worst_gap(tiny_v4_dir, monkeypatch) < ENGINE_TOLERANCE
-    assert any(shape[1] > 0 for shape in calls)  # the kernel ran, with entries from the pages among them
+    assert all(any(shape[1] > 0 for shape in shapes) for shapes in calls.values())
 
 
 def test_engine_comparison_can_fail(tiny_v4_dir, monkeypatch):
     """Negative control: each row's last indexed entry dropped on the kernel path shows in the logits."""
-    real = V4Attention.entry_index
+    real, real_rows = V4Attention.entry_index, V4Attention.rows_entries
 
     def one_fewer(self, *args):
         index = real(self, *args)
-        return index[:, :-1] if self.kind == "csa" else index
+        return index[:, :-1] if self.kind == "csa" and triton_support.enabled() else index
+
+    def one_fewer_rows(self, *args):
+        entries, index = real_rows(self, *args)
+        return entries, index[:, :-1] if self.kind == "csa" and triton_support.enabled() else index
     monkeypatch.setattr(V4Attention, "entry_index", one_fewer)
+    monkeypatch.setattr(V4Attention, "rows_entries", one_fewer_rows)
     assert worst_gap(tiny_v4_dir, monkeypatch) > 100 * ENGINE_TOLERANCE

@@ -1,7 +1,8 @@
 """`make gpu-check` runs this on CUDA (bench/gpu_check.KERNEL_TESTS): the tiny V4 + DSpark engine path, with the
-Triton kernels eager and with CUDA graphs asked for (V4 then runs eagerly), gives the CPU path's greedy tokens, plain
-and speculative; and so does a checkpoint stored as the release stores it, its FP8 / MXFP4 weights kept on the GPU
-(quantization 'fp8'). On a machine without a GPU it is skipped: the CPU path is covered by tests/test_v4_*.py."""
+Triton kernels eager and in CUDA graphs (the target's fixed-shape steps and the module's draft step), gives the CPU
+path's greedy tokens, plain and speculative; and so does a checkpoint stored as the release stores it, its FP8 /
+MXFP4 weights kept on the GPU (quantization 'fp8'). On a machine without a GPU it is skipped: the CPU path is covered
+by tests/test_v4_*.py."""
 import pytest
 import torch
 from tiny_models import save_tiny_v4_dspark
@@ -20,18 +21,26 @@ def path(tmp_path_factory):
 
 
 def tokens(path, **options) -> list[list[int]]:
+    return [o.token_ids for o in generate(path, **options)[0]]
+
+
+def generate(path, **options):
     g = torch.Generator().manual_seed(5)
     prompts = [torch.randint(0, 8, (n,), generator=g).tolist() for n in (13, 3, 21, 9)]
     llm = LLM(model=str(path), dtype="float32", kv_cache_gb=0.05, kv_block_size=8, **options)
-    return [o.token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
+    return llm.generate(prompts, GREEDY, use_tqdm=False), llm
 
 
 @pytest.mark.parametrize("spec_method", ["none", "dspark"])
 @pytest.mark.parametrize("enforce_eager", [True, False], ids=["eager", "graphs"])
 def test_cuda_tokens_equal_cpu_tokens(path, spec_method, enforce_eager):
     expected = tokens(path, device="cpu", spec_method=spec_method)
-    assert tokens(path, device="cuda", kernels="triton", spec_method=spec_method,
-                  enforce_eager=enforce_eager) == expected
+    outs, llm = generate(path, device="cuda", kernels="triton", spec_method=spec_method, enforce_eager=enforce_eager)
+    assert [o.token_ids for o in outs] == expected
+    captured = llm.model_runner.graphs is not None
+    assert captured == (not enforce_eager)
+    if captured and spec_method == "dspark":
+        assert llm.speculator.drafter.graphs is not None
 
 
 @pytest.fixture(scope="module")

@@ -98,7 +98,7 @@ def test_prefix_cache_through_preemption(v4):
     path, _ = v4
     prompts = shared_prefix_prompts()
     expected = [engine(path).generate([p], GREEDY, use_tqdm=False)[0].token_ids for p in prompts]
-    llm = engine(path, enable_prefix_caching=True, max_num_seqs=4, kv_cache_gb=0.000175)  # ~30 blocks of 8 tokens
+    llm = engine(path, enable_prefix_caching=True, max_num_seqs=4, kv_cache_gb=0.000199)  # 9 blocks of 8 tokens
     assert [o.token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)] == expected
     assert llm.scheduler.num_preemptions > 0 and llm.block_manager.num_hit_tokens > 0
 
@@ -121,15 +121,16 @@ def test_kv_budget_counts_every_cache(v4):
     indexer's keys 16 / 4, the HCA layer's entries 32 / 8: 2 * 12 + 4 = 28 values, 112 B; a block of 8 tokens 896 B.
     Per request, with 3 tokens of rollback (a verify row: the anchor and 2 drafts): every layer's window ring (8 + 3)
     * 32, each CSA compressor's ring of 2 windows (2 * 4 + 3) * 128 and its indexer's (2 * 4 + 3) * 64, the HCA
-    compressor's (8 + 3) * 64: 4 * 352 + 2 * (1408 + 704) + 704 = 6336 values, 25344 B; five requests 126720 B. The
-    blocks get what is left of 0.02 GiB."""
+    compressor's (8 + 3) * 64: 4 * 352 + 2 * (1408 + 704) + 704 = 6336 values, 25344 B; five requests and the scratch
+    rings padding rows write to, 6 * 25344 = 152064 B; and a scratch entry per paged cache, 2 * (32 + 16) + 32 = 128
+    values, 512 B: 152576 B. The blocks get what is left of 0.02 GiB."""
     path, _ = v4
     llm = engine(path, num_draft_tokens=2, max_num_seqs=5)
     runner = llm.model_runner
     assert runner.model.kv_bytes_per_token(torch.float32) == 112 and runner.kv_bytes_per_block() == 896
-    assert runner.kv_fixed_bytes() == 5 * 25344
-    assert runner.num_blocks == (int(0.02 * 2**30) - 126720) // 896
-    assert allocated_bytes(runner.model) == runner.num_blocks * 896 + 126720
+    assert runner.kv_fixed_bytes() == 152576
+    assert runner.num_blocks == (int(0.02 * 2**30) - 152576) // 896
+    assert allocated_bytes(runner.model) == runner.num_blocks * 896 + 152576
 
 
 def test_kv_budget_counts_the_prefix_cache_states(v4):
@@ -138,8 +139,8 @@ def test_kv_budget_counts_the_prefix_cache_states(v4):
     (its windows end at the block end): 4 * 224 + 2 * (512 + 256) = 2432 values, 9728 B. Two per request by default."""
     path, _ = v4
     runner = engine(path, num_draft_tokens=2, max_num_seqs=5, enable_prefix_caching=True).model_runner
-    assert runner.kv_fixed_bytes() == 5 * 25344 + 10 * 9728
-    assert allocated_bytes(runner.model) == runner.num_blocks * 896 + 5 * 25344 + 10 * 9728
+    assert runner.kv_fixed_bytes() == 152576 + 10 * 9728
+    assert allocated_bytes(runner.model) == runner.num_blocks * 896 + 152576 + 10 * 9728
 
 
 def allocated_bytes(model) -> int:
@@ -177,8 +178,9 @@ def test_the_server_serves_it(v4):
 
 
 def test_the_plan_states_what_the_engine_allocates(v4):
-    """The plan's 'this engine' line is the bytes the V4 caches really take (bf16): per token, per request and per
-    prefix-cache state."""
+    """The plan's 'this engine' line is the bytes the V4 caches really take (bf16): per token, per request (one more
+    for the scratch rings) and per prefix-cache state, besides one scratch entry per paged cache (2 * (32 + 16) + 32
+    values)."""
     from engine.models.deepseek_v4.config import read_v4_config
     from engine.models.deepseek_v4.model import V4Model
     from engine.models.deepseek_v4.plan import engine_kv_bytes
@@ -187,4 +189,4 @@ def test_the_plan_states_what_the_engine_allocates(v4):
     model.set_kv_layout(8, 3, 5, 7)
     model.allocate_kv_cache(64, torch.bfloat16, torch.device("cpu"))
     per_token, per_request, per_state = engine_kv_bytes(read_v4_config(path), 5)
-    assert allocated_bytes(model) == 64 * per_token + 3 * per_request + 7 * per_state
+    assert allocated_bytes(model) == 64 * per_token + 4 * per_request + 7 * per_state + 128 * 2

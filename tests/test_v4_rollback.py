@@ -9,10 +9,18 @@ import torch
 from tiny_models import save_tiny_v4
 
 from engine import LLM
-from engine.models.deepseek_v4.rings import Ring
+from engine.models.deepseek_v4.model import V4Model
 
 TOLERANCE = 2e-5  # as tests/test_v4_model.py: fp32, summation order differs
 DRAFTS = 6
+
+
+@pytest.fixture(params=["fixed-shapes", "per-sequence"])
+def path_kind(request, monkeypatch):
+    """Both step paths: a lone request's verify steps in fixed shapes (as in a CUDA graph, or eagerly beside other
+    requests) and one sequence at a time (eagerly, alone)."""
+    monkeypatch.setattr(V4Model, "eager_rows_from", 1 if request.param == "fixed-shapes" else 2)
+    return request.param
 
 
 @pytest.fixture(scope="module")
@@ -57,17 +65,13 @@ def worst_gap(llm: LLM, hf, rounds: int = 10) -> float:
     return max(gaps)
 
 
-def test_rolled_back_tokens_leave_no_trace(v4):
+def test_rolled_back_tokens_leave_no_trace(v4, path_kind):
     path, hf = v4
     assert worst_gap(engine(path), hf) < TOLERANCE
 
 
-def unguarded(ring: Ring, request: int, start: int, end: int) -> torch.Tensor:
-    return ring.buffer[request, ring.places(start, end)]
-
-
 @pytest.mark.parametrize("rings", ["window", "compressors"])
-def test_without_the_rollback_margin_the_logits_differ(v4, rings, monkeypatch):
+def test_without_the_rollback_margin_the_logits_differ(v4, rings, path_kind, monkeypatch):
     """The same rounds with one kind of ring cut to what a step reads back (no room for rejected rows), its guard
     off: rejected rows overwrite rows the next step needs."""
     path, hf = v4
@@ -75,15 +79,15 @@ def test_without_the_rollback_margin_the_logits_differ(v4, rings, monkeypatch):
     for layer in llm.model_runner.model.layers:
         attn = layer.attn
         for ring in [attn.ring] if rings == "window" else [c.ring for c in attn.caches()]:
-            ring.allocate(len(ring.ends), 0, ring.buffer.dtype, ring.buffer.device)
-    monkeypatch.setattr(Ring, "read", unguarded)
+            ring.allocate(ring.buffer.shape[0] - 1, 0, ring.buffer.dtype, ring.buffer.device)
+    monkeypatch.setattr(V4Model, "guard_rings", lambda self, ends: None)
     assert worst_gap(llm, hf) > 100 * TOLERANCE
 
 
-def test_a_ring_refuses_a_rollback_beyond_its_margin(v4):
+def test_a_ring_refuses_a_rollback_beyond_its_margin(v4, path_kind):
     path, hf = v4
     llm = engine(path)
     for layer in llm.model_runner.model.layers:
-        layer.attn.ring.allocate(len(layer.attn.ring.ends), 0, torch.float32, torch.device("cpu"))
+        layer.attn.ring.allocate(layer.attn.ring.buffer.shape[0] - 1, 0, torch.float32, torch.device("cpu"))
     with pytest.raises(RuntimeError, match="rolled back more than the 0 positions it keeps"):
         worst_gap(llm, hf)

@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from engine.drafts.v4_dspark import V4DSparkDraft
+from engine.drafts.v4_dspark import V4DSparkDraft, window_positions
 from engine.models.deepseek_v4.checkpoint import PACKED_FP4_DTYPES, STAGE_PREFIX, scale_name, weight_map
 from engine.models.deepseek_v4.model import V4Model
 from train.blocks import Blocks
@@ -57,11 +57,10 @@ def block_hidden(draft: V4DSparkDraft, features: torch.Tensor, blocks: Blocks) -
     after anchors[a] committed tokens."""
     main_x = draft.main_x(features)
     cos, sin = draft.rope(torch.arange(main_x.shape[0]))
-    spans = [(max(0, a - draft.window), a) for a in blocks.anchors.tolist()]
+    positions, present = window_positions(blocks.anchors, draft.window)
 
-    def windows_of(stage: int) -> list[torch.Tensor]:
-        kv = draft.mtp[stage].attn.context_kv(main_x, cos, sin)
-        return [kv[lo:hi] for lo, hi in spans]
+    def windows_of(stage: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return draft.mtp[stage].attn.context_kv(main_x, cos, sin)[positions], present
     return draft.run_blocks(blocks.input_ids[:, 0], blocks.anchors, windows_of)
 
 

@@ -74,7 +74,6 @@ def draft_config(v4: V4Config, raw: dict, num_stages: int, where: str) -> V4Draf
 class V4DSparkDraft(DSparkDraft):
     """Reuses DSparkDraft's sampling, vocabulary restriction, proposals and confidence calibration; its backbone is
     the stages. Its own parameters are named as the checkpoint's (`mtp.K. ...`)."""
-    graph_capturable = False  # the CUDA-graph draft step is DSparkDraft's fused Triton loop
 
     def __init__(self, c: V4DraftConfig, v4: V4Config):
         nn.Module.__init__(self)
@@ -144,14 +143,14 @@ class V4DSparkDraft(DSparkDraft):
                  ctx_lens: torch.Tensor) -> torch.Tensor:
         """The blocks' pre-norm hidden states [B, G, hidden] (the last stage's hc_head collapse), each stage reading
         its cached K=V of the request's last `window` committed positions."""
-        spans = [(max(0, n - self.window), n) for n in ctx_lens.tolist()]
-        return self.run_blocks(anchors, starts, lambda stage: [self.kv_caches[stage][kv_slots[b, lo:hi]]
-                                                               for b, (lo, hi) in enumerate(spans)])
+        positions, present = window_positions(ctx_lens, self.window)
+        slots = kv_slots.gather(1, positions)
+        return self.run_blocks(anchors, starts, lambda stage: (self.kv_caches[stage][slots], present))
 
     def run_blocks(self, anchors: torch.Tensor, starts: torch.Tensor, windows_of) -> torch.Tensor:
         """Blocks [anchor, noise...] at positions starts.. through the stages -> pre-norm hidden [B, G, hidden];
-        windows_of(stage index) gives each block's window K=V for that stage (the cache when serving, K=V made from
-        the features when training: train/v4_module.py)."""
+        windows_of(stage index) gives each block's window K=V for that stage and which rows of it exist (the cache
+        when serving, K=V made from the features when training: train/v4_module.py)."""
         B, G = anchors.shape[0], self.config.block_size
         ids = torch.full((B, G), self.config.mask_token_id, device=anchors.device)
         ids[:, 0] = anchors
@@ -184,9 +183,33 @@ class V4DSparkDraft(DSparkDraft):
         if self.vocab_head is None:
             self.target[1](self.mtp[-1].norm(hidden))
 
+    def fused_block(self, anchors, starts, kv_slots, ctx_lens, num_tokens: int, temperature: torch.Tensor,
+                    uniforms: torch.Tensor):
+        """DSparkDraft.fused_block with the last stage's norm before the LM head (the confidence head reads the
+        pre-norm hidden state)."""
+        from kernels import triton_markov
+        hidden = self.backbone(anchors, starts, kv_slots, ctx_lens)[:, :num_tokens]
+        head = self.markov_head
+        tokens, probs = triton_markov.markov_sample(self.vocab_logits(self.mtp[-1].norm(hidden)).contiguous(),
+                                                    anchors, head.markov_w1.weight, head.markov_w2.weight,
+                                                    temperature, uniforms.contiguous(), self.vocab_ids)
+        return (tokens, probs, *self.confidence(hidden, anchors, tokens))
+
+    @property
+    def graph_capturable(self) -> bool:
+        """The fused step without a host sync: a vanilla Markov head and every stage's experts grouped."""
+        return self.has_fused_markov and all(stage.ffn.stack() for stage in self.mtp)
+
     def confidence_logits_from_prev(self, hidden: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
         features = torch.cat([hidden.float(), self.markov_head.markov_w1(prev).float()], dim=-1)
         return self.confidence_head.logits(features.to(self.confidence_head.proj.weight.dtype))
+
+
+def window_positions(ends: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The last `window` positions before each of ends [B] -> (positions [B, window], clamped to 0 where absent;
+    present [B, window])."""
+    positions = ends[:, None].long() - window + torch.arange(window, device=ends.device)
+    return positions.clamp_min(0), positions >= 0
 
 
 def stage_count(names) -> int:

@@ -10,7 +10,7 @@ a power-of-two scale, as vLLM's DeepSeek-V4 DSpark draft mirrors from DeepSeek's
 import torch
 
 from engine.models.deepseek_v4 import parallel
-from engine.models.deepseek_v4.attention import V4Attention, sink_attention
+from engine.models.deepseek_v4.attention import V4Attention
 from engine.models.deepseek_v4.mhc import collapse, spread, unit_rms
 from engine.models.deepseek_v4.model import V4Block
 from engine.models.deepseek_v4.rope import rotate
@@ -40,21 +40,23 @@ class StageAttention(V4Attention):
         return fake_fp8(rotate(self.kv_norm(self.wkv(x)), cos, sin), 2 * cos.shape[-1])
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                windows: list[torch.Tensor]) -> torch.Tensor:
-        """x [B * G, hidden]: the blocks' rows request by request, cos / sin at their positions; windows[b] [n_b, D]:
-        request b's committed K=V (its last sliding_window positions)."""
+                windows: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """x [B * G, hidden]: the blocks' rows request by request, cos / sin at their positions; windows: each
+        request's committed K=V [B, W, D] (its last sliding_window positions) and which of them exist [B, W] (a
+        request with fewer positions has fewer). Fixed shapes: the draft step's CUDA graph holds it."""
+        window_kv, present = windows
+        B = window_kv.shape[0]
         q = rotate(unit_rms(self.wq_b(self.q_norm(self.wq_a(x))).unflatten(-1, (self.heads, self.dim)), self.eps),
                    cos, sin)
         kv = self.context_kv(x, cos, sin)
-        size = x.shape[0] // len(windows)
-        out = torch.cat([self.attend_block(q[b * size:(b + 1) * size], kv[b * size:(b + 1) * size], window)
-                         for b, window in enumerate(windows)])
+        keys = torch.cat([window_kv.to(kv.dtype), kv.view(B, -1, kv.shape[-1])], 1)  # [B, W + G, D]
+        allowed = torch.cat([present, present.new_ones(B, kv.shape[0] // B)], 1)
+        logits = torch.einsum("bghd,bkd->bhgk", q.view(B, -1, *q.shape[1:]), keys).float() * self.dim ** -0.5
+        logits = logits.masked_fill(~allowed[:, None, None, :], float("-inf"))
+        sink = self.attn_sink.float().view(1, -1, 1, 1).expand(*logits.shape[:3], 1)
+        probs = torch.cat([logits, sink], -1).softmax(-1)[..., :-1]
+        out = torch.einsum("bhgk,bkd->bghd", probs.to(keys.dtype), keys).flatten(0, 1)
         return self.output(out, cos, sin)
-
-    def attend_block(self, q: torch.Tensor, block_kv: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
-        keys = torch.cat([window.to(block_kv.dtype), block_kv])
-        allowed = torch.ones(q.shape[0], keys.shape[0], dtype=torch.bool, device=q.device)
-        return sink_attention(q, keys, allowed, self.attn_sink, self.dim ** -0.5)
 
 
 class DSparkStage(V4Block):
@@ -65,7 +67,7 @@ class DSparkStage(V4Block):
         self.attn = parallel.attention(StageAttention, config, layer)  # tensor parallel: this rank's heads
 
     def forward(self, streams: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_ids: torch.Tensor,
-                windows: list[torch.Tensor]) -> torch.Tensor:
+                windows: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         pre, post, comb = self.mix_weights(streams, "attn")
         streams = spread(post, comb, self.attn(self.attn_norm(collapse(pre, streams)), cos, sin, windows), streams)
         pre, post, comb = self.mix_weights(streams, "ffn")

@@ -16,7 +16,7 @@ token, from that step's projections and the ring's; a rolled-back entry is unrea
 which writes it anew.
 
 With the prefix cache, a step also saves every ring's rows before each block end it crosses (Segment.saves), and a
-request whose cached prefix ends at a block end starts from the rings saved there (Segment.restore): every entry
+request whose cached prefix ends at a block end starts from the rings saved there (V4Model.begin_step): every entry
 before it is in the shared pages already."""
 from dataclasses import dataclass
 
@@ -28,6 +28,7 @@ from engine.models.deepseek_v4.config import V4Config
 from engine.models.deepseek_v4.mhc import unit_rms
 from engine.models.deepseek_v4.rings import Ring
 from engine.models.deepseek_v4.rope import cos_sin, inv_freq, rotate
+from engine.models.deepseek_v4.step_rows import StepRows
 from engine.models.layers import Linear
 from kernels import dispatch, triton_support
 
@@ -36,13 +37,12 @@ from kernels import dispatch, triton_support
 class Segment:
     """One sequence's rows in a step: rows start..start+length of the flat batch are its last `length` positions,
     context_slots [L] are the cache slots of all its positions 0..L-1 (the new ones included), and request_slot
-    indexes its per-request rings; restore (block end, state slot) loads the rings saved there before the step, and
-    each of saves (block end, state slot) keeps the rings' rows before that end."""
+    indexes its per-request rings; each of saves (block end, state slot) keeps the rings' rows before that end (a
+    restore from a saved state is the model's, before the step: V4Model.begin_step)."""
     start: int
     length: int
     context_slots: torch.Tensor
     request_slot: int = 0
-    restore: tuple[int, int] | None = None
     saves: tuple[tuple[int, int], ...] = ()
 
     @property
@@ -102,6 +102,39 @@ class Compressor(nn.Module):
             self.entries[seg.context_slots[first * r:last * r:r] // r] = pooled.to(self.entries.dtype)
         save_and_write(self.ring, seg, raw)
 
+    def update_rows(self, rows: StepRows, positions: torch.Tensor, raw: torch.Tensor, freqs: torch.Tensor):
+        """update for a fixed-shape step: the rows go to the ring first; every row then pools the span ending at it,
+        and the rows that end a window write their entry (the others, and padding, write the scratch entry)."""
+        r = self.ratio
+        self.ring.put(rows.ring_row, positions, raw)
+        span = positions[:, None] + torch.arange(1 - self.windows * r, 1, device=raw.device)
+        tokens = self.ring.flat()[self.ring.flat_index(rows.ring_row, span)].to(raw.dtype)
+        pooled = self.pool_rows(tokens, span >= 0, positions + 1 - r, freqs)
+        ends_window = ((positions + 1) % r == 0) & rows.valid
+        entry = ((positions + 1) // r - 1).clamp_min(0)
+        page = rows.kv_slots[rows.seq, entry * r] // r
+        self.entries[torch.where(ends_window, page, self.scratch)] = pooled.to(self.entries.dtype)
+
+    def pool_rows(self, tokens: torch.Tensor, present: torch.Tensor, window_starts: torch.Tensor,
+                  freqs: torch.Tensor) -> torch.Tensor:
+        """pool of one window per row: tokens [T, windows * ratio, 2 * width], the positions before 0 absent
+        (present [T, windows * ratio]) -> entries [T, dim], rope at window_starts [T]."""
+        r, d = self.ratio, self.dim
+        kv, gate = tokens[..., :self.width], tokens[..., self.width:] + self.ape.repeat(self.windows, 1)
+        if self.overlap:  # the previous window's first halves, then this window's second halves
+            kv = torch.cat([kv[:, :r, :d], kv[:, r:, d:]], 1)
+            gate = torch.cat([gate[:, :r, :d], gate[:, r:, d:]], 1)
+        kv = kv.masked_fill(~present[..., None], 0.0)
+        gate = gate.masked_fill(~present[..., None], float("-inf"))
+        pooled = (kv * gate.softmax(dim=1, dtype=torch.float32).to(kv.dtype)).sum(1)
+        cos, sin = cos_sin(freqs, window_starts)
+        return rotate(self.norm(pooled), cos, sin)
+
+    @property
+    def scratch(self) -> int:
+        """The entries row a fixed-shape step's rows that end no window write to (never read)."""
+        return self.entries.shape[0] - 1
+
     def pool(self, tokens: torch.Tensor, first_window: int, freqs: torch.Tensor) -> torch.Tensor:
         """Whole windows of projections [n * ratio, 2 * width] -> entries [n, dim], rope at each window's first
         position (the first entry lacks its previous window unless it is window 0: callers drop it)."""
@@ -154,11 +187,13 @@ class Indexer(nn.Module):
 
     def ranked(self, x: torch.Tensor, q_low: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor,
                visible: torch.Tensor) -> torch.Tensor:
-        """[q, min(top_k, T)]: each row's best-scored entries, the ones not visible last."""
-        if not keys.shape[0]:
+        """[q, min(top_k, T)]: each row's best-scored entries, the ones not visible last (keys [T, d], or each row's
+        own [q, T, d])."""
+        if not keys.shape[-2]:
             return visible.new_zeros(visible.shape[0], 0, dtype=torch.long)
         q = rotate(self.wq_b(q_low).unflatten(-1, (self.heads, self.dim)), cos, sin)
-        scores = F.relu(torch.einsum("shd,td->sht", q.float(), keys.float())) * self.dim ** -0.5
+        product = "shd,std->sht" if keys.dim() == 3 else "shd,td->sht"  # per-row keys (a fixed-shape step) or shared
+        scores = F.relu(torch.einsum(product, q.float(), keys.float())) * self.dim ** -0.5
         weights = self.weights_proj(x).float() * self.heads ** -0.5
         scores = (scores * weights.unsqueeze(-1)).sum(1).masked_fill(~visible, float("-inf"))
         # ties (every head's ReLU at zero) go to the earlier entry, whatever the entry count
@@ -211,12 +246,15 @@ class V4Attention(nn.Module):
         for ring in self.rings():
             ring.allocate(requests, rollback, dtype, device, states)
         for c in self.caches():
-            c.entries = torch.zeros(num_slots // c.ratio, c.dim, dtype=dtype, device=device)
+            c.entries = torch.zeros(num_slots // c.ratio + 1, c.dim, dtype=dtype, device=device)  # + scratch
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, segments: list[Segment]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, step: list[Segment] | StepRows) -> torch.Tensor:
         """x [N, hidden]: the step's rows of every sequence. Per sequence, the entries its rows finish go to the
         pages first; its rows then attend to its window (the ring's earlier K=V and the step's own) and its entries,
-        and its new K=V joins the ring."""
+        and its new K=V joins the ring. A fixed-shape step (StepRows) does the same for all sequences at once."""
+        if isinstance(step, StepRows):
+            return self.forward_rows(x, positions, step)
+        segments = step
         cos, sin = cos_sin(self.freqs, positions)
         q_low = self.q_norm(self.wq_a(x))
         q = rotate(unit_rms(self.wq_b(q_low).unflatten(-1, (self.heads, self.dim)), self.eps), cos, sin)
@@ -225,9 +263,6 @@ class V4Attention(nn.Module):
         out = torch.empty_like(q)
         for seg in segments:
             rows = seg.rows
-            if seg.restore is not None:
-                for ring in self.rings():
-                    ring.load(seg.request_slot, *seg.restore)
             for compressor, raw in zip(self.caches(), raws):
                 compressor.update(seg, raw[rows], self.freqs)
             inputs = (seg, kv[rows], x[rows], q_low[rows], positions[rows], cos[rows], sin[rows])
@@ -238,6 +273,38 @@ class V4Attention(nn.Module):
                 out[rows] = sink_attention(q[rows], keys, allowed, self.attn_sink, self.dim ** -0.5)
             save_and_write(self.ring, seg, kv[rows])
         return self.output(out, cos, sin)
+
+    def forward_rows(self, x: torch.Tensor, positions: torch.Tensor, rows: StepRows) -> torch.Tensor:
+        """forward over fixed shapes: the step's K=V and projections go to the rings first, then every row reads its
+        window back from the ring and its entries from the pages by index (one attention call for the batch)."""
+        cos, sin = cos_sin(self.freqs, positions)
+        q_low = self.q_norm(self.wq_a(x))
+        q = rotate(unit_rms(self.wq_b(q_low).unflatten(-1, (self.heads, self.dim)), self.eps), cos, sin)
+        kv = rotate(self.kv_norm(self.wkv(x)), cos, sin)
+        for compressor in self.caches():
+            compressor.update_rows(rows, positions, compressor.project(x), self.freqs)
+        self.ring.put(rows.ring_row, positions, kv)
+        span = positions[:, None] + torch.arange(1 - self.window, 1, device=x.device)
+        window_index = torch.where(span >= 0, self.ring.flat_index(rows.ring_row, span), -1)
+        entries, entry_index = self.rows_entries(rows, x, q_low, positions, cos, sin)
+        out = dispatch.v4_rows_attention(q, self.ring.flat(), window_index, entries, entry_index, self.attn_sink,
+                                         self.dim ** -0.5)
+        return self.output(out, cos, sin)
+
+    def rows_entries(self, rows: StepRows, x: torch.Tensor, q_low: torch.Tensor, positions: torch.Tensor,
+                     cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the pages, each row's entries in them [T, J], -1 for none): entry_index's choice, for every row of a
+        fixed-shape step (J: the widest sequence's windows, or the indexer's top-k)."""
+        if self.kind == "window":
+            return self.ring.flat()[:0], positions.new_zeros(positions.shape[0], 0)
+        pages = rows.pages(self.ratio)
+        entry = torch.arange(pages.shape[1], device=x.device)[None, :]
+        visible = entry < ((positions + 1) // self.ratio)[:, None]
+        if self.kind == "csa":
+            index_keys = self.indexer.compressor.entries[pages.clamp_min(0)].to(x.dtype)
+            entry = self.indexer.top_entries(x, q_low, cos, sin, index_keys, visible)
+            pages, visible = pages.gather(1, entry.clamp_min(0)), entry >= 0
+        return self.compressor.entries, torch.where(visible, pages, -1)
 
     def output(self, out: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Attention output [N, heads, D] -> [N, hidden]: the inverse rope, then the grouped low-rank projection."""

@@ -9,7 +9,13 @@ parallelism each rank holds E / N whole routed experts instead. Either way each 
 batch (the attention before it ends in an all-reduce), so dispatch is local (a rank runs its experts on the rows
 routed to them) and the combine is one all-reduce of the block's output, the one the shared expert's split needs
 anyway: no all-to-all (that pays when tokens are spread over ranks, as with data-parallel attention, which this engine
-does not do). vLLM's FusedMoE without EP splits each expert the same way; with EP it places whole experts."""
+does not do). vLLM's FusedMoE without EP splits each expert the same way; with EP it places whole experts.
+
+Dense experts run as one grouped GEMM per projection (torch._grouped_mm over the experts' weights stacked once; the
+experts' own weights become views of the stack): the rows sorted by expert, the group sizes counted on the device. No
+host sync, so a CUDA graph can hold the MoE (torchtitan's MoE does the same). Where the grouped GEMM lacks the dtype
+(fp32 on CUDA) every expert runs over every row instead, also without a sync. Experts kept as stored (FP8 / MXFP4)
+run one expert at a time over its rows, which needs the rows on the host."""
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -59,6 +65,11 @@ class Router(nn.Module):
         return ids, weights / (weights.sum(-1, keepdim=True) + 1e-20) * self.scaling
 
 
+def groupable(weight: torch.Tensor) -> bool:
+    """Whether torch._grouped_mm takes this weight: bf16 on CUDA; bf16 or fp32 on CPU."""
+    return weight.dtype == torch.bfloat16 or (weight.device.type == "cpu" and weight.dtype == torch.float32)
+
+
 class ElsewhereExpert(nn.Module):
     """A routed expert another rank holds (expert parallelism): no weights here; the loader drops its tensors."""
     held_elsewhere = True
@@ -74,9 +85,70 @@ class MoE(nn.Module):
         self.experts = nn.ModuleList(Expert(config.hidden_size, inner, limit, split=not whole) if e in self.held
                                      else ElsewhereExpert() for e in range(config.num_experts))
         self.shared_experts = Expert(config.hidden_size, inner * config.num_shared_experts, limit)
+        self.stacked_w13 = self.stacked_w2 = None  # the held experts' weights stacked (stack)
 
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         ids, weights = self.gate(x, input_ids)
+        if not self.stack():
+            routed = self.one_by_one(x, ids, weights)
+        elif groupable(self.stacked_w13):
+            routed = self.grouped(x, ids, weights)
+        else:
+            routed = self.every_expert(x, ids, weights)
+        return distributed.all_reduce(routed + self.shared_experts(x))
+
+    def stack(self) -> bool:
+        """Stack the held experts' dense weights once ([E, 2 * inner, hidden] gate | up, [E, hidden, inner] down) and
+        make each expert's weights views of them -> whether the grouped path can run."""
+        if self.stacked_w13 is not None:
+            return True
+        experts = [self.experts[e] for e in self.held]
+        if any(w.kept is not None or w.weight.requires_grad for e in experts for w in (e.w1, e.w2, e.w3)):
+            return False  # checked again next time: training may freeze the weights later
+        inner, hidden = experts[0].w1.weight.shape
+        if (inner * experts[0].w1.weight.element_size()) % 16 or (hidden * experts[0].w1.weight.element_size()) % 16:
+            return False  # grouped GEMMs want 16-byte aligned rows (and the tiny models all have them)
+        self.stacked_w13 = torch.stack([torch.cat([e.w1.weight, e.w3.weight]) for e in experts])
+        self.stacked_w2 = torch.stack([e.w2.weight for e in experts])
+        for i, e in enumerate(experts):
+            e.w1.weight = nn.Parameter(self.stacked_w13[i, :inner], False)
+            e.w3.weight = nn.Parameter(self.stacked_w13[i, inner:], False)
+            e.w2.weight = nn.Parameter(self.stacked_w2[i], False)
+        return True
+
+    def grouped(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The routed experts' sum over fixed shapes: every (row, choice) sorted by held expert (choices of experts
+        held elsewhere last, outside every group), two grouped GEMMs, weighted and added back per row."""
+        held = len(self.held)
+        local = (ids - self.held.start).flatten()
+        local = torch.where((local >= 0) & (local < held), local, held)
+        order = torch.sort(local, stable=True).indices
+        counts = torch.zeros(held + 1, dtype=torch.int32, device=x.device).index_add_(
+            0, local, torch.ones_like(local, dtype=torch.int32))
+        offsets = counts[:held].cumsum(0, dtype=torch.int32)
+        token = order // ids.shape[1]
+        gate_up = torch._grouped_mm(x[token], self.stacked_w13.transpose(1, 2), offs=offsets)
+        limit, inner = self.experts[self.held.start].limit, self.stacked_w13.shape[1] // 2
+        act = F.silu(gate_up[:, :inner].clamp(max=limit)) * gate_up[:, inner:].clamp(min=-limit, max=limit)
+        out = torch._grouped_mm(act, self.stacked_w2.transpose(1, 2), offs=offsets)
+        kept = (local[order] < held)[:, None]
+        out = torch.where(kept, out * weights.flatten()[order, None].to(out.dtype), 0)
+        return torch.zeros_like(x).index_add_(0, token, out.to(x.dtype))
+
+    def every_expert(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The same sum over fixed shapes for dtypes the grouped GEMM lacks (fp32 on CUDA: the tiny test models):
+        every held expert over every row, weighted by the row's routing weight, 0 where it did not choose it."""
+        held = len(self.held)
+        local = ids - self.held.start
+        local = torch.where((local >= 0) & (local < held), local, held)
+        mix = torch.zeros(x.shape[0], held + 1, dtype=weights.dtype, device=x.device).scatter_add_(1, local, weights)
+        gate_up = torch.einsum("th,eih->eti", x, self.stacked_w13)
+        limit, inner = self.experts[self.held.start].limit, self.stacked_w13.shape[1] // 2
+        act = F.silu(gate_up[..., :inner].clamp(max=limit)) * gate_up[..., inner:].clamp(min=-limit, max=limit)
+        out = torch.einsum("eti,ehi->eth", act, self.stacked_w2)
+        return (out * mix[:, :held].T[..., None].to(out.dtype)).sum(0).to(x.dtype)
+
+    def one_by_one(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         routed = torch.zeros_like(x)
         for expert in ids.unique().tolist():
             if expert not in self.held:
@@ -84,4 +156,4 @@ class MoE(nn.Module):
             rows, slot = (ids == expert).nonzero(as_tuple=True)
             out = self.experts[expert](x[rows]) * weights[rows, slot, None]
             routed.index_add_(0, rows, out.to(x.dtype))
-        return distributed.all_reduce(routed + self.shared_experts(x))
+        return routed

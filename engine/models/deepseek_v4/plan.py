@@ -528,8 +528,9 @@ class Plan:
         per_token, per_request, per_state = engine_kv_bytes(self.cfg, rollback)
         return (f"this engine (bf16, the target's layers): {per_token:,g} B/token; {per_request / MiB:.3f} MiB a "
                 f"request in rings of window + {rollback} (the verify width) rows per layer and coff windows + "
-                f"{rollback} raw rows per compressor; {per_state / MiB:.3f} MiB per ring state the prefix cache keeps "
-                f"at a block end (2 per max_num_seqs by default)")
+                f"{rollback} raw rows per compressor (one request's more: the rings padding rows write to); "
+                f"{per_state / MiB:.3f} MiB per ring state the prefix cache keeps at a block end (2 per max_num_seqs "
+                "by default)")
 
     @property
     def kv_ring(self) -> int:

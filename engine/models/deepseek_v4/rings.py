@@ -6,7 +6,12 @@ still there (vLLM keeps DeepSeek-V4's window and compressor state per request to
 
 For the prefix cache a ring also keeps states: the `keep` rows before a block end that a step starting there reads,
 saved by the step that crosses that end and loaded into another request's ring that starts there
-(engine/block_end_states.py)."""
+(engine/block_end_states.py).
+
+A decode / verify step in fixed shapes (engine/models/deepseek_v4/step_rows.py) writes its rows first (`put`, by
+index: no host sync) and then reads each row's span back by index; one more ring row, after the requests', takes the
+writes of padding rows. Which positions a request's rings hold is the model's to track (V4Model.guard_rings): every
+ring is written by the same steps."""
 import torch
 
 
@@ -14,8 +19,7 @@ class Ring:
     def __init__(self, width: int, span: int, keep: int):
         self.width, self.span, self.keep = width, span, keep
         self.capacity = span
-        self.buffer: torch.Tensor | None = None  # [requests, capacity, width]
-        self.ends: list[int] = []                # per request: one past the last position written
+        self.buffer: torch.Tensor | None = None  # [requests + 1, capacity, width]: the last row is scratch
         self.states: torch.Tensor | None = None  # [state slots, keep, width]: rows before a block end, right-aligned
 
     def bytes_per_request(self, rollback: int, dtype: torch.dtype) -> int:
@@ -26,19 +30,16 @@ class Ring:
 
     def allocate(self, requests: int, rollback: int, dtype: torch.dtype, device: torch.device, states: int = 0):
         self.capacity = self.span + rollback
-        self.buffer = torch.zeros(requests, self.capacity, self.width, dtype=dtype, device=device)
-        self.ends = [0] * requests
+        self.buffer = torch.zeros(requests + 1, self.capacity, self.width, dtype=dtype, device=device)
         self.states = torch.zeros(states, self.keep, self.width, dtype=dtype, device=device)
 
+    @property
+    def margin(self) -> int:
+        """The positions a step may roll back: what the ring keeps beyond the span it reads back."""
+        return self.capacity - self.span
+
     def read(self, request: int, start: int, end: int) -> torch.Tensor:
-        """Rows of positions start..end-1 [end - start, width]; an error when the ring no longer (or never) held one."""
-        if start == end:
-            return self.buffer.new_empty(0, self.width)
-        written = self.ends[request]
-        if end > written or start < written - self.capacity:
-            raise RuntimeError(f"request slot {request}: a step needs positions {start}..{end - 1} but the ring holds "
-                               f"{max(0, written - self.capacity)}..{written - 1} (rolled back more than the "
-                               f"{self.capacity - self.span} positions it keeps, or skipped positions)")
+        """Rows of positions start..end-1 [end - start, width] (the model checks that the ring holds them)."""
         return self.buffer[request, self.places(start, end)]
 
     def write(self, request: int, start: int, rows: torch.Tensor):
@@ -46,7 +47,6 @@ class Ring:
         end = start + rows.shape[0]
         first = max(start, end - self.capacity)
         self.buffer[request, self.places(first, end)] = rows[first - start:].to(self.buffer.dtype)
-        self.ends[request] = end
 
     def places(self, start: int, end: int) -> torch.Tensor:
         return torch.arange(start, end, device=self.buffer.device) % self.capacity
@@ -59,7 +59,27 @@ class Ring:
         kept = torch.cat([earlier.to(rows.dtype), rows[max(first, start) - start:end - start]])
         self.states[state, self.keep - kept.shape[0]:] = kept.to(self.states.dtype)
 
+    def save_written(self, request: int, end: int, state: int):
+        """save, once the rows up to end are in the ring (a fixed-shape step writes them first)."""
+        self.save(request, end, self.buffer.new_empty(0, self.width), end, state)
+
     def load(self, request: int, end: int, state: int):
         """Make request's ring what it was at position end when `state` was saved there."""
         count = min(self.keep, end)
         self.write(request, end - count, self.states[state, self.keep - count:])
+
+    @property
+    def scratch(self) -> int:
+        """The ring row that padding rows of a fixed-shape step write to (never read)."""
+        return self.buffer.shape[0] - 1
+
+    def put(self, ring_rows: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor):
+        """rows [T, width] of positions [T] into ring rows [T], by index (the host's `ends` are the caller's)."""
+        self.buffer[ring_rows, positions % self.capacity] = rows.to(self.buffer.dtype)
+
+    def flat_index(self, ring_rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Rows of flat() holding positions [T, K] (>= 0) of ring rows [T]."""
+        return ring_rows[:, None] * self.capacity + positions % self.capacity
+
+    def flat(self) -> torch.Tensor:
+        return self.buffer.view(-1, self.width)
