@@ -213,8 +213,8 @@ class ModelRunner:
         max_kv_len = max_model_len
         if self.model.own_attention:
             if not self.model.sync_free():
-                log.warning("DeepSeek-V4 runs eagerly: its experts are kept as stored (FP8 / MXFP4), which the "
-                            "grouped MoE a CUDA graph needs does not take yet")
+                log.warning("DeepSeek-V4 runs eagerly: its experts cannot run as the grouped GEMMs a CUDA graph "
+                            "needs here (kept as stored FP8 / MXFP4, or bf16 on a GPU before sm_90)")
                 return
             max_kv_len = min(max_model_len, V4_GRAPH_CONTEXT)
         max_q_len = 1 + (self.drafter.num_draft_tokens if self.drafter else 0)

@@ -14,8 +14,8 @@ does not do). vLLM's FusedMoE without EP splits each expert the same way; with E
 Dense experts run as one grouped GEMM per projection (torch._grouped_mm over the experts' weights stacked once; the
 experts' own weights become views of the stack): the rows sorted by expert, the group sizes counted on the device. No
 host sync, so a CUDA graph can hold the MoE (torchtitan's MoE does the same). Where the grouped GEMM lacks the dtype
-(fp32 on CUDA) every expert runs over every row instead, also without a sync. Experts kept as stored (FP8 / MXFP4)
-run one expert at a time over its rows, which needs the rows on the host."""
+(fp32 on CUDA) every expert runs over every row instead, also without a sync. Experts kept as stored (FP8 / MXFP4),
+and bf16 ones on GPUs before sm_90, run one expert at a time over its rows, which needs the rows on the host."""
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -65,9 +65,15 @@ class Router(nn.Module):
         return ids, weights / (weights.sum(-1, keepdim=True) + 1e-20) * self.scaling
 
 
-def groupable(weight: torch.Tensor) -> bool:
-    """Whether torch._grouped_mm takes this weight: bf16 on CUDA; bf16 or fp32 on CPU."""
-    return weight.dtype == torch.bfloat16 or (weight.device.type == "cpu" and weight.dtype == torch.float32)
+def dense_path(weight: torch.Tensor) -> str:
+    """How dense experts run without a host sync: 'grouped' where torch._grouped_mm takes the weight (bf16 or fp32 on
+    CPU, bf16 on CUDA from sm_90: H100 / H200), 'every' for fp32 on CUDA (the tiny test models), else 'loop' (one
+    expert at a time)."""
+    if weight.device.type == "cpu":
+        return "grouped" if weight.dtype in (torch.bfloat16, torch.float32) else "loop"
+    if weight.dtype == torch.bfloat16 and torch.cuda.get_device_capability(weight.device)[0] >= 9:
+        return "grouped"
+    return "every" if weight.dtype == torch.float32 else "loop"
 
 
 class ElsewhereExpert(nn.Module):
@@ -91,7 +97,7 @@ class MoE(nn.Module):
         ids, weights = self.gate(x, input_ids)
         if not self.stack():
             routed = self.one_by_one(x, ids, weights)
-        elif groupable(self.stacked_w13):
+        elif dense_path(self.stacked_w13) == "grouped":
             routed = self.grouped(x, ids, weights)
         else:
             routed = self.every_expert(x, ids, weights)
@@ -105,6 +111,8 @@ class MoE(nn.Module):
         experts = [self.experts[e] for e in self.held]
         if any(w.kept is not None or w.weight.requires_grad for e in experts for w in (e.w1, e.w2, e.w3)):
             return False  # checked again next time: training may freeze the weights later
+        if dense_path(experts[0].w1.weight) == "loop":
+            return False
         inner, hidden = experts[0].w1.weight.shape
         if (inner * experts[0].w1.weight.element_size()) % 16 or (hidden * experts[0].w1.weight.element_size()) % 16:
             return False  # grouped GEMMs want 16-byte aligned rows (and the tiny models all have them)
