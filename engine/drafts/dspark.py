@@ -191,6 +191,10 @@ class DSparkDraft(nn.Module):
     def vocab_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return (self.vocab_head or self.target[1])(hidden).float()
 
+    def block_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The backbone's hidden states -> the base logits the sampling reads."""
+        return self.vocab_logits(hidden)
+
     def token_ids(self, indices: torch.Tensor) -> torch.Tensor:
         """Token ids of indices into the draft's vocabulary."""
         return indices if self.vocab_ids is None else self.vocab_ids[indices]
@@ -274,7 +278,7 @@ class DSparkDraft(nn.Module):
         with TIMINGS.section("draft_backbone"):
             hidden = self.backbone(anchors, starts, kv_slots, ctx_lens)[:, :num_tokens]
         with TIMINGS.section("draft_lm_head"):
-            base_logits = self.vocab_logits(hidden)
+            base_logits = self.block_logits(hidden)
         tokens, probs = self.sample_block(hidden, base_logits, anchors, sampling, uniforms, temperature_only)
         with TIMINGS.section("confidence_head"):
             return (tokens, probs, *self.confidence(hidden, anchors, tokens))
@@ -306,7 +310,7 @@ class DSparkDraft(nn.Module):
         from kernels import triton_markov
         hidden = self.backbone(anchors, starts, kv_slots, ctx_lens)[:, :num_tokens]
         head = self.markov_head
-        tokens, probs = triton_markov.markov_sample(self.vocab_logits(hidden).contiguous(), anchors,
+        tokens, probs = triton_markov.markov_sample(self.block_logits(hidden).contiguous(), anchors,
                                                     head.markov_w1.weight, head.markov_w2.weight, temperature,
                                                     uniforms.contiguous(), self.vocab_ids)
         return (tokens, probs, *self.confidence(hidden, anchors, tokens))

@@ -172,10 +172,14 @@ class V4DSparkDraft(DSparkDraft):
         with TIMINGS.section("draft_backbone"):
             hidden = self.backbone(anchors, starts, kv_slots, ctx_lens)[:, :num_tokens]
         with TIMINGS.section("draft_lm_head"):
-            base_logits = self.vocab_logits(self.mtp[-1].norm(hidden))
+            base_logits = self.block_logits(hidden)
         tokens, probs = self.sample_block(hidden, base_logits, anchors, sampling, uniforms, temperature_only)
         with TIMINGS.section("confidence_head"):
             return (tokens, probs, *self.confidence(hidden, anchors, tokens))
+
+    def block_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head reads the last stage's norm of the hidden state (the confidence head reads it before)."""
+        return self.vocab_logits(self.mtp[-1].norm(hidden))
 
     def draft_collectives(self, anchors, starts, kv_slots, ctx_lens, num_tokens: int):
         """A tensor-parallel worker's part of draft_block: the backbone and the LM head (rank 0 samples)."""
@@ -183,21 +187,9 @@ class V4DSparkDraft(DSparkDraft):
         if self.vocab_head is None:
             self.target[1](self.mtp[-1].norm(hidden))
 
-    def fused_block(self, anchors, starts, kv_slots, ctx_lens, num_tokens: int, temperature: torch.Tensor,
-                    uniforms: torch.Tensor):
-        """DSparkDraft.fused_block with the last stage's norm before the LM head (the confidence head reads the
-        pre-norm hidden state)."""
-        from kernels import triton_markov
-        hidden = self.backbone(anchors, starts, kv_slots, ctx_lens)[:, :num_tokens]
-        head = self.markov_head
-        tokens, probs = triton_markov.markov_sample(self.vocab_logits(self.mtp[-1].norm(hidden)).contiguous(),
-                                                    anchors, head.markov_w1.weight, head.markov_w2.weight,
-                                                    temperature, uniforms.contiguous(), self.vocab_ids)
-        return (tokens, probs, *self.confidence(hidden, anchors, tokens))
-
     @property
     def graph_capturable(self) -> bool:
-        """The fused step without a host sync: a vanilla Markov head and every stage's experts grouped."""
+        """DSparkDraft.fused_block without a host sync: a vanilla Markov head and every stage's experts grouped."""
         return self.has_fused_markov and all(stage.ffn.stack() for stage in self.mtp)
 
     def confidence_logits_from_prev(self, hidden: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ from engine.models.deepseek_v4.attention import V4Attention
 from engine.models.deepseek_v4.mhc import collapse, spread, unit_rms
 from engine.models.deepseek_v4.model import V4Block
 from engine.models.deepseek_v4.rope import rotate
+from kernels.v4_attention import attend
 
 KV_QUANT_GROUP = 64
 FP8_E4M3_MAX = 448.0
@@ -49,14 +50,11 @@ class StageAttention(V4Attention):
         q = rotate(unit_rms(self.wq_b(self.q_norm(self.wq_a(x))).unflatten(-1, (self.heads, self.dim)), self.eps),
                    cos, sin)
         kv = self.context_kv(x, cos, sin)
-        keys = torch.cat([window_kv.to(kv.dtype), kv.view(B, -1, kv.shape[-1])], 1)  # [B, W + G, D]
-        allowed = torch.cat([present, present.new_ones(B, kv.shape[0] // B)], 1)
-        logits = torch.einsum("bghd,bkd->bhgk", q.view(B, -1, *q.shape[1:]), keys).float() * self.dim ** -0.5
-        logits = logits.masked_fill(~allowed[:, None, None, :], float("-inf"))
-        sink = self.attn_sink.float().view(1, -1, 1, 1).expand(*logits.shape[:3], 1)
-        probs = torch.cat([logits, sink], -1).softmax(-1)[..., :-1]
-        out = torch.einsum("bhgk,bkd->bghd", probs.to(keys.dtype), keys).flatten(0, 1)
-        return self.output(out, cos, sin)
+        G = kv.shape[0] // B
+        keys = torch.cat([window_kv.to(kv.dtype), kv.view(B, G, -1)], 1)  # [B, W + G, D]: each block row's keys
+        allowed = torch.cat([present, present.new_ones(B, G)], 1)
+        per_row = (keys.repeat_interleave(G, 0), allowed.repeat_interleave(G, 0))
+        return self.output(attend(q, *per_row, self.attn_sink, self.dim ** -0.5), cos, sin)
 
 
 class DSparkStage(V4Block):

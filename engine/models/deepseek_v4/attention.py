@@ -107,9 +107,9 @@ class Compressor(nn.Module):
         and the rows that end a window write their entry (the others, and padding, write the scratch entry)."""
         r = self.ratio
         self.ring.put(rows.ring_row, positions, raw)
-        span = positions[:, None] + torch.arange(1 - self.windows * r, 1, device=raw.device)
-        tokens = self.ring.flat()[self.ring.flat_index(rows.ring_row, span)].to(raw.dtype)
-        pooled = self.pool_rows(tokens, span >= 0, positions + 1 - r, freqs)
+        index = self.ring.last_rows(rows.ring_row, positions, self.windows * r)
+        tokens = self.ring.flat()[index.clamp_min(0)].to(raw.dtype)
+        pooled = self.pool_rows(tokens, index >= 0, positions + 1 - r, freqs)
         ends_window = ((positions + 1) % r == 0) & rows.valid
         entry = ((positions + 1) // r - 1).clamp_min(0)
         page = rows.kv_slots[rows.seq, entry * r] // r
@@ -284,8 +284,7 @@ class V4Attention(nn.Module):
         for compressor in self.caches():
             compressor.update_rows(rows, positions, compressor.project(x), self.freqs)
         self.ring.put(rows.ring_row, positions, kv)
-        span = positions[:, None] + torch.arange(1 - self.window, 1, device=x.device)
-        window_index = torch.where(span >= 0, self.ring.flat_index(rows.ring_row, span), -1)
+        window_index = self.ring.last_rows(rows.ring_row, positions, self.window)
         entries, entry_index = self.rows_entries(rows, x, q_low, positions, cos, sin)
         out = dispatch.v4_rows_attention(q, self.ring.flat(), window_index, entries, entry_index, self.attn_sink,
                                          self.dim ** -0.5)

@@ -92,7 +92,7 @@ class V4Model(nn.Module):
     def kv_fixed_bytes(self, dtype: torch.dtype) -> int:
         """The per-request part, for every request that can run at once: the window rings and compressor rings; and
         the prefix cache's saved states at block ends."""
-        rings = [ring for a in self.attentions() for ring in a.rings()]
+        rings = self.rings()
         scratch = sum(c.dim for a in self.attentions() for c in a.caches()) * dtype.itemsize  # padding rows' writes
         return ((self.max_requests + 1) * sum(ring.bytes_per_request(self.max_rollback, dtype) for ring in rings) +
                 self.block_end_states * sum(ring.bytes_per_state(dtype) for ring in rings) + scratch)
@@ -142,8 +142,7 @@ class V4Model(nn.Module):
     def fits_rows(self) -> bool:
         """Whether the next step can run in fixed shapes: every sequence's rows fit in the rings' rollback margin
         beside what they read back (a fixed-shape step writes its rows before reading any)."""
-        margin = min(ring.margin for ring in self.rings())
-        return all(length <= margin + 1 for _, length in self.spans)
+        return all(length <= self.ring_margin + 1 for _, length in self.spans)
 
     def begin_step(self):
         """Before a step: the rings of a request whose prefix-cache hit ends at a block end are loaded from the state
@@ -161,8 +160,13 @@ class V4Model(nn.Module):
             ends.append(self.ends[slot] if restore is None else restore[0])
         return ends
 
+    @property
+    def ring_margin(self) -> int:
+        """The positions every ring can roll back (fixed at allocation; a test may cut one ring's)."""
+        return min(ring.margin for ring in self.rings())
+
     def guard_rings(self, ends: list[int]):
-        margin = min(ring.margin for ring in self.rings())
+        margin = self.ring_margin
         for slot, (start, _), written in zip(self.request_slots, self.spans, ends):
             if start and not start <= written <= start + margin:
                 raise RuntimeError(f"request slot {slot}: a step starts at position {start} but its rings hold up to "

@@ -38,9 +38,12 @@ class Expert(nn.Module):
         self.limit = limit
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate = self.w1(x).clamp(max=self.limit)
-        up = self.w3(x).clamp(min=-self.limit, max=self.limit)
-        return self.w2(F.silu(gate) * up)
+        return self.w2(swiglu(self.w1(x), self.w3(x), self.limit))
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
+    """SwiGLU with V4's clamped pre-activations."""
+    return F.silu(gate.clamp(max=limit)) * up.clamp(min=-limit, max=limit)
 
 
 class Router(nn.Module):
@@ -92,30 +95,27 @@ class MoE(nn.Module):
                                      else ElsewhereExpert() for e in range(config.num_experts))
         self.shared_experts = Expert(config.hidden_size, inner * config.num_shared_experts, limit)
         self.stacked_w13 = self.stacked_w2 = None  # the held experts' weights stacked (stack)
+        self.path: str | None = None  # how the routed experts run, once settled (stack)
 
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         ids, weights = self.gate(x, input_ids)
-        if not self.stack():
-            routed = self.one_by_one(x, ids, weights)
-        elif dense_path(self.stacked_w13) == "grouped":
-            routed = self.grouped(x, ids, weights)
-        else:
-            routed = self.every_expert(x, ids, weights)
-        return distributed.all_reduce(routed + self.shared_experts(x))
+        self.stack()
+        run = {"grouped": self.grouped, "every": self.every_expert}.get(self.path, self.one_by_one)
+        return distributed.all_reduce(run(x, ids, weights) + self.shared_experts(x))
 
     def stack(self) -> bool:
         """Stack the held experts' dense weights once ([E, 2 * inner, hidden] gate | up, [E, hidden, inner] down) and
-        make each expert's weights views of them -> whether the grouped path can run."""
-        if self.stacked_w13 is not None:
-            return True
+        make each expert's weights views of them, settling self.path -> whether the experts run without a host
+        sync."""
+        if self.path is not None:
+            return self.path != "loop"
         experts = [self.experts[e] for e in self.held]
-        if any(w.kept is not None or w.weight.requires_grad for e in experts for w in (e.w1, e.w2, e.w3)):
-            return False  # checked again next time: training may freeze the weights later
-        if dense_path(experts[0].w1.weight) == "loop":
+        if any(w.weight is not None and w.weight.requires_grad for e in experts for w in (e.w1, e.w2, e.w3)):
+            return False  # not settled: training may freeze the weights later
+        self.path = self.settle_path(experts)
+        if self.path == "loop":
             return False
-        inner, hidden = experts[0].w1.weight.shape
-        if (inner * experts[0].w1.weight.element_size()) % 16 or (hidden * experts[0].w1.weight.element_size()) % 16:
-            return False  # grouped GEMMs want 16-byte aligned rows (and the tiny models all have them)
+        inner = experts[0].w1.weight.shape[0]
         self.stacked_w13 = torch.stack([torch.cat([e.w1.weight, e.w3.weight]) for e in experts])
         self.stacked_w2 = torch.stack([e.w2.weight for e in experts])
         for i, e in enumerate(experts):
@@ -124,21 +124,28 @@ class MoE(nn.Module):
             e.w2.weight = nn.Parameter(self.stacked_w2[i], False)
         return True
 
+    @staticmethod
+    def settle_path(experts: list[Expert]) -> str:
+        """'loop' for experts kept as stored or whose rows grouped GEMMs cannot take (16-byte aligned; the tiny models'
+        are), else dense_path's choice."""
+        w = experts[0].w1
+        if any(x.kept is not None for e in experts for x in (e.w1, e.w2, e.w3)):
+            return "loop"
+        if any(size * w.weight.element_size() % 16 for size in w.weight.shape):
+            return "loop"
+        return dense_path(w.weight)
+
     def grouped(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """The routed experts' sum over fixed shapes: every (row, choice) sorted by held expert (choices of experts
         held elsewhere last, outside every group), two grouped GEMMs, weighted and added back per row."""
-        held = len(self.held)
-        local = (ids - self.held.start).flatten()
-        local = torch.where((local >= 0) & (local < held), local, held)
+        held, local = len(self.held), self.local_ids(ids).flatten()
         order = torch.sort(local, stable=True).indices
         counts = torch.zeros(held + 1, dtype=torch.int32, device=x.device).index_add_(
             0, local, torch.ones_like(local, dtype=torch.int32))
         offsets = counts[:held].cumsum(0, dtype=torch.int32)
         token = order // ids.shape[1]
         gate_up = torch._grouped_mm(x[token], self.stacked_w13.transpose(1, 2), offs=offsets)
-        limit, inner = self.experts[self.held.start].limit, self.stacked_w13.shape[1] // 2
-        act = F.silu(gate_up[:, :inner].clamp(max=limit)) * gate_up[:, inner:].clamp(min=-limit, max=limit)
-        out = torch._grouped_mm(act, self.stacked_w2.transpose(1, 2), offs=offsets)
+        out = torch._grouped_mm(self.activate(gate_up), self.stacked_w2.transpose(1, 2), offs=offsets)
         kept = (local[order] < held)[:, None]
         out = torch.where(kept, out * weights.flatten()[order, None].to(out.dtype), 0)
         return torch.zeros_like(x).index_add_(0, token, out.to(x.dtype))
@@ -146,15 +153,21 @@ class MoE(nn.Module):
     def every_expert(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """The same sum over fixed shapes for dtypes the grouped GEMM lacks (fp32 on CUDA: the tiny test models):
         every held expert over every row, weighted by the row's routing weight, 0 where it did not choose it."""
-        held = len(self.held)
-        local = ids - self.held.start
-        local = torch.where((local >= 0) & (local < held), local, held)
+        held, local = len(self.held), self.local_ids(ids)
         mix = torch.zeros(x.shape[0], held + 1, dtype=weights.dtype, device=x.device).scatter_add_(1, local, weights)
         gate_up = torch.einsum("th,eih->eti", x, self.stacked_w13)
-        limit, inner = self.experts[self.held.start].limit, self.stacked_w13.shape[1] // 2
-        act = F.silu(gate_up[..., :inner].clamp(max=limit)) * gate_up[..., inner:].clamp(min=-limit, max=limit)
-        out = torch.einsum("eti,ehi->eth", act, self.stacked_w2)
+        out = torch.einsum("eti,ehi->eth", self.activate(gate_up), self.stacked_w2)
         return (out * mix[:, :held].T[..., None].to(out.dtype)).sum(0).to(x.dtype)
+
+    def local_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """Expert ids -> indexes among the held experts; an expert held elsewhere -> len(held), past them all."""
+        local = ids - self.held.start
+        return torch.where((local >= 0) & (local < len(self.held)), local, len(self.held))
+
+    def activate(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """[..., 2 * inner] gate | up of the stacked experts -> swiglu [..., inner]."""
+        inner = gate_up.shape[-1] // 2
+        return swiglu(gate_up[..., :inner], gate_up[..., inner:], self.experts[self.held.start].limit)
 
     def one_by_one(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         routed = torch.zeros_like(x)

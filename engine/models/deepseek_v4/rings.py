@@ -77,9 +77,11 @@ class Ring:
         """rows [T, width] of positions [T] into ring rows [T], by index (the host's `ends` are the caller's)."""
         self.buffer[ring_rows, positions % self.capacity] = rows.to(self.buffer.dtype)
 
-    def flat_index(self, ring_rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Rows of flat() holding positions [T, K] (>= 0) of ring rows [T]."""
-        return ring_rows[:, None] * self.capacity + positions % self.capacity
+    def last_rows(self, ring_rows: torch.Tensor, positions: torch.Tensor, count: int) -> torch.Tensor:
+        """For each of positions [T] in ring rows [T], the rows of flat() holding its last `count` positions up to it
+        [T, count], -1 for positions before 0."""
+        span = positions[:, None] + torch.arange(1 - count, 1, device=positions.device)
+        return torch.where(span >= 0, ring_rows[:, None] * self.capacity + span % self.capacity, -1)
 
     def flat(self) -> torch.Tensor:
         return self.buffer.view(-1, self.width)
