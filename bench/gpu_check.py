@@ -23,7 +23,7 @@ import torch
 KERNEL_TESTS = ["tests/test_triton_kv_budget.py", "tests/test_triton_attention.py",
                 "tests/test_triton_sampling_kernels.py", "tests/test_triton_engine.py", "tests/test_cuda_graphs.py",
                 "tests/test_flashinfer.py", "tests/test_triton_v4_attention.py", "tests/test_triton_sinkhorn.py",
-                "tests/test_v4_cuda.py", "tests/test_v4_step_rows.py"]
+                "tests/test_v4_cuda.py", "tests/test_v4_step_rows.py", "tests/test_triton_stored_moe.py"]
 QWEN3_4B = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": 2560,
             "intermediate_size": 9728, "num_hidden_layers": 36, "num_attention_heads": 32, "num_key_value_heads": 8,
             "head_dim": 128, "rms_norm_eps": 1e-6, "rope_theta": 1_000_000.0, "max_position_embeddings": 40960,

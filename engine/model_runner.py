@@ -214,7 +214,7 @@ class ModelRunner:
         if self.model.own_attention:
             if not self.model.sync_free():
                 log.warning("DeepSeek-V4 runs eagerly: its experts cannot run as the grouped GEMMs a CUDA graph "
-                            "needs here (kept as stored FP8 / MXFP4, or bf16 on a GPU before sm_90)")
+                            "needs here (bf16 on a GPU before sm_90, or kept in mixed stored formats)")
                 return
             max_kv_len = min(max_model_len, V4_GRAPH_CONTEXT)
         max_q_len = 1 + (self.drafter.num_draft_tokens if self.drafter else 0)

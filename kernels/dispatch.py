@@ -7,6 +7,7 @@ import torch
 
 from kernels import attention, sampling, triton_support
 from kernels import sinkhorn as sinkhorn_twin
+from kernels import stored_moe as stored_moe_twin
 from kernels import v4_attention as v4_attention_twin
 
 
@@ -41,6 +42,15 @@ def v4_rows_attention(q, window_keys, window_index, entries, entry_index, sinks,
         from kernels import triton_v4_attention
         return triton_v4_attention.v4_rows_attention(q, window_keys, window_index, entries, entry_index, sinks, scale)
     return v4_attention_twin.v4_rows_attention(q, window_keys, window_index, entries, entry_index, sinks, scale)
+
+
+def stored_moe_gemm(x, data, scale, fp4: bool, routing, rows_per_x: int) -> torch.Tensor:
+    """A grouped GEMM over experts kept in DeepSeek-V4's stored FP8 / MXFP4 bytes: Triton when selected, else the
+    twin (which dequantizes every expert: the MoE takes this path only with Triton selected)."""
+    if triton_support.enabled():
+        from kernels import triton_stored_moe
+        return triton_stored_moe.stored_moe_gemm(x, data, scale, fp4, routing, rows_per_x)
+    return stored_moe_twin.stored_moe_gemm(x, data, scale, fp4, routing, rows_per_x)
 
 
 def sinkhorn(comb: torch.Tensor, iters: int, eps: float) -> torch.Tensor:

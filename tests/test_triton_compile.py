@@ -18,12 +18,14 @@ import triton
 from triton.runtime.interpreter import InterpretedFunction
 
 from kernels import (
+    stored_moe,
     triton_attention,
     triton_budget,
     triton_kv,
     triton_markov,
     triton_rejection,
     triton_sinkhorn,
+    triton_stored_moe,
     triton_v4_attention,
 )
 
@@ -31,7 +33,7 @@ pytestmark = pytest.mark.skipif(torch.cuda.is_available(),
                                 reason="with a GPU the kernel tests compile and run the kernels themselves")
 REPO = Path(__file__).resolve().parents[1]
 POINTER_TYPES = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.int64: "*i64",
-                 torch.int32: "*i32"}
+                 torch.int32: "*i32", torch.uint8: "*u8"}
 COMPILE = r"""
 import json, sys
 import triton
@@ -55,9 +57,9 @@ for launch in json.load(sys.stdin):
             signature[param.name] = "i32" if -2**31 <= value < 2**31 else "i64"
         else:
             signature[param.name] = "fp32"
-    if "DOT_TYPE" in constexprs:  # the interpreter's fp32 stand-in; on the GPU the dot runs in the keys' dtype
-        keys = "k_cache_ptr" if "k_cache_ptr" in signature else "window_ptr"
-        constexprs["DOT_TYPE"] = tl.core.dtype(signature[keys][1:])
+    if "DOT_TYPE" in constexprs:  # the interpreter's fp32 stand-in; on the GPU the dot runs in its operands' dtype
+        operand = next(name for name in ("k_cache_ptr", "window_ptr", "x_ptr") if name in signature)
+        constexprs["DOT_TYPE"] = tl.core.dtype(signature[operand][1:])
     compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
                               target=GPUTarget("cuda", 90, 32), options=launch["options"])
     # a kernel needing more shared memory than an H100 block may have compiles but never launches
@@ -127,6 +129,14 @@ def run_every_kernel():
         triton_v4_attention.v4_rows_attention(v4_q, v4_kv, torch.tensor([[0, 1], [3, -1], [-1, 5]]), v4_kv,
                                               torch.tensor([[0, -1], [2, 1], [-1, -1]]), torch.zeros(5), 0.1)
     triton_sinkhorn.sinkhorn(torch.rand(3, 4, 4, generator=g) + 0.1, 20, 1e-6)  # DeepSeek-V4's hc_mult, iterations
+    experts = torch.tensor([0, 2, 3, 1, 2, 2])  # 3: held elsewhere
+    routing = stored_moe.route(experts, 3)
+    x = torch.randn(3, 256, generator=g).bfloat16()
+    fp4 = (torch.randint(0, 256, (3, 96, 128), generator=g, dtype=torch.uint8),
+           torch.full((3, 96, 8), 127, dtype=torch.uint8))
+    fp8 = torch.randn(3, 96, 256, generator=g).to(torch.float8_e4m3fn), torch.rand(3, 1, 2, generator=g)
+    triton_stored_moe.stored_moe_gemm(x, *fp4, True, routing, 2)  # V4-Flash's MXFP4 experts
+    triton_stored_moe.stored_moe_gemm(x, *fp8, False, routing, 2)  # Flash-Base's FP8 ones
 
 
 def test_every_kernel_compiles_for_sm90(recorded):
@@ -135,7 +145,7 @@ def test_every_kernel_compiles_for_sm90(recorded):
     assert {k for _, k in kernels} == {"_store_kv_kernel", "_varlen_attention_kernel", "_rejection_kernel",
                                        "_logits_kernel", "_pick_kernel", "_normalize_kernel",
                                        "_allocate_budget_kernel", "_v4_attention_kernel", "_v4_rows_kernel",
-                                       "_sinkhorn_kernel"}
+                                       "_sinkhorn_kernel", "_stored_moe_kernel"}
     unique = list({json.dumps(launch, sort_keys=True): launch for launch in recorded}.values())
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", COMPILE], input=json.dumps(unique), capture_output=True, text=True,

@@ -1,8 +1,8 @@
 """`make gpu-check` runs this on CUDA (bench/gpu_check.KERNEL_TESTS): the tiny V4 + DSpark engine path, with the
 Triton kernels eager and in CUDA graphs (the target's fixed-shape steps and the module's draft step), gives the CPU
 path's greedy tokens, plain and speculative; and so does a checkpoint stored as the release stores it, its FP8 /
-MXFP4 weights kept on the GPU (quantization 'fp8'). On a machine without a GPU it is skipped: the CPU path is covered
-by tests/test_v4_*.py."""
+MXFP4 weights kept on the GPU (quantization 'fp8'), eager and in graphs. On a machine without a GPU it is skipped:
+the CPU path is covered by tests/test_v4_*.py and tests/test_triton_stored_moe.py."""
 import pytest
 import torch
 from tiny_models import save_tiny_v4_dspark
@@ -51,8 +51,14 @@ def quantized(tmp_path_factory):
 
 
 @pytest.mark.parametrize("spec_method", ["none", "dspark"])
-def test_weights_kept_as_stored_on_cuda_give_the_cpu_tokens(quantized, spec_method):
-    """quantization 'fp8' (the default on CUDA for this checkpoint): the FP8 / MXFP4 bytes on the GPU, each weight
-    dequantized per matmul; the same tokens as the CPU path, which dequantizes at load."""
+@pytest.mark.parametrize("enforce_eager", [True, False], ids=["eager", "graphs"])
+def test_weights_kept_as_stored_on_cuda_give_the_cpu_tokens(quantized, spec_method, enforce_eager):
+    """quantization 'fp8' (the default on CUDA for this checkpoint): the FP8 / MXFP4 bytes on the GPU, the linears'
+    dequantized per matmul, the experts' decoded inside the stored-MoE kernel; the same tokens as the CPU path, which
+    dequantizes at load, eager and in CUDA graphs."""
     expected = tokens(quantized, device="cpu", spec_method=spec_method, quantization="none")
-    assert tokens(quantized, device="cuda", kernels="triton", spec_method=spec_method, quantization="fp8") == expected
+    outs, llm = generate(quantized, device="cuda", kernels="triton", spec_method=spec_method, quantization="fp8",
+                         enforce_eager=enforce_eager)
+    assert [o.token_ids for o in outs] == expected
+    assert {layer.ffn.path for layer in llm.model_runner.model.layers} == {"stored"}
+    assert (llm.model_runner.graphs is not None) == (not enforce_eager)

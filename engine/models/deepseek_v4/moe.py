@@ -14,8 +14,10 @@ does not do). vLLM's FusedMoE without EP splits each expert the same way; with E
 Dense experts run as one grouped GEMM per projection (torch._grouped_mm over the experts' weights stacked once; the
 experts' own weights become views of the stack): the rows sorted by expert, the group sizes counted on the device. No
 host sync, so a CUDA graph can hold the MoE (torchtitan's MoE does the same). Where the grouped GEMM lacks the dtype
-(fp32 on CUDA) every expert runs over every row instead, also without a sync. Experts kept as stored (FP8 / MXFP4),
-and bf16 ones on GPUs before sm_90, run one expert at a time over its rows, which needs the rows on the host."""
+(fp32 on CUDA) every expert runs over every row instead, also without a sync. Experts kept as stored (FP8 / MXFP4)
+run as grouped GEMMs over their stored bytes on the Triton path (kernels/triton_stored_moe.py: each expert's bytes
+stacked once, decoded inside the kernel), also without a sync. Otherwise (kept experts on CPU, bf16 ones on GPUs
+before sm_90) one expert at a time runs over its rows, which needs the rows on the host."""
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -24,6 +26,7 @@ from engine import distributed
 from engine.models.deepseek_v4.config import V4Config
 from engine.models.layers import column_linear, row_linear
 from engine.parallel import rows
+from kernels import dispatch, stored_moe, triton_support
 
 
 class Expert(nn.Module):
@@ -79,6 +82,15 @@ def dense_path(weight: torch.Tensor) -> str:
     return "every" if weight.dtype == torch.float32 else "loop"
 
 
+def stack_stored(kept: list[nn.Module]) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """The experts' stored weights (StoredWeight) of one projection stacked: (bytes [E, ...], scales [E, ...], fp4);
+    each expert's buffers become views of the stacks, so the bytes are held once."""
+    data, scale = torch.stack([k.data for k in kept]), torch.stack([k.scale for k in kept])
+    for i, k in enumerate(kept):
+        k.data, k.scale = data[i], scale[i]
+    return data, scale, kept[0].kind == "fp4"
+
+
 class ElsewhereExpert(nn.Module):
     """A routed expert another rank holds (expert parallelism): no weights here; the loader drops its tensors."""
     held_elsewhere = True
@@ -95,12 +107,14 @@ class MoE(nn.Module):
                                      else ElsewhereExpert() for e in range(config.num_experts))
         self.shared_experts = Expert(config.hidden_size, inner * config.num_shared_experts, limit)
         self.stacked_w13 = self.stacked_w2 = None  # the held experts' weights stacked (stack)
+        self.stacked_stored: dict[str, tuple] = {}  # kept experts: w1 / w3 / w2 -> (bytes, scales, fp4) stacked
         self.path: str | None = None  # how the routed experts run, once settled (stack)
 
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         ids, weights = self.gate(x, input_ids)
         self.stack()
-        run = {"grouped": self.grouped, "every": self.every_expert}.get(self.path, self.one_by_one)
+        run = {"grouped": self.grouped, "every": self.every_expert, "stored": self.stored}.get(self.path,
+                                                                                             self.one_by_one)
         return distributed.all_reduce(run(x, ids, weights) + self.shared_experts(x))
 
     def stack(self) -> bool:
@@ -115,6 +129,10 @@ class MoE(nn.Module):
         self.path = self.settle_path(experts)
         if self.path == "loop":
             return False
+        if self.path == "stored":
+            self.stacked_stored = {name: stack_stored([getattr(e, name).kept for e in experts])
+                                   for name in ("w1", "w3", "w2")}
+            return True
         inner = experts[0].w1.weight.shape[0]
         self.stacked_w13 = torch.stack([torch.cat([e.w1.weight, e.w3.weight]) for e in experts])
         self.stacked_w2 = torch.stack([e.w2.weight for e in experts])
@@ -126,11 +144,14 @@ class MoE(nn.Module):
 
     @staticmethod
     def settle_path(experts: list[Expert]) -> str:
-        """'loop' for experts kept as stored or whose rows grouped GEMMs cannot take (16-byte aligned; the tiny models'
-        are), else dense_path's choice."""
+        """'stored' for experts kept as stored on the Triton path (all in one format), 'loop' for other kept experts
+        or those whose rows grouped GEMMs cannot take (16-byte aligned; the tiny models' are), else dense_path's
+        choice."""
         w = experts[0].w1
-        if any(x.kept is not None for e in experts for x in (e.w1, e.w2, e.w3)):
-            return "loop"
+        kept = [x.kept for e in experts for x in (e.w1, e.w2, e.w3)]
+        if any(k is not None for k in kept):
+            same_kind = all(k is not None and k.kind == kept[0].kind for k in kept)
+            return "stored" if same_kind and triton_support.enabled() else "loop"
         if any(size * w.weight.element_size() % 16 for size in w.weight.shape):
             return "loop"
         return dense_path(w.weight)
@@ -158,6 +179,16 @@ class MoE(nn.Module):
         gate_up = torch.einsum("th,eih->eti", x, self.stacked_w13)
         out = torch.einsum("eti,ehi->eth", self.activate(gate_up), self.stacked_w2)
         return (out * mix[:, :held].T[..., None].to(out.dtype)).sum(0).to(x.dtype)
+
+    def stored(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The same sum over experts kept as stored: three grouped GEMMs over their bytes, one (row, choice) pair per
+        output row (zero for experts held elsewhere), weighted and summed per row."""
+        routing = stored_moe.route(self.local_ids(ids), len(self.held))
+        top_k, w = ids.shape[1], self.stacked_stored
+        gate = dispatch.stored_moe_gemm(x, *w["w1"], routing, top_k)
+        up = dispatch.stored_moe_gemm(x, *w["w3"], routing, top_k)
+        out = dispatch.stored_moe_gemm(swiglu(gate, up, self.experts[self.held.start].limit), *w["w2"], routing, 1)
+        return (out.view(*ids.shape, -1) * weights[..., None].to(out.dtype)).sum(1).to(x.dtype)
 
     def local_ids(self, ids: torch.Tensor) -> torch.Tensor:
         """Expert ids -> indexes among the held experts; an expert held elsewhere -> len(held), past them all."""
