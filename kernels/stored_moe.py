@@ -3,6 +3,7 @@ and the plain-torch twin (the test oracle) of kernels/triton_stored_moe.py, with
 
     routing = route(expert_of_pair, num_experts)                 # on the device, no host sync
     out = stored_moe_gemm(x, data, scale, fp4, routing, rows_per_x)
+    out = stored_moe_gemm(x, w.data[None], w.scale[None], fp4, one_expert(len(x), x.device), 1)  # a dense linear
 
 A pair is one (row, chosen expert); pair p reads x row p // rows_per_x (rows_per_x = top-k for the experts' first
 projections, 1 for the second, whose input is already one row per pair) and writes out row p. A pair whose expert id
@@ -21,6 +22,7 @@ from typing import NamedTuple
 import torch
 
 BLOCK_M = 16  # pairs per block: decode and verify steps give an expert few pairs
+DENSE_ROWS = 64  # the most rows a dense linear over a stored weight gives one block (one_expert)
 FP8_BLOCK, MX_GROUP = 128, 32
 E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 
@@ -30,6 +32,7 @@ class Routing(NamedTuple):
     pairs: torch.Tensor  # [blocks * BLOCK_M] int32: the pairs sorted by expert, each expert's run padded with P
     block_expert: torch.Tensor  # [blocks] int32: each block's expert, -1 past the last run
     num_experts: int
+    block_m: int = BLOCK_M
 
 
 def route(expert_of_pair: torch.Tensor, num_experts: int, block_m: int = BLOCK_M) -> Routing:
@@ -53,7 +56,18 @@ def route(expert_of_pair: torch.Tensor, num_experts: int, block_m: int = BLOCK_M
     blocks = torch.arange(num_blocks, device=device)
     owner = torch.searchsorted(block_end, blocks, right=True)
     block_expert = torch.where(owner < num_experts, owner, -1).to(torch.int32)
-    return Routing(expert, pairs[:-1], block_expert, num_experts)
+    return Routing(expert, pairs[:-1], block_expert, num_experts, block_m)
+
+
+def one_expert(rows: int, device: torch.device) -> Routing:
+    """Every row to the one expert there is (a dense linear over a stored weight: E = 1), in one block of up to
+    DENSE_ROWS rows (a power of two, at least BLOCK_M), so each stored byte is read once."""
+    if rows > DENSE_ROWS:
+        raise ValueError(f"one_expert: {rows} rows, at most {DENSE_ROWS} in one block")
+    block_m = max(BLOCK_M, 1 << (rows - 1).bit_length())
+    return Routing(torch.zeros(rows, dtype=torch.long, device=device),
+                   torch.arange(block_m, dtype=torch.int32, device=device),
+                   torch.zeros(1, dtype=torch.int32, device=device), 1, block_m)
 
 
 def check_inputs(x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, fp4: bool, routing: Routing,

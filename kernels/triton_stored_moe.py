@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.stored_moe import BLOCK_M, Routing, check_inputs
+from kernels.stored_moe import Routing, check_inputs
 from kernels.triton_attention import DOT_TYPES
 from kernels.triton_support import INTERPRETING, require_triton_device
 
@@ -96,6 +96,6 @@ def stored_moe_gemm(x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, fp
         out, x, data.view(torch.uint8), scale, routing.pairs, routing.block_expert,
         num_pairs, rows_per_x, n, x.shape[1],
         x.stride(0), out.stride(0), data.stride(0), data.stride(1), scale.stride(0), scale.stride(1),
-        FP4=fp4, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+        FP4=fp4, BLOCK_M=routing.block_m, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
         DOT_TYPE=tl.float32 if INTERPRETING else DOT_TYPES[x.dtype], num_warps=4)
     return out

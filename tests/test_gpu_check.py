@@ -34,3 +34,19 @@ def test_gpu_check_measures_and_reports_on_a_tiny_model(tmp_path, gpu_memory):
     assert "aten::" in bench["kernel_profile"] and bench["kernel_profile"] in text
     assert "7.0 GiB" in text and "| 8 |" in text and "graphs_over_eager_b1" in text
     assert "PASSED" in text and "100-token" in text
+
+
+def test_stored_gemm_bench_runs_and_reports_on_tiny_shapes():
+    """bench/stored_gemm.py's smoke mode (CPU, Triton's interpreter): both ways timed at each size, in the report."""
+    from bench import stored_gemm
+    from kernels import triton_support
+    try:
+        result = stored_gemm.measure(smoke=True, repeats=1)
+    finally:
+        triton_support.select("torch")
+    assert list(result["linear_ms"]) == ["w [96x256] rows 1", "w [96x256] rows 8"]
+    assert list(result["moe_ms"]) == ["tokens 1", "tokens 8"]
+    assert all(t > 0 for v in [*result["linear_ms"].values(), *result["moe_ms"].values()] for t in v.values())
+    report = {"device": "cpu", "torch": "t", "triton": "t", "seconds": 1.0, "stored_gemm": result,
+              "tests": {"passed": True, "summary": "1 passed", "seconds": 1.0}}
+    assert "| tokens 8 |" in gpu_check.markdown(report) and "kept as stored" in gpu_check.markdown(report)

@@ -114,6 +114,26 @@ def test_a_misread_format_is_caught(kernel_device, kind):
     assert (out - by_hand(x, wrong, expert, 2)).abs().max() > 0.5
 
 
+@pytest.mark.parametrize("kind", ["fp4", "fp8"])
+def test_stored_linear_equals_the_dense_weight(kernel_device, triton_path, monkeypatch, kind):
+    """A kept linear on the Triton path: up to DENSE_ROWS rows through the kernel as one expert (1, 5 and 64 rows,
+    leading dims, a bias), more rows through the dense weight; both equal x @ the decoded weight.T + bias."""
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(N, K, generator=g) * 0.2
+    data, scale = quantize_mxfp4(w) if kind == "fp4" else quantize_fp8_block(w, e8m0=True)
+    dense = oracle({"w.weight": data, "w.scale": scale}, "w.weight", torch.float32)
+    stored = StoredWeight(StoredTensor("w", kind, data, scale)).to(kernel_device)
+    bias = torch.randn(N, generator=g)
+    launches = []
+    real = kernel.stored_moe_gemm
+    monkeypatch.setattr(kernel, "stored_moe_gemm", lambda *a: launches.append(a[0].shape[0]) or real(*a))
+    for shape in ((1, K), (5, K), (2, 32, K), (65, K)):
+        x = torch.randn(*shape, generator=g)
+        out = stored.linear(x.to(kernel_device), bias.to(kernel_device)).cpu()
+        torch.testing.assert_close(out, x @ dense.T + bias, atol=1e-4, rtol=1e-5)
+    assert launches == [1, 5, 64]
+
+
 @pytest.fixture
 def triton_path():
     triton_support.select("triton")

@@ -47,7 +47,7 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (kept := self.kept) is not None:
-            return F.linear(x, kept(x.dtype), self.bias)
+            return kept.linear(x, self.bias)
         rows = x.numel() // x.shape[-1]
         if self.use_kernel and rows <= KERNEL_MAX_ROWS:
             return cpu_linear.bf16_linear(x, self.weight, self.bias)

@@ -1,7 +1,9 @@
 """DeepSeek-V4's FP8 and MXFP4 weights kept on the device as the checkpoint stores them (`quantization='fp8'`), and
-dequantized to the activations' dtype at each call: weight-only quantization, so that the released 167 GB of
-V4-Flash-DSpark take 167 GB of device memory, not the 3.6x that bf16 weights take. A call pays one pass over the
-stored bytes to make a transient dense weight; an FP8 GEMM on the stored bytes would not, and is not built.
+used as they are: weight-only quantization, so that the released 167 GB of V4-Flash-DSpark take 167 GB of device
+memory, not the 3.6x that bf16 weights take. On the Triton path a call of up to DENSE_ROWS rows (decode and verify
+steps) runs kernels/triton_stored_moe.py's GEMM over the stored bytes as one expert, decoding them inside the kernel;
+other calls (prefill, the CPU) dequantize to a transient dense weight in the activations' dtype, one pass over the
+stored bytes, and run a dense GEMM.
 
 The formats are the loader's (checkpoint.py): FP8 e4m3 with one scale per 128x128 block, MXFP4 e2m1 pairs (the low
 nibble the even element) with one e8m0 scale per 32 inputs. Tensor parallelism cuts a stored weight along whole blocks
@@ -9,6 +11,7 @@ nibble the even element) with one e8m0 scale per 32 inputs. Tensor parallelism c
 and MXFP4 experts on the GPU alike (its Fp8LinearMethod with block scales, its MXFP4 MoE), with fused kernels; learned
 from, not copied."""
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from engine.models.deepseek_v4.checkpoint import (
@@ -20,6 +23,7 @@ from engine.models.deepseek_v4.checkpoint import (
     e8m0_to_float,
     scale_to_float,
 )
+from kernels import dispatch, stored_moe, triton_support
 
 
 class StoredWeight(nn.Module):
@@ -38,6 +42,17 @@ class StoredWeight(nn.Module):
 
     def forward(self, dtype: torch.dtype) -> torch.Tensor:
         return self.fp4(dtype) if self.kind == "fp4" else self.fp8(dtype)
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x [..., in] @ the weight.T (+ bias): over the stored bytes where the Triton path has few rows, else over
+        the dense weight."""
+        rows = x.numel() // x.shape[-1]
+        if not triton_support.enabled() or not 0 < rows <= stored_moe.DENSE_ROWS:
+            return F.linear(x, self(x.dtype), bias)
+        routing = stored_moe.one_expert(rows, x.device)
+        out = dispatch.stored_moe_gemm(x.reshape(rows, x.shape[-1]).contiguous(), self.data[None], self.scale[None],
+                                       self.kind == "fp4", routing, 1).view(*x.shape[:-1], -1)
+        return out if bias is None else out + bias
 
     def fp8(self, dtype: torch.dtype) -> torch.Tensor:
         rows, cols = self.shape
