@@ -1,9 +1,9 @@
 """python -m bench.stored_gemm: DeepSeek-V4-Flash's weights kept as stored, on a GPU, timed two ways at decode and
 verify sizes (random bytes of V4-Flash's shapes; CUDA events, medians):
 
-- a linear over an FP8 weight with 128x128 block scales (wq_a, wq_b, wo_b, the shared expert's w1): the stored-weight
-  GEMM (kernels/triton_stored_moe.py, one expert) against dequantizing to bf16 and a dense GEMM (StoredWeight's other
-  path), 1 to 64 rows;
+- a linear over an FP8 weight with 128x128 block scales (wq_a, wq_b, wo_b, the shared expert's w1; wo_a grouped 8
+  ways): the stored-weight GEMM (kernels/triton_stored_moe.py, one expert, or a group an expert) against dequantizing
+  to bf16 and a dense GEMM (StoredWeight's other path), 1 to 64 rows;
 - a routed MoE layer of 256 MXFP4 experts, top-6: the grouped GEMMs over the stored bytes (MoE.stored, no host sync)
   against one expert at a time, each dequantized (MoE.one_by_one, the path before it), 1 to 64 tokens.
 
@@ -30,7 +30,9 @@ FLASH = {"vocab_size": 129280, "hidden_size": 4096, "num_hidden_layers": 43, "nu
          "hc_mult": 4, "hc_sinkhorn_iters": 20, "hc_eps": 1e-6, "rms_norm_eps": 1e-6, "rope_theta": 10000}
 LINEARS = {"attn.wq_a": (1024, 4096), "attn.wq_b": (32768, 1024), "attn.wo_b": (4096, 8192),
            "shared_experts.w1": (2048, 4096)}
-SMOKE = {"linears": {"w": (96, 256)}, "hidden": 64, "inner": 64, "experts": 8, "top_k": 2}
+GROUPED = {"attn.wo_a": (8, 1024, 4096)}  # the grouped output projection: groups x [o_lora_rank, heads * dim / groups]
+SMOKE = {"linears": {"w": (96, 256)}, "grouped": {"g": (2, 128, 256)}, "hidden": 64, "inner": 64, "experts": 8,
+         "top_k": 2}
 ROWS = (1, 8, 32, 64)
 
 
@@ -66,7 +68,8 @@ def timed(fn, device, repeats: int) -> float:
     return statistics.median(times)
 
 
-def time_linears(shapes: dict, rows: tuple, device, dtype, repeats: int, g: torch.Generator) -> dict:
+def time_linears(shapes: dict, grouped: dict, rows: tuple, device, dtype, repeats: int,
+                 g: torch.Generator) -> dict:
     out = {}
     for name, (n, k) in shapes.items():
         weight = random_stored("fp8", n, k, device, g)
@@ -75,6 +78,14 @@ def time_linears(shapes: dict, rows: tuple, device, dtype, repeats: int, g: torc
             out[f"{name} [{n}x{k}] rows {r}"] = {
                 "stored": timed(lambda: weight.linear(x, None), device, repeats),
                 "dequantized": timed(lambda: torch.nn.functional.linear(x, weight(dtype)), device, repeats)}
+    for name, (groups, n, k) in grouped.items():
+        weight = random_stored("fp8", groups * n, k, device, g)
+        for r in rows:
+            x = torch.randn(r, groups, k, generator=g).to(device, dtype)
+            dense = lambda: torch.einsum("sgi,gri->sgr", x, weight(dtype).view(groups, n, k))  # noqa: E731
+            out[f"{name} [{groups} x {n}x{k}] rows {r}"] = {
+                "stored": timed(lambda: weight.grouped_linear(x, groups), device, repeats),
+                "dequantized": timed(dense, device, repeats)}
     return out
 
 
@@ -116,7 +127,8 @@ def measure(smoke: bool = False, repeats: int = 20) -> dict:
     triton_support.select("triton")
     rows = ROWS[:2] if smoke else ROWS
     with torch.inference_mode():
-        return {"linear_ms": time_linears(SMOKE["linears"] if smoke else LINEARS, rows, device, dtype, repeats, g),
+        shapes = (SMOKE["linears"], SMOKE["grouped"]) if smoke else (LINEARS, GROUPED)
+        return {"linear_ms": time_linears(*shapes, rows, device, dtype, repeats, g),
                 "moe_ms": time_moe(smoke, rows, device, dtype, repeats, g)}
 
 

@@ -44,7 +44,8 @@ def test_stored_gemm_bench_runs_and_reports_on_tiny_shapes():
         result = stored_gemm.measure(smoke=True, repeats=1)
     finally:
         triton_support.select("torch")
-    assert list(result["linear_ms"]) == ["w [96x256] rows 1", "w [96x256] rows 8"]
+    assert list(result["linear_ms"]) == ["w [96x256] rows 1", "w [96x256] rows 8", "g [2 x 128x256] rows 1",
+                                         "g [2 x 128x256] rows 8"]
     assert list(result["moe_ms"]) == ["tokens 1", "tokens 8"]
     assert all(t > 0 for v in [*result["linear_ms"].values(), *result["moe_ms"].values()] for t in v.values())
     report = {"device": "cpu", "torch": "t", "triton": "t", "seconds": 1.0, "stored_gemm": result,

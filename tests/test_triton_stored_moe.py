@@ -19,6 +19,7 @@ from engine.models.deepseek_v4.checkpoint import StoredTensor, scale_to_float
 from engine.models.deepseek_v4.config import v4_config
 from engine.models.deepseek_v4.moe import MoE
 from engine.models.deepseek_v4.stored import StoredWeight
+from engine.models.layers import Linear
 from kernels import stored_moe as twin
 from kernels import triton_stored_moe as kernel
 from kernels import triton_support
@@ -132,6 +133,28 @@ def test_stored_linear_equals_the_dense_weight(kernel_device, triton_path, monke
         out = stored.linear(x.to(kernel_device), bias.to(kernel_device)).cpu()
         torch.testing.assert_close(out, x @ dense.T + bias, atol=1e-4, rtol=1e-5)
     assert launches == [1, 5, 64]
+
+
+@pytest.mark.parametrize("width", [128, 64], ids=["kernel", "ragged-blocks-dense"])
+def test_grouped_output_projection_over_stored_bytes(triton_path, monkeypatch, width):
+    """V4's wo_a (Linear.grouped): group g of x through the g-th block of rows of an FP8 weight. Groups of 128 rows
+    split the scale blocks and run as experts in the kernel; groups of 64 do not and take the dense weight."""
+    g = torch.Generator().manual_seed(6)
+    groups, k = 3, 256
+    w = torch.randn(groups * width, k, generator=g) * 0.2
+    data, scale = quantize_fp8_block(w, e8m0=True)
+    dense = oracle({"w.weight": data, "w.scale": scale}, "w.weight", torch.float32)
+    linear = Linear(k, groups * width, bias=False)
+    linear.keep_stored(StoredWeight(StoredTensor("w", "fp8", data, scale)))
+    launches = []
+    real = kernel.stored_moe_gemm
+    monkeypatch.setattr(kernel, "stored_moe_gemm", lambda *a: launches.append(a[0].shape[0]) or real(*a))
+    x = torch.randn(5, groups, k, generator=g)
+    expected = torch.einsum("sgi,gri->sgr", x, dense.view(groups, width, k))
+    torch.testing.assert_close(linear.grouped(x, groups), expected, atol=1e-4, rtol=1e-5)
+    assert launches == ([5 * groups] if width == 128 else [])
+    wrong = torch.einsum("sgi,gri->sgr", x, dense.view(groups, width, k).roll(1, 0))  # negative control: groups
+    assert (linear.grouped(x, groups) - wrong).abs().max() > 0.5
 
 
 @pytest.fixture

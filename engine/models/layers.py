@@ -32,8 +32,12 @@ class Linear(nn.Linear):
         """The stored weight's module, if the weight is kept as stored."""
         return self._modules.get("stored")
 
-    def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        return self.kept(dtype) if self.kept is not None else self.weight
+    def grouped(self, x: torch.Tensor, groups: int) -> torch.Tensor:
+        """x [S, groups, in] -> [S, groups, out / groups]: group g through the g-th block of the weight's rows."""
+        if self.kept is not None and (out := self.kept.grouped_linear(x, groups)) is not None:
+            return out
+        weight = self.kept(x.dtype) if self.kept is not None else self.weight
+        return torch.einsum("sgi,gri->sgr", x, weight.view(groups, -1, x.shape[-1]).to(x.dtype))
 
     def pack_for_cpu(self):
         self.cpu_ready = True

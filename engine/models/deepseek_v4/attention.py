@@ -308,8 +308,7 @@ class V4Attention(nn.Module):
     def output(self, out: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Attention output [N, heads, D] -> [N, hidden]: the inverse rope, then the grouped low-rank projection."""
         grouped = rotate(out, cos, -sin).reshape(out.shape[0], self.groups, -1)
-        w = self.wo_a.dense_weight(grouped.dtype).view(self.groups, -1, grouped.shape[-1])
-        return self.wo_b(torch.einsum("sgi,gri->sgr", grouped, w.to(grouped.dtype)).flatten(1))
+        return self.wo_b(self.wo_a.grouped(grouped, self.groups).flatten(1))
 
     def context(self, seg: Segment, kv: torch.Tensor, x: torch.Tensor, q_low: torch.Tensor, positions: torch.Tensor,
                 cos: torch.Tensor, sin: torch.Tensor):

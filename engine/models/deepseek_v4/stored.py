@@ -54,6 +54,21 @@ class StoredWeight(nn.Module):
                                        self.kind == "fp4", routing, 1).view(*x.shape[:-1], -1)
         return out if bias is None else out + bias
 
+    def grouped_linear(self, x: torch.Tensor, groups: int) -> torch.Tensor | None:
+        """x [S, groups, in] -> [S, groups, out / groups], group g through the weight's g-th block of rows (V4's
+        grouped output projection wo_a), over the stored bytes as `groups` experts where the Triton path has few rows
+        and the groups split the scale blocks; else None (the caller uses the dense weight)."""
+        rows, width = x.shape[0], self.shape[0] // groups
+        if (not triton_support.enabled() or not 0 < rows <= stored_moe.DENSE_ROWS
+                or (self.kind == "fp8" and width % FP8_BLOCK)):
+            return None
+        data = self.data.view(groups, width, -1)
+        scale = self.scale.view(groups, -1, self.scale.shape[-1])
+        routing = stored_moe.route(torch.arange(groups, device=x.device).repeat(rows), groups)
+        out = dispatch.stored_moe_gemm(x.reshape(rows * groups, -1).contiguous(), data, scale, self.kind == "fp4",
+                                       routing, 1)
+        return out.view(rows, groups, width)
+
     def fp8(self, dtype: torch.dtype) -> torch.Tensor:
         rows, cols = self.shape
         if rows % FP8_BLOCK or cols % FP8_BLOCK:
