@@ -9,6 +9,7 @@ from kernels import attention, sampling, triton_support
 from kernels import sinkhorn as sinkhorn_twin
 from kernels import stored_moe as stored_moe_twin
 from kernels import v4_attention as v4_attention_twin
+from kernels import v4_indexer as v4_indexer_twin
 
 
 def store_kvcache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -51,6 +52,15 @@ def stored_moe_gemm(x, data, scale, fp4: bool, routing, rows_per_x: int) -> torc
         from kernels import triton_stored_moe
         return triton_stored_moe.stored_moe_gemm(x, data, scale, fp4, routing, rows_per_x)
     return stored_moe_twin.stored_moe_gemm(x, data, scale, fp4, routing, rows_per_x)
+
+
+def indexer_scores(q, weights, keys, index, scale: float) -> torch.Tensor:
+    """DeepSeek-V4's Lightning indexer scores of rows whose keys come by index ([R, J] fp32): Triton when selected,
+    else the twin."""
+    if triton_support.enabled():
+        from kernels import triton_v4_indexer
+        return triton_v4_indexer.indexer_scores(q, weights, keys, index, scale)
+    return v4_indexer_twin.indexer_scores(q, weights, keys, index, scale)
 
 
 def sinkhorn(comb: torch.Tensor, iters: int, eps: float) -> torch.Tensor:

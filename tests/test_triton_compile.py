@@ -27,6 +27,7 @@ from kernels import (
     triton_sinkhorn,
     triton_stored_moe,
     triton_v4_attention,
+    triton_v4_indexer,
 )
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(),
@@ -129,6 +130,9 @@ def run_every_kernel():
         triton_v4_attention.v4_rows_attention(v4_q, v4_kv, torch.tensor([[0, 1], [3, -1], [-1, 5]]), v4_kv,
                                               torch.tensor([[0, -1], [2, 1], [-1, -1]]), torch.zeros(5), 0.1)
     triton_sinkhorn.sinkhorn(torch.rand(3, 4, 4, generator=g) + 0.1, 20, 1e-6)  # DeepSeek-V4's hc_mult, iterations
+    index = torch.tensor([[3, -1, 0], [5, 5, 1]], dtype=torch.int32)  # V4's 64 index heads of 128
+    triton_v4_indexer.indexer_scores(torch.randn(2, 64, 128, generator=g).bfloat16(), torch.randn(2, 64, generator=g),
+                                     torch.randn(6, 128, generator=g).bfloat16(), index, 128 ** -0.5)
     experts = torch.tensor([0, 2, 3, 1, 2, 2])  # 3: held elsewhere
     routing = stored_moe.route(experts, 3)
     x = torch.randn(3, 256, generator=g).bfloat16()
@@ -147,7 +151,8 @@ def test_every_kernel_compiles_for_sm90(recorded):
     assert {k for _, k in kernels} == {"_store_kv_kernel", "_varlen_attention_kernel", "_rejection_kernel",
                                        "_logits_kernel", "_pick_kernel", "_normalize_kernel",
                                        "_allocate_budget_kernel", "_v4_attention_kernel", "_v4_rows_kernel",
-                                       "_sinkhorn_kernel", "_stored_moe_kernel"}
+                                       "_sinkhorn_kernel", "_stored_moe_kernel",
+                                       "_indexer_kernel"}
     unique = list({json.dumps(launch, sort_keys=True): launch for launch in recorded}.values())
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", COMPILE], input=json.dumps(unique), capture_output=True, text=True,

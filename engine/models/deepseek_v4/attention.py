@@ -187,16 +187,33 @@ class Indexer(nn.Module):
 
     def ranked(self, x: torch.Tensor, q_low: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor,
                visible: torch.Tensor) -> torch.Tensor:
-        """[q, min(top_k, T)]: each row's best-scored entries, the ones not visible last (keys [T, d], or each row's
-        own [q, T, d])."""
-        if not keys.shape[-2]:
+        """[q, min(top_k, T)]: each row's best-scored entries, the ones not visible last (keys [T, d])."""
+        if not keys.shape[0]:
             return visible.new_zeros(visible.shape[0], 0, dtype=torch.long)
+        q, weights = self.queries(x, q_low, cos, sin)
+        scores = F.relu(torch.einsum("shd,td->sht", q.float(), keys.float())) * self.dim ** -0.5
+        return self.best((scores * weights.unsqueeze(-1)).sum(1).masked_fill(~visible, float("-inf")))
+
+    def indexed_top(self, x: torch.Tensor, q_low: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                    keys: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """top_entries for rows whose keys come by index (a fixed-shape step): keys [E, d] the indexer's pages,
+        index [q, J] each row's entries in them (-1: not visible) -> [q, min(top_k, J)] slots of index, -1 past a
+        row's visible ones. Scored by kernels' indexer_scores: [q, J] scores, nothing [q, heads, J] or [q, J, d]."""
+        if not index.shape[1]:
+            return index.new_zeros(index.shape[0], 0)
+        q, weights = self.queries(x, q_low, cos, sin)
+        order = self.best(dispatch.indexer_scores(q, weights, keys, index, self.dim ** -0.5))
+        return torch.where(index.gather(1, order) >= 0, order, -1)
+
+    def queries(self, x: torch.Tensor, q_low: torch.Tensor, cos: torch.Tensor,
+                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows' indexer queries [q, heads, d] (rotated) and their heads' weights [q, heads] (fp32)."""
         q = rotate(self.wq_b(q_low).unflatten(-1, (self.heads, self.dim)), cos, sin)
-        product = "shd,std->sht" if keys.dim() == 3 else "shd,td->sht"  # per-row keys (a fixed-shape step) or shared
-        scores = F.relu(torch.einsum(product, q.float(), keys.float())) * self.dim ** -0.5
-        weights = self.weights_proj(x).float() * self.heads ** -0.5
-        scores = (scores * weights.unsqueeze(-1)).sum(1).masked_fill(~visible, float("-inf"))
-        # ties (every head's ReLU at zero) go to the earlier entry, whatever the entry count
+        return q, self.weights_proj(x).float() * self.heads ** -0.5
+
+    def best(self, scores: torch.Tensor) -> torch.Tensor:
+        """Each row's top_k slots by score; ties (every head's ReLU at zero) go to the earlier entry, whatever the
+        entry count."""
         return scores.sort(dim=-1, descending=True, stable=True).indices[:, :self.top_k]
 
 
@@ -300,8 +317,8 @@ class V4Attention(nn.Module):
         entry = torch.arange(pages.shape[1], device=x.device)[None, :]
         visible = entry < ((positions + 1) // self.ratio)[:, None]
         if self.kind == "csa":
-            index_keys = self.indexer.compressor.entries[pages.clamp_min(0)].to(x.dtype)
-            entry = self.indexer.top_entries(x, q_low, cos, sin, index_keys, visible)
+            entry = self.indexer.indexed_top(x, q_low, cos, sin, self.indexer.compressor.entries,
+                                             torch.where(visible, pages, -1))
             pages, visible = pages.gather(1, entry.clamp_min(0)), entry >= 0
         return self.compressor.entries, torch.where(visible, pages, -1)
 
