@@ -19,8 +19,8 @@ from engine.sequence import Sequence, step_saves
 from kernels import flashinfer_attention, triton_support
 from kernels.flashinfer_attention import FlashInferAttention
 
-# DeepSeek-V4 graphs rank every CSA entry slot a row could have (a [rows, context / 4] sort a layer, whatever a row's
-# own context) and walk every HCA slot in attention: longer contexts step eagerly
+# DeepSeek-V4 graphs rank every CSA entry slot a row could have (a top-k over [rows, context / 4] a layer, whatever a
+# row's own context): longer contexts step eagerly
 V4_GRAPH_CONTEXT = 65536
 GPU_MEMORY_UTILIZATION = 0.9  # of the GPU memory free after loading and a warm-up step; the rest is slack
 

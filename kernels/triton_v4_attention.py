@@ -50,14 +50,16 @@ def _store_row(out_ptr, row64, head, head_ok, d, d_ok, l_i, acc, stride_os, stri
 @triton.jit
 def _indexed_keys(q, keys_ptr, index_ptr, stride_k, index_width, d, d_ok, m_i, l_i, acc, qk_scale,
                   BLOCK_N: tl.constexpr, DOT_TYPE: tl.constexpr):
-    """Fold the keys one row's index list names (-1 skips) into its online softmax."""
+    """Fold the keys one row's index list names (-1 skips) into its online softmax. A tile of -1s costs its index
+    load only: a graph's lists are as wide as its longest context (every HCA entry), a row's own run often short."""
     for start in range(0, index_width, BLOCK_N):
         j = start + tl.arange(0, BLOCK_N)
         key = tl.load(index_ptr + j, mask=j < index_width, other=-1).to(tl.int64)
-        key_ok = key >= 0
-        k = tl.load(keys_ptr + key[:, None] * stride_k + d[None, :],
-                    mask=key_ok[:, None] & d_ok[None, :], other=0.0).to(DOT_TYPE)
-        m_i, l_i, acc = _softmax_step(q, k, k, key_ok[None, :], m_i, l_i, acc, qk_scale)
+        if tl.max(key, axis=0) >= 0:
+            key_ok = key >= 0
+            k = tl.load(keys_ptr + key[:, None] * stride_k + d[None, :],
+                        mask=key_ok[:, None] & d_ok[None, :], other=0.0).to(DOT_TYPE)
+            m_i, l_i, acc = _softmax_step(q, k, k, key_ok[None, :], m_i, l_i, acc, qk_scale)
     return m_i, l_i, acc
 
 

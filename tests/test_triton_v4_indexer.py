@@ -2,7 +2,8 @@
 twin kernels/v4_indexer.py) against the score summed by hand from its definition, head by head and entry by entry:
 odd sizes (5 heads, head size 40, two tiles of entry slots), -1 slots, an entry listed twice, fp32 and bf16 keys.
 Negative controls: the sum without the ReLU, and another row's head weights, are far from it. The engine's fixed-shape
-steps take this path in every CSA layer (tests/test_v4_step_rows.py, tests/test_triton_v4_attention.py)."""
+steps take this path in every CSA layer (tests/test_v4_step_rows.py, tests/test_triton_v4_attention.py). Then the
+indexer's exact top-k against a stable sort."""
 import pytest
 import torch
 
@@ -62,3 +63,20 @@ def test_misshaped_inputs_are_named(kernel_device):
         kernel.indexer_scores(**(args | {"weights": args["weights"][:, :2]}))
     with pytest.raises(ValueError, match="index .* must be"):
         twin.indexer_scores(**(args | {"index": args["index"].float()}))
+
+
+def test_stable_top_k_is_the_stable_sort():
+    """The indexer's top-k (int64 keys) against a stable descending sort on scores full of ties (halves, zeros of
+    both signs, -inf), at entry counts below and above k. Negative control: a plain top-k of the scores breaks ties
+    otherwise."""
+    from engine.models.deepseek_v4.attention import stable_top_k
+    g = torch.Generator().manual_seed(0)
+    plain_differs = False
+    for width in (1, 7, 300, 2500):
+        scores = (torch.randn(6, width, generator=g) * 3).round() / 2
+        for value, share in ((float("-inf"), 0.2), (-0.0, 0.1), (0.0, 0.1)):
+            scores[torch.rand(6, width, generator=g) < share] = value
+        expected = scores.sort(dim=-1, descending=True, stable=True).indices[:, :512]
+        assert torch.equal(stable_top_k(scores, 512), expected)
+        plain_differs |= not torch.equal(scores.topk(min(512, width), dim=-1).indices, expected)
+    assert plain_differs
