@@ -56,6 +56,7 @@ class ModelRunner:
             self.fit_kv_options_to_v4()
             self.model.set_kv_layout(self.block_size, config.max_num_seqs, self.max_rollback,
                                      self.num_block_end_states)
+            self.model.sync_free()  # settles each MoE's path (stacking its experts) before the KV sizing's warm-up
         self.attention = self.choose_attention()
         self.flashinfer = self.make_flashinfer() if self.attention == "flashinfer" else None
         self.num_blocks = self.allocate_kv_cache(config.kv_cache_gb or self.free_gpu_kv_gb())
