@@ -7,7 +7,7 @@ needing only torch, triton, transformers and pytest besides this repository (run
    through the engine's own model runner, eager and then with CUDA graphs: verify step time vs tokens and draft step
    time vs requests (the SPS(B) points the planner would use), and the issue's batch-1 ratios.
 3. DeepSeek-V4-Flash's FP8 linears and MXFP4 MoE layer kept as stored: the stored-weight kernels against
-   dequantizing (bench/stored_gemm.py).
+   dequantizing (bench/stored_gemm.py); its CSA indexer's scores and exact top-k against the sort (bench/v4_indexer.py).
 Writes report.json and report.md to --out."""
 import argparse
 import importlib.util
@@ -39,6 +39,9 @@ DSPARK_4B = QWEN3_4B | {"architectures": ["Qwen3DSparkModel"], "num_target_layer
 VERIFY_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 DRAFT_REQUESTS = (1, 2, 4, 8, 16, 32, 64)
 DRAFT_VOCAB = 32768  # FR-Spec's draft vocabulary size for 128k-151k-token targets
+V4_BENCHES = {  # report key -> (title, module with measure() and markdown())
+    "stored_gemm": ("DeepSeek-V4-Flash's weights kept as stored (random bytes, bf16 activations)", "bench.stored_gemm"),
+    "v4_indexer": ("DeepSeek-V4-Flash's CSA indexer in a fixed-shape step (random inputs)", "bench.v4_indexer")}
 GOALS = {"draft_over_verify_b1": 0.15, "verify8_over_decode_b1": 1.15, "graphs_over_eager_b1": 1.3}
 
 
@@ -181,12 +184,11 @@ def markdown(report: dict) -> str:
                   bench["kernel_profile"], "```"]
     if report.get("bench_error"):
         lines += ["", f"Benchmark failed: `{report['bench_error']}`"]
-    if report.get("stored_gemm"):
-        from bench import stored_gemm
-        lines += ["", "## DeepSeek-V4-Flash's weights kept as stored (random bytes, bf16 activations)", "",
-                  stored_gemm.markdown(report["stored_gemm"])]
-    if report.get("stored_gemm_error"):
-        lines += ["", f"Stored-weight benchmark failed: `{report['stored_gemm_error']}`"]
+    for key, (title, module) in V4_BENCHES.items():
+        if report.get(key):
+            lines += ["", f"## {title}", "", importlib.import_module(module).markdown(report[key])]
+        if report.get(f"{key}_error"):
+            lines += ["", f"{title}: failed, `{report[f'{key}_error']}`"]
     return "\n".join(lines) + "\n"
 
 
@@ -216,18 +218,19 @@ def main():
         report["bench_error"] = f"{type(e).__name__}: {e}"
         report["bench_traceback"] = traceback.format_exc()[-4000:]
         print(report["bench_traceback"], flush=True)
-    try:
-        from bench import stored_gemm
-        stage("DeepSeek-V4-Flash's stored weights: stored-weight GEMMs against dequantizing")
-        report["stored_gemm"] = stored_gemm.measure()
-    except Exception as e:  # noqa: BLE001
-        report["stored_gemm_error"] = f"{type(e).__name__}: {e}"
-        print(traceback.format_exc()[-4000:], flush=True)
+    for key, (title, module) in V4_BENCHES.items():
+        stage(title)
+        try:
+            report[key] = importlib.import_module(module).measure()
+        except Exception as e:  # noqa: BLE001
+            report[f"{key}_error"] = f"{type(e).__name__}: {e}"
+            print(traceback.format_exc()[-4000:], flush=True)
     report["seconds"] = round(time.perf_counter() - start, 1)
     (args.out / "report.json").write_text(json.dumps(report, indent=2))
     (args.out / "report.md").write_text(markdown(report))
     print(markdown(report))
-    ok = report["tests"]["passed"] is not False and not {"bench_error", "stored_gemm_error"} & report.keys()
+    failed = {"bench_error"} | {f"{key}_error" for key in V4_BENCHES}
+    ok = report["tests"]["passed"] is not False and not failed & report.keys()
     sys.exit(0 if ok else 1)
 
 

@@ -51,3 +51,13 @@ def test_stored_gemm_bench_runs_and_reports_on_tiny_shapes():
     report = {"device": "cpu", "torch": "t", "triton": "t", "seconds": 1.0, "stored_gemm": result,
               "tests": {"passed": True, "summary": "1 passed", "seconds": 1.0}}
     assert "| tokens 8 |" in gpu_check.markdown(report) and "kept as stored" in gpu_check.markdown(report)
+
+
+def test_v4_indexer_bench_runs_and_reports_on_cpu():
+    from bench import v4_indexer
+    result = v4_indexer.measure("cpu", sizes=((3, 600),), repeats=1)
+    assert all(t > 0 for t in result["3 rows x 600 slots"].values())
+    report = {"device": "cpu", "torch": "t", "triton": "t", "seconds": 1.0, "v4_indexer": result,
+              "v4_indexer_error": "RuntimeError: x", "tests": {"passed": True, "summary": "1 passed", "seconds": 1.0}}
+    text = gpu_check.markdown(report)
+    assert "| 3 rows x 600 slots |" in text and "CSA indexer in a fixed-shape step (random inputs): failed" in text
