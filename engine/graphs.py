@@ -13,6 +13,10 @@ from engine.context import VarlenBatch, reset_context, set_context
 from kernels.flashinfer_attention import PageTable, page_table
 
 TOKEN_TIERS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+# DeepSeek-V4's graphs also come per context (its step ranks every entry slot its graph's context has), each token tier
+# up to the contexts whose rows x context stay within V4_GRAPH_SLOTS: decode batches to 1M tokens, 512 rows to 32k
+CONTEXT_TIERS = (4096, 16384, 65536, 262144, 1048576)
+V4_GRAPH_SLOTS = 2**24
 REQUEST_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
 
@@ -73,7 +77,8 @@ def smallest_at_least(sizes: list[int], n: int) -> int | None:
 
 class TargetGraphs:
     """The target forward for steps whose requests all bring at most max_q_len tokens (decode: 1, verify: 1 + drafts).
-    A graph for T tokens serves up to min(T, max_num_seqs) requests."""
+    A graph for T tokens serves up to min(T, max_num_seqs) requests, with contexts up to max_kv_len (DeepSeek-V4: up to
+    its context tier, the smallest that holds the step's longest)."""
 
     @torch.inference_mode()
     def __init__(self, model, device: torch.device, max_num_seqs: int, max_q_len: int, max_kv_len: int,
@@ -96,20 +101,36 @@ class TargetGraphs:
         else:
             self.cu_seqlens_q = torch.zeros(B + 1, dtype=torch.int32, **on)
             self.kv_lens = torch.zeros(B, dtype=torch.int32, **on)
-            self.kv_slots = torch.zeros(B, max_kv_len, dtype=torch.long, **on)
+            # each graph's [seats, context] key slots: a view of one buffer as large as the largest of them
+            self.kv_slots = torch.zeros(max(self.seats(t) * c for t in self.tiers for c in self.contexts(t)),
+                                        dtype=torch.long, **on)
             self.request_slots = torch.zeros(B, dtype=torch.long, **on)  # DeepSeek-V4's rings
         # one pool for every graph, the draft's too: they replay one at a time
-        self.graphs, self.pool = capture_largest_first(self.tiers, self.forward_fn, device)
+        keys = [(t, c) for t in self.tiers for c in self.contexts(t)]
+        self.graphs, self.pool = capture_largest_first(keys, self.forward_fn, device)
 
     def seats(self, tokens: int) -> int:
         return min(tokens, self.max_num_seqs)
 
-    def forward_fn(self, t: int):
-        b, batch, attention = self.seats(t), None, self.attention.get(t)
+    def contexts(self, tokens: int) -> list[int]:
+        """The contexts token tier `tokens` has graphs for: max_kv_len, or DeepSeek-V4's context tiers within
+        V4_GRAPH_SLOTS (at least the smallest)."""
+        if not self.model.own_attention:
+            return [self.max_kv_len]
+        tiers = [c for c in CONTEXT_TIERS if c < self.max_kv_len] + [self.max_kv_len]
+        return [c for c in tiers if tokens * c <= V4_GRAPH_SLOTS] or tiers[:1]
+
+    def slots_view(self, tokens: int, context: int) -> torch.Tensor:
+        return self.kv_slots[:self.seats(tokens) * context].view(self.seats(tokens), context)
+
+    def forward_fn(self, key: tuple[int, int]):
+        (t, c), batch = key, None
+        b, attention = self.seats(t), self.attention.get(t)
         if attention is not None:
             attention.plan(self.capture_table(t))  # the graph's first plan: it fixes the rows the graph holds
         else:
-            batch = VarlenBatch(self.cu_seqlens_q[:b + 1], self.kv_slots[:b], self.kv_lens[:b], min(t, self.max_q_len))
+            batch = VarlenBatch(self.cu_seqlens_q[:b + 1], self.slots_view(t, c), self.kv_lens[:b],
+                                min(t, self.max_q_len))
 
         if self.model.own_attention:  # DeepSeek-V4: its fixed-shape step (engine/models/deepseek_v4/step_rows.py)
             return lambda: self.model.forward_rows(self.input_ids[:t], self.positions[:t], self.capture_layers,
@@ -135,7 +156,9 @@ class TargetGraphs:
         if capture_layers and capture_layers != self.capture_layers:
             return None
         tier = smallest_at_least(self.tiers, sum(q_lens))
-        return None if tier is None or len(q_lens) > self.seats(tier) else tier
+        if tier is None or len(q_lens) > self.seats(tier) or max(kv_lens) > self.contexts(tier)[-1]:
+            return None
+        return tier
 
     @torch.inference_mode()
     def run(self, tier: int, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
@@ -151,20 +174,22 @@ class TargetGraphs:
         self.input_ids[n:tier].zero_()
         self.positions[n:tier].zero_()
         self.slot_mapping[n:tier].fill_(-1)
+        context = self.contexts(tier)[-1]
         if batch is not None:
-            self.copy_varlen(tier, n, batch)
+            context = smallest_at_least(self.contexts(tier), batch.kv_slots.shape[1])
+            self.copy_varlen(tier, context, n, batch)
         if request_slots is not None:
             self.request_slots[:len(request_slots)].copy_(torch.tensor(request_slots), non_blocking=True)
-        hidden, captured = self.graphs[tier].replay()
+        hidden, captured = self.graphs[tier, context].replay()
         return hidden[:n], [c[:n].clone() for c in captured] if want_features else []
 
-    def copy_varlen(self, tier: int, n: int, batch: VarlenBatch):
+    def copy_varlen(self, tier: int, context: int, n: int, batch: VarlenBatch):
         b, width, seats = batch.kv_lens.shape[0], batch.kv_slots.shape[1], self.seats(tier)
         self.cu_seqlens_q[:b + 1].copy_(batch.cu_seqlens_q, non_blocking=True)
         self.cu_seqlens_q[b + 1:seats + 1].fill_(n)  # padding requests: no queries
         self.kv_lens[:b].copy_(batch.kv_lens, non_blocking=True)
         self.kv_lens[b:seats].zero_()
-        self.kv_slots[:b, :width].copy_(batch.kv_slots, non_blocking=True)
+        self.slots_view(tier, context)[:b, :width].copy_(batch.kv_slots, non_blocking=True)
 
 
 class DraftGraphs:

@@ -19,9 +19,6 @@ from engine.sequence import Sequence, step_saves
 from kernels import flashinfer_attention, triton_support
 from kernels.flashinfer_attention import FlashInferAttention
 
-# DeepSeek-V4 graphs rank every CSA entry slot a row could have (a top-k over [rows, context / 4] a layer, whatever a
-# row's own context): longer contexts step eagerly
-V4_GRAPH_CONTEXT = 65536
 GPU_MEMORY_UTILIZATION = 0.9  # of the GPU memory free after loading and a warm-up step; the rest is slack
 
 log = logging.getLogger("engine")
@@ -213,16 +210,13 @@ class ModelRunner:
         from engine.graphs import TargetGraphs
         if not triton_support.enabled():
             raise ValueError("CUDA graphs need the Triton kernels (kernels='triton')")
-        max_kv_len = max_model_len
-        if self.model.own_attention:
-            if not self.model.sync_free():
-                log.warning("DeepSeek-V4 runs eagerly: its experts cannot run as the grouped GEMMs a CUDA graph "
-                            "needs here (bf16 on a GPU before sm_90, or kept in mixed stored formats)")
-                return
-            max_kv_len = min(max_model_len, V4_GRAPH_CONTEXT)
+        if self.model.own_attention and not self.model.sync_free():
+            log.warning("DeepSeek-V4 runs eagerly: its experts cannot run as the grouped GEMMs a CUDA graph needs here "
+                        "(bf16 on a GPU before sm_90, or kept in mixed stored formats)")
+            return
         max_q_len = 1 + (self.drafter.num_draft_tokens if self.drafter else 0)
         max_tokens = min(self.config.max_num_batched_tokens, self.config.max_num_seqs * max_q_len)
-        self.graphs = TargetGraphs(self.model, self.device, self.config.max_num_seqs, max_q_len, max_kv_len,
+        self.graphs = TargetGraphs(self.model, self.device, self.config.max_num_seqs, max_q_len, max_model_len,
                                    max_tokens, self.capture_layers,
                                    self.make_flashinfer if self.flashinfer is not None else None, self.block_size)
         if self.drafter:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from tiny_models import save_tiny_v4, save_tiny_v4_dspark
 
-from engine import LLM, SamplingParams
+from engine import LLM, SamplingParams, graphs
 from engine.cost_model import measure_curve
 from engine.graphs import DraftGraphs, TargetGraphs
 from engine.models.deepseek_v4.config import v4_config
@@ -132,6 +132,30 @@ def test_graph_replays_give_the_eager_tokens(v4, monkeypatch):
     got = [o.token_ids for o in graph_engine(path, True).generate(prompts(), GREEDY, use_tqdm=False)]
     assert got == expected
     assert calls["TargetGraphs"] >= GREEDY.max_tokens - 1
+
+
+def test_graphs_per_context_tier(v4, monkeypatch):
+    """DeepSeek-V4's graphs per context tier (here 16 and 32 tokens below the model's maximum, and V4_GRAPH_SLOTS so
+    that the 4-token tier has only those two): three requests decode in the 16-token graph, then the 32-token one,
+    then eagerly past 32 tokens of context, with the eager tokens."""
+    path, _ = v4
+    monkeypatch.setattr(graphs, "CONTEXT_TIERS", (16, 32))
+    monkeypatch.setattr(graphs, "V4_GRAPH_SLOTS", 1024)
+    g = torch.Generator().manual_seed(7)
+    short = [torch.randint(2, 320, (n,), generator=g).tolist() for n in (4, 6, 9)]
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    expected = [o.token_ids for o in graph_engine(path, False).generate(short, params, use_tqdm=False)]
+    llm = graph_engine(path, True)
+    captured = llm.model_runner.graphs
+    assert captured.contexts(4) == [16, 32] and captured.contexts(1)[-1] == llm.max_model_len
+    replayed = []
+    for key, graph in captured.graphs.items():
+        real = graph.replay
+        monkeypatch.setattr(graph, "replay", lambda key=key, real=real: replayed.append(key) or real())
+    assert [o.token_ids for o in llm.generate(short, params, use_tqdm=False)] == expected
+    decoded = [key for key in replayed if key[0] == 4]
+    assert decoded == [(4, 16)] * 7 + [(4, 32)] * 16  # the longest context 10..16, then 17..32
+    assert len(replayed) < params.max_tokens  # the steps past 32 tokens of context ran eagerly
 
 
 def test_graph_replays_with_the_dspark_module_give_plain_tokens(tmp_path, monkeypatch):
