@@ -2,6 +2,7 @@
 and the draft step that proposes a block per request. engine/speculator.py decides what to do with the blocks."""
 import torch
 
+from engine.attention_inputs import key_slots
 from engine.block_manager import slots
 from engine.config import EngineConfig
 from engine.context import TIMINGS, device_tensor
@@ -51,8 +52,7 @@ class Drafter:
             self.write_context(seqs)
         starts = [s.num_computed_tokens for s in seqs]
         longest = max(starts)
-        kv_slots = self.on_device([slots(s.block_table, self.kv_block_size, 0, n) + [0] * (longest - n)
-                                   for s, n in zip(seqs, starts)])
+        kv_slots = key_slots(seqs, starts, self.kv_block_size, self.device)
         uniforms = torch.stack([torch.rand(self.num_draft_tokens, generator=s.generator) for s in seqs])
         num_tokens = min(num_tokens or self.num_draft_tokens, self.num_draft_tokens)
         anchors, starts = self.on_device([s.token_ids[-1] for s in seqs]), self.on_device(starts)

@@ -1,7 +1,9 @@
 """Block manager and scheduler invariants under random operation sequences."""
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from engine.attention_inputs import key_slots
 from engine.block_manager import BlockManager, slots
 from engine.config import EngineConfig
 from engine.sampling_params import SamplingParams
@@ -85,3 +87,19 @@ def simulate_step(sched: Scheduler):
             seq.token_ids.append(7)
             if seq.num_completion_tokens >= seq.params.max_tokens:
                 sched.finish(seq, "length")
+
+
+def test_key_slots_expand_the_block_tables_as_slots_does():
+    """attention_inputs.key_slots builds each sequence's key slots on the device from its block table; they are
+    block_manager.slots' per-token list, padded with 0 to the longest (ragged lengths, tables longer than needed and
+    shorter than the longest). Negative control: a table shifted by one block differs."""
+    g = torch.Generator().manual_seed(0)
+    seqs, lengths = [], [37, 1, 16, 64]
+    for n in lengths:
+        seq = Sequence([1] * 4, SamplingParams())
+        seq.block_table = torch.randperm(100, generator=g)[:n // 8 + 3].tolist()
+        seqs.append(seq)
+    expected = [slots(s.block_table, 8, 0, n) + [0] * (64 - n) for s, n in zip(seqs, lengths)]
+    assert key_slots(seqs, lengths, 8).tolist() == expected
+    seqs[0].block_table = seqs[0].block_table[1:]
+    assert key_slots(seqs, lengths, 8).tolist() != expected
