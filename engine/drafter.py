@@ -2,7 +2,7 @@
 and the draft step that proposes a block per request. engine/speculator.py decides what to do with the blocks."""
 import torch
 
-from engine.attention_inputs import key_slots
+from engine.attention_inputs import key_slots, window_slots
 from engine.block_manager import slots
 from engine.config import EngineConfig
 from engine.context import TIMINGS, device_tensor
@@ -51,15 +51,16 @@ class Drafter:
         with TIMINGS.section("draft_context"):
             self.write_context(seqs)
         starts = [s.num_computed_tokens for s in seqs]
-        longest = max(starts)
-        kv_slots = key_slots(seqs, starts, self.kv_block_size, self.device)
+        window = self.draft.context_window  # a draft that reads only its last `window` positions gets their slots
+        kv_slots = (window_slots(seqs, starts, window, self.kv_block_size, self.device) if window
+                    else key_slots(seqs, starts, self.kv_block_size, self.device))
         uniforms = torch.stack([torch.rand(self.num_draft_tokens, generator=s.generator) for s in seqs])
         num_tokens = min(num_tokens or self.num_draft_tokens, self.num_draft_tokens)
         anchors, starts = self.on_device([s.token_ids[-1] for s in seqs]), self.on_device(starts)
         sampling = SamplingTensors.from_params([s.params for s in seqs], device=self.device)
         uniforms = uniforms.to(self.device, non_blocking=True)
         temperature_only = all(s.params.temperature_only(self.vocab_size) for s in seqs)  # host-side: no sync
-        bucket = self.graph_bucket(len(seqs), longest, temperature_only)
+        bucket = self.graph_bucket(len(seqs), kv_slots.shape[1], temperature_only)
         if bucket is None:
             outputs = self.draft.draft_block(anchors, starts, kv_slots, starts, num_tokens, sampling,
                                              uniforms[:, :num_tokens].contiguous(), temperature_only)
@@ -74,7 +75,8 @@ class Drafter:
         draft; other drafts and sampling settings run eagerly)."""
         from engine.graphs import DraftGraphs
         if self.draft.graph_capturable:
-            self.graphs = DraftGraphs(self.draft, self.device, max_num_seqs, max_ctx_len, self.num_draft_tokens, pool)
+            width = self.draft.context_window or max_ctx_len
+            self.graphs = DraftGraphs(self.draft, self.device, max_num_seqs, width, self.num_draft_tokens, pool)
 
     def graph_bucket(self, num_requests: int, ctx_width: int, temperature_only: bool) -> int | None:
         """The draft graph for these requests, or None (eager): the graphs hold the fused temperature-only loop."""

@@ -3,7 +3,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.attention_inputs import key_slots
+from engine.attention_inputs import key_slots, window_slots
 from engine.block_manager import BlockManager, slots
 from engine.config import EngineConfig
 from engine.sampling_params import SamplingParams
@@ -92,7 +92,8 @@ def simulate_step(sched: Scheduler):
 def test_key_slots_expand_the_block_tables_as_slots_does():
     """attention_inputs.key_slots builds each sequence's key slots on the device from its block table; they are
     block_manager.slots' per-token list, padded with 0 to the longest (ragged lengths, tables longer than needed and
-    shorter than the longest). Negative control: a table shifted by one block differs."""
+    shorter than the longest); window_slots, the slots of the last 12 positions (0 before position 0). Negative
+    control: a table shifted by one block differs."""
     g = torch.Generator().manual_seed(0)
     seqs, lengths = [], [37, 1, 16, 64]
     for n in lengths:
@@ -101,5 +102,9 @@ def test_key_slots_expand_the_block_tables_as_slots_does():
         seqs.append(seq)
     expected = [slots(s.block_table, 8, 0, n) + [0] * (64 - n) for s, n in zip(seqs, lengths)]
     assert key_slots(seqs, lengths, 8).tolist() == expected
+    window = [[slots(s.block_table, 8, p, p + 1)[0] if p >= 0 else 0 for p in range(n - 12, n)]
+              for s, n in zip(seqs, lengths)]  # the last 12 positions before each length (a window draft's)
+    assert window_slots(seqs, lengths, 12, 8).tolist() == window
     seqs[0].block_table = seqs[0].block_table[1:]
     assert key_slots(seqs, lengths, 8).tolist() != expected
+    assert window_slots(seqs, lengths, 12, 8).tolist() != window

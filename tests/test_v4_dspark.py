@@ -132,8 +132,13 @@ def test_a_draft_after_rejections_equals_one_from_scratch(v4, monkeypatch):
         torch.testing.assert_close(records[0][2], probs, atol=1e-5, rtol=1e-5)
 
 
+def own_window(n: int, window: int) -> torch.Tensor:
+    """The slots of the last `window` positions before n when position p sits in slot p ([1, window], 0 before 0)."""
+    return (n - window + torch.arange(window)).clamp_min(0)[None]
+
+
 def draft_probs(draft: V4DSparkDraft, n: int, anchor: int) -> torch.Tensor:
-    slots = torch.arange(n)[None]
+    slots = own_window(n, draft.window)
     sampling = SamplingTensors.from_params([GREEDY])
     _, probs, *_ = draft.draft_block(torch.tensor([anchor]), torch.tensor([n]), slots, torch.tensor([n]),
                                      draft.config.block_size, sampling, torch.rand(1, draft.config.block_size), True)
@@ -275,7 +280,8 @@ def engine_and_reference(v4, n: int):
     expected_hidden, expected_logits = Reference(path, hf).block(features, tokens[n], G)
     draft.allocate_kv_cache(32, torch.float32, torch.device("cpu"))
     draft.extend_context(features, torch.arange(n), torch.arange(n))
-    hidden = draft.backbone(torch.tensor([tokens[n]]), torch.tensor([n]), torch.arange(n)[None], torch.tensor([n]))[0]
+    hidden = draft.backbone(torch.tensor([tokens[n]]), torch.tensor([n]), own_window(n, draft.window),
+                            torch.tensor([n]))[0]
     return (hidden, draft.vocab_logits(draft.mtp[-1].norm(hidden))), (expected_hidden, expected_logits)
 
 

@@ -124,6 +124,7 @@ class DraftLayer(nn.Module):
 
 class DSparkDraft(nn.Module):
     """Shares the target's embedding and LM head (attach_target); holds no copy of them."""
+    context_window: int | None = None  # None: the draft step reads every context slot (a window draft: its width)
 
     def __init__(self, c: DraftConfig, use_sequential_head: bool = True):
         super().__init__()

@@ -115,6 +115,11 @@ class V4DSparkDraft(DSparkDraft):
     def window(self) -> int:
         return self.v4.sliding_window
 
+    @property
+    def context_window(self) -> int:
+        """The draft step reads the slots of each request's last `window` positions only."""
+        return self.window
+
     def kv_bytes_per_token(self, kv_dtype: torch.dtype) -> int:
         return self.config.num_layers * self.v4.head_dim * kv_dtype.itemsize
 
@@ -142,10 +147,10 @@ class V4DSparkDraft(DSparkDraft):
     def backbone(self, anchors: torch.Tensor, starts: torch.Tensor, kv_slots: torch.Tensor,
                  ctx_lens: torch.Tensor) -> torch.Tensor:
         """The blocks' pre-norm hidden states [B, G, hidden] (the last stage's hc_head collapse), each stage reading
-        its cached K=V of the request's last `window` committed positions."""
-        positions, present = window_positions(ctx_lens, self.window)
-        slots = kv_slots.gather(1, positions)
-        return self.run_blocks(anchors, starts, lambda stage: (self.kv_caches[stage][slots], present))
+        its cached K=V of the request's last `window` committed positions, whose slots kv_slots [B, window] holds
+        (context_window: the drafter passes only those)."""
+        present = window_positions(ctx_lens, self.window)[1]
+        return self.run_blocks(anchors, starts, lambda stage: (self.kv_caches[stage][kv_slots], present))
 
     def run_blocks(self, anchors: torch.Tensor, starts: torch.Tensor, windows_of) -> torch.Tensor:
         """Blocks [anchor, noise...] at positions starts.. through the stages -> pre-norm hidden [B, G, hidden];
