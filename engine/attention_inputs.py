@@ -36,7 +36,7 @@ def slots_at(seqs: list[Sequence], position: torch.Tensor, present: torch.Tensor
     """The cache slots of positions [B, W] of each sequence (slot 0 where not present; all below longest), expanded
     on the device from the block tables: only a table per sequence is built on the host and copied, not an int per
     token (~0.5 s a step for four 1M-token contexts)."""
-    blocks = -(-longest // block_size)
+    blocks = max(1, -(-longest // block_size))  # one block at least: a gather needs a column to read
     tables = device_tensor([s.block_table[:blocks] + [0] * (blocks - len(s.block_table[:blocks])) for s in seqs],
                            position.device)
     position = torch.where(present, position, 0)

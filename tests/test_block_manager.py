@@ -105,6 +105,7 @@ def test_key_slots_expand_the_block_tables_as_slots_does():
     window = [[slots(s.block_table, 8, p, p + 1)[0] if p >= 0 else 0 for p in range(n - 12, n)]
               for s, n in zip(seqs, lengths)]  # the last 12 positions before each length (a window draft's)
     assert window_slots(seqs, lengths, 12, 8).tolist() == window
+    assert window_slots(seqs[:1], [0], 4, 8).tolist() == [[0, 0, 0, 0]]  # nothing committed yet
     seqs[0].block_table = seqs[0].block_table[1:]
     assert key_slots(seqs, lengths, 8).tolist() != expected
     assert window_slots(seqs, lengths, 12, 8).tolist() != window
