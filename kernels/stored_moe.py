@@ -92,7 +92,7 @@ def dequantize(data: torch.Tensor, scale: torch.Tensor, fp4: bool) -> torch.Tens
         values = torch.tensor(E2M1, device=data.device)[codes]
         return values * torch.exp2(scale.view(torch.uint8).float() - 127).repeat_interleave(MX_GROUP, -1)
     n, k = data.shape[1:]
-    blocks = scale.repeat_interleave(FP8_BLOCK, 1)[:, :n].repeat_interleave(FP8_BLOCK, 2)[:, :, :k]
+    blocks = scale.float().repeat_interleave(FP8_BLOCK, 1)[:, :n].repeat_interleave(FP8_BLOCK, 2)[:, :, :k]
     return data.view(torch.float8_e4m3fn).float() * blocks
 
 
