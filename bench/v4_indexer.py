@@ -60,16 +60,36 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(result: dict, out: str, device: str):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    sizes, width = list(result), 0.38
+    for i, (key, label) in enumerate((("sort", "stable sort"), ("top-k", "exact top-k (int64 keys)"))):
+        ax.bar([x + (i - 0.5) * width for x in range(len(sizes))], [result[s][key] for s in sizes], width, label=label)
+    ax.set_xticks(range(len(sizes)), [s.replace(" slots", "") for s in sizes])
+    ax.set_ylabel("ms (median)")
+    ax.set_title(f"DeepSeek-V4 CSA indexer ranking, top-{TOP_K} ({device})")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+
+
 def main():
     parser = argparse.ArgumentParser(prog="python -m bench.v4_indexer", description=__doc__)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--num-threads", type=int, default=None)
+    parser.add_argument("--png", default=None, help="also plot the rankings' times here")
     args = parser.parse_args()
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     sizes = GPU_SIZES if args.device == "cuda" else CPU_SIZES
-    print(markdown(measure(args.device, sizes, args.repeats)))
+    result = measure(args.device, sizes, args.repeats)
+    print(markdown(result))
+    if args.png:
+        plot(result, args.png, args.device)
 
 
 if __name__ == "__main__":
