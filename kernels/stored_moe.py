@@ -3,7 +3,8 @@ and the plain-torch twin (the test oracle) of kernels/triton_stored_moe.py, with
 
     routing = route(expert_of_pair, num_experts)                 # on the device, no host sync
     out = stored_moe_gemm(x, data, scale, fp4, routing, rows_per_x)
-    out = stored_moe_gemm(x, w.data[None], w.scale[None], fp4, one_expert(len(x), x.device), 1)  # a dense linear
+    # a dense linear: one expert, all rows in one block, so each stored byte is read once
+    out = stored_moe_gemm(x, w.data[None], w.scale[None], fp4, route(zeros, 1, block_for(len(x))), 1)
 
 A pair is one (row, chosen expert); pair p reads x row p // rows_per_x (rows_per_x = top-k for the experts' first
 projections, 1 for the second, whose input is already one row per pair) and writes out row p. A pair whose expert id
@@ -22,7 +23,7 @@ from typing import NamedTuple
 import torch
 
 BLOCK_M = 16  # pairs per block: decode and verify steps give an expert few pairs
-DENSE_ROWS = 64  # the most rows a dense linear over a stored weight gives one block (one_expert)
+DENSE_ROWS = 64  # the most rows a dense linear over a stored weight gives one block (block_for)
 FP8_BLOCK, MX_GROUP = 128, 32
 E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 
@@ -59,15 +60,9 @@ def route(expert_of_pair: torch.Tensor, num_experts: int, block_m: int = BLOCK_M
     return Routing(expert, pairs[:-1], block_expert, num_experts, block_m)
 
 
-def one_expert(rows: int, device: torch.device) -> Routing:
-    """Every row to the one expert there is (a dense linear over a stored weight: E = 1), in one block of up to
-    DENSE_ROWS rows (a power of two, at least BLOCK_M), so each stored byte is read once."""
-    if rows > DENSE_ROWS:
-        raise ValueError(f"one_expert: {rows} rows, at most {DENSE_ROWS} in one block")
-    block_m = max(BLOCK_M, 1 << (rows - 1).bit_length())
-    return Routing(torch.zeros(rows, dtype=torch.long, device=device),
-                   torch.arange(block_m, dtype=torch.int32, device=device),
-                   torch.zeros(1, dtype=torch.int32, device=device), 1, block_m)
+def block_for(rows: int) -> int:
+    """A block size that holds `rows` pairs of one expert (a power of two, at least BLOCK_M)."""
+    return max(BLOCK_M, 1 << (rows - 1).bit_length())
 
 
 def check_inputs(x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, fp4: bool, routing: Routing,

@@ -142,7 +142,7 @@ def run_every_kernel():
     triton_stored_moe.stored_moe_gemm(x, *fp4, True, routing, 2)  # V4-Flash's MXFP4 experts
     triton_stored_moe.stored_moe_gemm(x, *fp8, False, routing, 2)  # Flash-Base's FP8 ones
     rows = torch.randn(40, 256, generator=g).bfloat16()  # a linear over a stored FP8 weight: one 64-row block
-    triton_stored_moe.stored_moe_gemm(rows, fp8[0][:1], fp8[1][:1], False, stored_moe.one_expert(40, rows.device), 1)
+    triton_stored_moe.stored_moe_gemm(rows, fp8[0][:1], fp8[1][:1], False, stored_moe.route(torch.zeros(40), 1, 64), 1)
 
 
 def test_every_kernel_compiles_for_sm90(recorded):

@@ -44,27 +44,27 @@ class StoredWeight(nn.Module):
         return self.fp4(dtype) if self.kind == "fp4" else self.fp8(dtype)
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """x [..., in] @ the weight.T (+ bias): over the stored bytes where the Triton path has few rows, else over
-        the dense weight."""
-        rows = x.numel() // x.shape[-1]
-        if not triton_support.enabled() or not 0 < rows <= stored_moe.DENSE_ROWS:
+        """x [..., in] @ the weight.T (+ bias): over the stored bytes where the Triton path has few rows (one group),
+        else over the dense weight."""
+        out = self.grouped_linear(x.reshape(-1, 1, x.shape[-1]), 1)
+        if out is None:
             return F.linear(x, self(x.dtype), bias)
-        routing = stored_moe.one_expert(rows, x.device)
-        out = dispatch.stored_moe_gemm(x.reshape(rows, x.shape[-1]).contiguous(), self.data[None], self.scale[None],
-                                       self.kind == "fp4", routing, 1).view(*x.shape[:-1], -1)
+        out = out.view(*x.shape[:-1], -1)
         return out if bias is None else out + bias
 
     def grouped_linear(self, x: torch.Tensor, groups: int) -> torch.Tensor | None:
         """x [S, groups, in] -> [S, groups, out / groups], group g through the weight's g-th block of rows (V4's
-        grouped output projection wo_a), over the stored bytes as `groups` experts where the Triton path has few rows
-        and the groups split the scale blocks; else None (the caller uses the dense weight)."""
+        grouped output projection wo_a; one group: a linear), over the stored bytes as `groups` experts, each group's
+        rows in one block, where the Triton path has few rows and the groups split the scale blocks; else None (the
+        caller uses the dense weight)."""
         rows, width = x.shape[0], self.shape[0] // groups
         if (not triton_support.enabled() or not 0 < rows <= stored_moe.DENSE_ROWS
-                or (self.kind == "fp8" and width % FP8_BLOCK)):
+                or (groups > 1 and self.kind == "fp8" and width % FP8_BLOCK)):
             return None
         data = self.data.view(groups, width, -1)
         scale = self.scale.view(groups, -1, self.scale.shape[-1])
-        routing = stored_moe.route(torch.arange(groups, device=x.device).repeat(rows), groups)
+        routing = stored_moe.route(torch.arange(groups, device=x.device).repeat(rows), groups,
+                                   stored_moe.block_for(rows))
         out = dispatch.stored_moe_gemm(x.reshape(rows * groups, -1).contiguous(), data, scale, self.kind == "fp4",
                                        routing, 1)
         return out.view(rows, groups, width)
